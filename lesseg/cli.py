@@ -1,0 +1,229 @@
+"""``lesseg`` command line: train, eval, predict, export, splits, data stats|check, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LessegError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _load_cfg(args, extra: list[str] = ()):
+    from . import config
+
+    overrides = list(args.overrides) + list(extra)
+    if getattr(args, "out", None) and args.command == "train":
+        overrides.append(f"out={args.out}")
+    return config.load(args.config, overrides)
+
+
+def cmd_train(args) -> int:
+    from .engine import train
+
+    result = train(_load_cfg(args), resume=args.resume)
+    print(json.dumps({"miou": result.get("miou"), "iou": result.get("iou"), "mode": result.get("mode")}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import dist
+    from .data import build_eval_dataset, eval_loader, stream_source
+    from .engine import checkpoint as ckpt
+    from .engine.evaluate import evaluate
+    from .methods import RunInfo, build_method
+
+    cfg = _load_cfg(args)
+    device = dist.init(cfg.train.device)
+    src = stream_source(cfg.data)
+    info = RunInfo(num_classes=src.num_classes, class_names=list(src.classes))
+    method = build_method(cfg, info)
+    state = ckpt.load(args.checkpoint)
+    if state.get("info", {}).get("num_classes", info.num_classes) != info.num_classes:
+        raise LessegError(f"{args.checkpoint} has {state['info']['num_classes']} classes, the dataset "
+                          f"{info.num_classes}")
+    method.load_state_dict(state["method"])
+    net = method.eval_net().to(device)
+    ds = build_eval_dataset(cfg.data, split=args.split, check=cfg.data.check)
+    loader = eval_loader(ds, cfg.eval.batch_size, dist.rank(), dist.world(), cfg.data.workers)
+    result = evaluate(net, loader, info.num_classes, cfg.eval, list(cfg.data.crop_size), device, info.class_names)
+    dist.cleanup()
+    if dist.is_main():
+        for name, v in result["iou"].items():
+            print(f"  {name:>16s}: {'  n/a' if v is None else f'{100 * v:5.2f}'}")
+        print(f"mIoU {100 * result['miou']:.2f} ({result['mode']})", file=sys.stderr)
+        print(json.dumps({"miou": result["miou"], "iou": result["iou"], "acc": result["acc"], "mode": result["mode"]}))
+    return 0
+
+
+def _expand_inputs(inputs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise LessegError(f"input not found: {p}")
+    if not paths:
+        raise LessegError("no input images found")
+    return paths
+
+
+def cmd_predict(args) -> int:
+    from .engine.inference import load_checkpoint_net, predict_files
+
+    net, cfg, info, _ = load_checkpoint_net(args.checkpoint, "cpu", args.overrides)
+    written = predict_files(net, cfg, info, _expand_inputs(args.inputs), Path(args.out), args.overlay)
+    print(f"wrote {len(written)} mask(s) to {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .engine.inference import export_onnx, load_checkpoint_net
+
+    net, cfg, _, _ = load_checkpoint_net(args.checkpoint, "cpu")
+    diff = export_onnx(net, cfg, Path(args.out))
+    print(f"wrote {args.out} (max |onnxruntime - torch| = {diff:.2e})")
+    return 0
+
+
+def cmd_splits(args) -> int:
+    from .data import stream_source
+    from .data.splits import write_partition
+
+    cfg = _load_cfg(args)
+    split = args.split or cfg.data.streams[next(iter(cfg.data.streams))].split
+    result = write_partition(stream_source(cfg.data), split, args.labeled, args.seed, Path(args.out))
+    print(json.dumps(result))
+    return 0
+
+
+def _data_splits(cfg, only: str | None) -> list[tuple[str, object, bool]]:
+    """(split, source, labeled) of every stream and the validation split (or just ``only``)."""
+    from .data import stream_source
+
+    if only:
+        return [(only, stream_source(cfg.data), True)]
+    seen, out = set(), []
+    for sc in cfg.data.streams.values():
+        key = (sc.split, sc.dataset, sc.root)
+        if key not in seen:
+            seen.add(key)
+            out.append((sc.split, stream_source(cfg.data, sc), sc.labeled))
+    out.append((cfg.data.val_split, stream_source(cfg.data), True))
+    return out
+
+
+def cmd_data(args) -> int:
+    from .data import scan
+
+    cfg = _load_cfg(args)
+    if args.action == "stats":
+        split, src, _ = _data_splits(cfg, args.split)[0]
+        samples = src.samples(split)
+        problems, counts = scan(src, samples, True, progress=True, desc=f"reading {split}")
+        if problems:
+            raise LessegError(f"{len(problems)} bad file(s), run `lesseg data check`; first: {problems[0]}")
+        total = int(counts.sum())
+        print(f"{split}: {len(samples)} images, {total} labeled pixels", file=sys.stderr)
+        for name, c in zip(src.classes, counts.tolist()):
+            print(f"  {name:>16s} {c:>12d}  {100 * c / max(total, 1):6.2f}%", file=sys.stderr)
+        print(json.dumps({"split": split, "images": len(samples),
+                          "pixels": dict(zip(src.classes, counts.tolist()))}))
+        return 0
+    bad = 0
+    for split, src, labeled in _data_splits(cfg, args.split):
+        try:
+            samples = src.samples(split)
+        except LessegError as e:
+            print(f"{split}: {e}")
+            bad += 1
+            continue
+        problems, _ = scan(src, samples, labeled, progress=True, desc=f"checking {split}")
+        for p in problems:
+            print(p)
+        print(f"{split}: {len(samples)} images, {len(problems)} problem(s)", file=sys.stderr)
+        bad += len(problems)
+    return 1 if bad else 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lesseg", description="Label-efficient semantic segmentation.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("config", help="YAML config file")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iters=100")
+
+    sp = sub.add_parser("train", help="train a method from a config")
+    with_config(sp)
+    sp.add_argument("--out", help="run folder (default: the config's `out`, or runs/<config name>)")
+    sp.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("eval", help="evaluate a checkpoint (last line: JSON with miou and per-class iou)")
+    with_config(sp)
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--split", help="split to evaluate (default: data.val_split)")
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("predict", help="write palette PNG masks for images")
+    sp.add_argument("inputs", nargs="+", help="image files or folders")
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--overlay", action="store_true", help="also write image/prediction overlays")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    sp.set_defaults(func=cmd_predict)
+
+    sp = sub.add_parser("export", help="export the network to ONNX, checked with onnxruntime")
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("splits", help="write labeled/unlabeled split files")
+    with_config(sp)
+    sp.add_argument("--labeled", required=True, help="count (92) or fraction (1/16, 0.0625)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--split", help="split to partition (default: the first stream's)")
+    sp.add_argument("--out", required=True, help="folder for labeled.txt / unlabeled.txt")
+    sp.set_defaults(func=cmd_splits)
+
+    sp = sub.add_parser("data", help="dataset statistics and checks")
+    sp.add_argument("action", choices=["stats", "check"])
+    with_config(sp)
+    sp.add_argument("--split", help="one split (default: stats: the first stream's; check: all)")
+    sp.set_defaults(func=cmd_data)
+
+    sp = sub.add_parser("demo", help="generate shapes, train with 1/16 and all labels, compare")
+    sp.add_argument("--out", default="runs/demo")
+    sp.add_argument("--quick", action="store_true", help="a short smoke run")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LessegError as e:
+        print(f"lesseg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lesseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

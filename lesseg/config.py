@@ -1,0 +1,238 @@
+"""Typed configuration: YAML (+ one ``base:`` level) + ``key=value`` overrides, validated by OmegaConf.
+
+Every default lives in the dataclasses below (never in ``cfg.get(k, default)`` calls). An unknown key or a
+wrongly typed value is one :class:`ConfigError` naming it. The ``method`` section is validated against the
+config dataclass of the method it names (each method file declares its own, see ``lesseg.methods``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class StreamConfig:
+    """One named stream of training batches ("labeled", "unlabeled", "source", "target", ...)."""
+
+    split: str = "train"  # a standard split name of the dataset or the path of a split file
+    batch_size: int = 8  # per process
+    labeled: bool = True  # read masks; False gives only a `valid` map (padding excluded)
+    strong: bool = False  # also return a strongly augmented copy sharing the weak view's geometry
+    dataset: Optional[str] = None  # None: data.dataset (a stream may come from another dataset, e.g. DA)
+    root: Optional[str] = None  # None: data.root
+    options: Optional[dict[str, Any]] = None  # None: data.options
+
+
+@dataclass
+class AugConfig:
+    scale: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale range
+    base_size: Optional[int] = None  # resize so the long side is this before random scaling; None: native
+    hflip: bool = True
+    color_jitter: float = 0.5  # strong view: brightness/contrast/saturation strength (hue = strength/2)
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"  # registry name: shapes, folder, voc, cityscapes, gtav, synthia
+    root: str = "data/shapes"
+    options: dict[str, Any] = field(default_factory=dict)  # dataset-specific options (e.g. binary_mask)
+    crop_size: list[int] = field(default_factory=lambda: [64, 64])  # H, W of training crops
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    workers: int = 2
+    check: bool = True  # open every file of the splits before training (bad files are reported at once)
+    streams: dict[str, StreamConfig] = field(default_factory=lambda: {"labeled": StreamConfig()})
+    val_split: str = "val"
+    aug: AugConfig = field(default_factory=AugConfig)
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "resnet18"  # any timm model with features_only
+    head: str = "deeplabv3plus"  # deeplabv3plus | deeplabv2
+    output_stride: int = 16
+    pretrained: Optional[str] = None  # local checkpoint for the encoder
+    decoder_channels: int = 256
+    dropout: float = 0.1
+    rep_head: bool = False
+    rep_dim: int = 256
+    cls_head: bool = False
+    aux_head: bool = False
+    freeze_bn: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    head_lr_mult: float = 10.0
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    reference_batch: int = 0  # >0: scale lr linearly by (global labeled batch / reference_batch)
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 0  # total optimizer steps; 0: use epochs
+    epochs: int = 0  # passes over the longest stream (used when iters == 0)
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | none | bf16 | fp16
+    sync_bn: bool = True  # convert BatchNorm to SyncBatchNorm under multi-GPU DDP
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate at the end only
+    ckpt_every: int = 0  # 0: checkpoint with each evaluation and at the end
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "whole"  # whole | slide | center
+    crop_size: Optional[list[int]] = None  # slide window / center crop; None: data.crop_size
+    stride: Optional[list[int]] = None  # slide stride; None: 2/3 of the window
+    resize: Optional[list[int]] = None  # whole mode: resize the input to H, W and the logits back
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    batch_size: int = 1  # images of different sizes need 1
+
+
+@dataclass
+class Config:
+    method: Any = field(default_factory=lambda: {"name": "supervised"})
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: Optional[str] = None  # run folder; None: runs/<config name>
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    return data
+
+
+def _raw_layers(path: Path) -> list[dict]:
+    """The YAML file and, when it names one, its ``base:`` file (one level; relative to the file)."""
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return [data]
+    base_path = (path.parent / base).resolve()
+    base_data = _read_yaml(base_path)
+    if "base" in base_data:
+        raise ConfigError(f"{base_path}: only one level of `base:` is supported")
+    return [base_data, data]
+
+
+def _explain(e: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    if key:
+        return ConfigError(f"{where}: bad config key `{key}`: {msg}")
+    return ConfigError(f"{where}: {msg}")
+
+
+def build(layers: list[dict], overrides: list[str] = (), where: str = "config") -> DictConfig:
+    """Merge dict layers and ``key=value`` overrides onto the schema and validate the method section."""
+    from .methods import method_schema
+
+    schema = OmegaConf.structured(Config)
+    cfg = schema
+    for layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise _explain(e, where) from None
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"override {ov!r}") from None
+    method = OmegaConf.to_container(cfg.method) if isinstance(cfg.method, DictConfig) else cfg.method
+    if not isinstance(method, dict) or "name" not in method:
+        raise ConfigError(f"{where}: `method` must be a mapping with a `name`")
+    try:
+        typed = OmegaConf.merge(method_schema(method["name"]), method)
+    except KeyError as e:
+        raise ConfigError(f"{where}: {e.args[0]}") from None
+    except OmegaConfBaseException as e:
+        raise _explain(e, f"{where}: method {method['name']!r}") from None
+    cfg.method = typed
+    _check(cfg, where)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _check(cfg: DictConfig, where: str) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if cfg.train.iters <= 0 and cfg.train.epochs <= 0:
+        raise ConfigError(f"{where}: set train.iters or train.epochs to a positive number")
+    if cfg.eval.mode not in ("whole", "slide", "center"):
+        raise ConfigError(f"{where}: eval.mode must be whole, slide or center, not {cfg.eval.mode!r}")
+    if cfg.train.amp not in ("auto", "none", "bf16", "fp16"):
+        raise ConfigError(f"{where}: train.amp must be auto, none, bf16 or fp16, not {cfg.train.amp!r}")
+    if len(cfg.data.crop_size) != 2:
+        raise ConfigError(f"{where}: data.crop_size must be [H, W]")
+    if not cfg.data.streams:
+        raise ConfigError(f"{where}: data.streams is empty")
+
+
+PACKAGED = Path(__file__).parent / "configs"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config path as given, or else relative to the packaged configs (``shapes/u2pl.yaml``)."""
+    path = Path(path)
+    if path.is_file() or path.is_absolute():
+        return path
+    for candidate in (PACKAGED / path, PACKAGED / Path(*path.parts[1:]) if path.parts[:1] == ("configs",) else None):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    return path
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> DictConfig:
+    """Load a YAML config (with its optional ``base:``) and apply overrides."""
+    path = resolve_path(path)
+    cfg = build(_raw_layers(path), list(overrides), where=str(path))
+    if cfg.out is None:
+        OmegaConf.set_readonly(cfg, False)
+        cfg.out = str(Path("runs") / path.stem)
+        OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def from_dict(data: dict, overrides: list[str] = ()) -> DictConfig:
+    """Build a config from a plain dict (the Python API and tests)."""
+    return build([data], list(overrides), where="config")
+
+
+def save(cfg: DictConfig, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(cfg))

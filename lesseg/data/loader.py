@@ -1,0 +1,154 @@
+"""Datasets and loaders: named streams of training batches and a sharded evaluation loader.
+
+Randomness is a pure function of (seed, stream, epoch, position): the sampler draws each epoch's order from
+its own generator and hands every sample an augmentation seed, so a resumed run sees exactly the batches an
+uninterrupted one would, whatever the number of workers, and loaders never touch the global RNG.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+
+from ..errors import ConfigError
+from .base import IGNORE, Sample, SegSource
+from .transforms import normalize, strong_photometric, weak_geometry
+
+
+class SegDataset(Dataset):
+    """Reads samples of a source and returns dicts of named tensors.
+
+    Train items are indexed by ``(index, aug_seed)``; eval items by ``index`` (no augmentation).
+    Keys: ``image`` (3,H,W float), ``mask`` (H,W long, labeled only), ``valid`` (H,W bool, unlabeled train
+    only: False on padding), ``image_strong`` (strong view), ``tags`` (C multi-hot, when every sample has
+    tags), ``index``, ``name``.
+    """
+
+    def __init__(
+        self,
+        source: SegSource,
+        samples: list[Sample],
+        *,
+        train: bool,
+        labeled: bool,
+        strong: bool = False,
+        crop_size: list[int] | None = None,
+        aug=None,
+        mean: list[float],
+        std: list[float],
+    ) -> None:
+        self.source, self.samples = source, samples
+        self.train, self.labeled, self.strong = train, labeled, strong
+        if labeled:
+            missing = [s.image for s in samples if s.mask is None]
+            if missing:
+                raise ConfigError(
+                    f"{len(missing)} image(s) of a labeled stream have no mask, e.g. {missing[0]}; "
+                    "list them in an unlabeled stream or provide their masks"
+                )
+        self.with_tags = bool(samples) and all(s.tags is not None for s in samples)
+        self.geometry = weak_geometry(aug, crop_size) if train else None
+        self.photometric = strong_photometric(aug, crop_size) if (train and strong) else None
+        self.norm = normalize(mean, std)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Decoded image (H,W,3 uint8) and mask (H,W uint8 train ids, or None when unlabeled)."""
+        s = self.samples[i]
+        image = self.source.read_image(s.image)
+        if not self.labeled:
+            return image, None
+        mask = self.source.read_mask(s.mask)
+        return self.source.align(image, mask, s)
+
+    def __getitem__(self, key) -> dict:
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        image, mask = self.load(i)
+        img = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        m = tv_tensors.Mask(torch.from_numpy(mask if mask is not None else np.zeros(image.shape[:2], np.uint8)))
+        item: dict = {"index": i, "name": self.samples[i].name}
+        if self.train:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                img, m = self.geometry(img, m)
+                if self.photometric is not None:
+                    item["image_strong"] = self.norm(self.photometric(img))
+        item["image"] = self.norm(img)
+        m = m.as_subclass(torch.Tensor).long()
+        if self.labeled:
+            item["mask"] = m
+        elif self.train:
+            item["valid"] = m != IGNORE
+        if self.with_tags:
+            tags = torch.zeros(self.source.num_classes)
+            tags[list(self.samples[i].tags)] = 1.0
+            item["tags"] = tags
+        return item
+
+
+def _stable_hash(*parts) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+class InfiniteBatchSampler:
+    """Endless batches of ``(index, aug_seed)`` over epochs, sharded over DDP ranks, resumable at any batch.
+
+    Epoch ``e`` uses a permutation drawn from ``Generator(seed, stream, e)``; incomplete batches are dropped
+    so all ranks take the same number of steps.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, stream: str, rank: int = 0, world: int = 1,
+                 start_batch: int = 0) -> None:
+        self.n, self.bs, self.seed, self.stream = n, batch_size, seed, stream
+        self.rank, self.world = rank, world
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch == 0:
+            raise ConfigError(
+                f"stream {stream!r} has {n} images, fewer than one global batch "
+                f"({batch_size} x {world} processes); lower data.streams.{stream}.batch_size"
+            )
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, b = divmod(self.start_batch, self.per_epoch)
+        while True:
+            g = torch.Generator().manual_seed(_stable_hash(self.seed, self.stream, epoch))
+            perm = torch.randperm(self.n, generator=g)[: self.per_epoch * self.bs * self.world]
+            mine = perm[self.rank :: self.world].tolist()
+            base = _stable_hash(self.seed, self.stream, epoch, "aug") << 20
+            for j in range(b, self.per_epoch):
+                idx = mine[j * self.bs : (j + 1) * self.bs]
+                yield [(i, (base + i) % (2**63)) for i in idx]
+            epoch, b = epoch + 1, 0
+
+
+@dataclass
+class Stream:
+    """A named training stream: its dataset and batch size (the loader is made when training starts)."""
+
+    name: str
+    dataset: SegDataset
+    batch_size: int
+
+    def loader(self, *, seed: int, rank: int, world: int, start_batch: int, workers: int, pin: bool) -> DataLoader:
+        sampler = InfiniteBatchSampler(len(self.dataset), self.batch_size, seed=seed, stream=self.name, rank=rank,
+                                       world=world, start_batch=start_batch)
+        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
+                          persistent_workers=workers > 0, generator=torch.Generator())
+
+    def batches_per_epoch(self, world: int) -> int:
+        return len(self.dataset) // (self.batch_size * world)
+
+
+def eval_loader(dataset: SegDataset, batch_size: int, rank: int, world: int, workers: int) -> DataLoader:
+    """Each rank takes every ``world``-th sample: no padding, no sample evaluated twice."""
+    shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers)

@@ -1,0 +1,49 @@
+"""Atomic checkpoints. Loading never executes code from the file (``weights_only=True``)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import LessegError
+
+
+def save_atomic(obj: dict, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LessegError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle refusing code, truncated file, not a checkpoint at all
+        raise LessegError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+def unwrap_state(state: dict[str, torch.Tensor], wrapped: list[str]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` level that DDP adds under each wrapped attribute."""
+    out = {}
+    for k, v in state.items():
+        for name in wrapped:
+            if k.startswith(f"{name}.module."):
+                k = name + k[len(name) + len(".module") :]
+                break
+        out[k] = v
+    return out

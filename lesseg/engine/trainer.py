@@ -1,0 +1,275 @@
+"""The one training loop of every method (architecture.md: the trainer owns devices, DDP, autocast, the
+optimizer step, the LR schedule, logging, evaluation and checkpoints; methods only return losses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from .. import config as config_mod
+from .. import dist
+from ..data import build_eval_dataset, build_streams, eval_loader, stream_source
+from ..errors import LessegError
+from ..methods import METHODS, Method, RunInfo, build_method
+from . import checkpoint as ckpt
+from .evaluate import evaluate
+
+
+class NonFiniteLoss(LessegError):
+    """A loss term became NaN or inf; the last good checkpoint is kept."""
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    if setting == "none" or device.type != "cuda":
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class Trainer:
+    """Builds data, method and optimizer from a config, then ``fit()`` runs the loop."""
+
+    def __init__(self, cfg: DictConfig, resume: bool = False) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        self.device = dist.init(t.device)
+        self.rank, self.world = dist.rank(), dist.world()
+        self.main = dist.is_main()
+        self.progress = t.progress and self.main
+        seed_everything(t.seed + self.rank, t.deterministic)
+        self.out = Path(cfg.out)
+
+        method_cls: type[Method] = METHODS.get(cfg.method.name)
+        self.streams = build_streams(cfg.data, method_cls.streams, method_cls.strong_streams,
+                                     check=cfg.data.check, progress=self.progress)
+        self.val_set = build_eval_dataset(cfg.data, check=cfg.data.check, progress=self.progress)
+        src = stream_source(cfg.data)
+        per_epoch = max(s.batches_per_epoch(self.world) for s in self.streams.values())
+        self.max_iters = t.iters if t.iters > 0 else t.epochs * per_epoch
+        self.info = RunInfo(num_classes=src.num_classes, class_names=list(src.classes),
+                            max_iters=self.max_iters, iters_per_epoch=per_epoch)
+
+        torch.manual_seed(t.seed)  # identical initial weights on every process
+        self.method = build_method(cfg, self.info).to(self.device)
+        self.wrapped = list(self.method.trainable_nets())
+        if self.world > 1:
+            for name, net in self.method.trainable_nets().items():
+                if t.sync_bn and self.device.type == "cuda":
+                    net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                setattr(self.method, name, DDP(net, device_ids=ids))
+
+        o = cfg.optim
+        lr = o.lr
+        if o.reference_batch > 0:
+            first = next(iter(self.streams.values()))
+            lr = lr * first.batch_size * self.world / o.reference_batch
+        groups = self.method.param_groups()
+        for g in groups:
+            g["lr_mult"] = o.head_lr_mult if g.pop("head") else 1.0
+            g["lr"] = lr * g["lr_mult"]
+        self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                         nesterov=o.nesterov)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.amp = amp_dtype(t.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.step = 0  # number of optimizer steps done
+        self.best = -1.0
+        if resume:
+            self._resume()
+        self.writer = None
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            config_mod.save(cfg, self.out / "config.yaml")
+
+    # -- schedule -------------------------------------------------------------------------------------
+    def _lr_factor(self, it: int) -> float:
+        o = self.cfg.optim
+        poly = (1.0 - min(it, self.max_iters - 1) / self.max_iters) ** o.poly_power
+        if o.warmup_iters > 0 and it < o.warmup_iters:
+            return poly * (it + 1) / o.warmup_iters
+        return poly
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "method": ckpt.unwrap_state(self.method.state_dict(), self.wrapped),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "best": self.best,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+            "config": OmegaConf.to_container(self.cfg),
+            "info": {"num_classes": self.info.num_classes, "class_names": self.info.class_names},
+        }
+
+    def save(self, name: str, extra: dict | None = None) -> None:
+        if self.main:
+            ckpt.save_atomic({**self.state(), **(extra or {})}, self.out / name)
+        dist.barrier()
+
+    def _resume(self) -> None:
+        path = self.out / "last.pt"
+        if not path.is_file():
+            raise LessegError(f"--resume: no checkpoint {path} to resume from")
+        state = ckpt.load(path, self.device)
+        missing = set(ckpt.unwrap_state(self.method.state_dict(), self.wrapped)) ^ set(state["method"])
+        if missing:
+            raise LessegError(f"{path} does not match this config's method (differing keys: {sorted(missing)[:5]})")
+        self._load_method_state(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.best = state["best"]
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+
+    def _load_method_state(self, state: dict) -> None:
+        """Load an unwrapped state dict into a method whose trainable nets may be DDP-wrapped."""
+        rewrapped = {}
+        for k, v in state.items():
+            for name in self.wrapped:
+                if isinstance(getattr(self.method, name), DDP) and k.startswith(name + "."):
+                    k = f"{name}.module.{k[len(name) + 1 :]}"
+                    break
+            rewrapped[k] = v
+        self.method.load_state_dict(rewrapped)
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def eval_net(self) -> torch.nn.Module:
+        net = self.method.eval_net()
+        return getattr(net, "module", net)
+
+    def evaluate(self) -> dict:
+        c = self.cfg
+        loader = eval_loader(self.val_set, c.eval.batch_size, self.rank, self.world, c.data.workers)
+        return evaluate(self.eval_net(), loader, self.info.num_classes, c.eval, list(c.data.crop_size),
+                        self.device, self.info.class_names, self.amp, self.progress)
+
+    def _log(self, record: dict) -> None:
+        if not self.main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tb"))
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.writer.add_scalar(f"{record['event']}/{k}", v, record["step"])
+
+    def fit(self) -> dict:
+        """Train from ``self.step`` to ``max_iters``; returns the final evaluation."""
+        t, c = self.cfg.train, self.cfg
+        pin = self.device.type == "cuda"
+        iters = {name: iter(s.loader(seed=t.seed, rank=self.rank, world=self.world, start_batch=self.step,
+                                     workers=c.data.workers, pin=pin))
+                 for name, s in self.streams.items()}
+        autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
+        sums: dict[str, torch.Tensor] = {}
+        bad_step = torch.tensor(-1, device=self.device)
+        bad_terms: torch.Tensor | None = None
+        names: list[str] = []
+        bar = tqdm(total=self.max_iters, initial=self.step, desc="train", disable=not self.progress,
+                   dynamic_ncols=True)
+        last_eval: dict = {}
+        t_log, n_log = time.perf_counter(), 0  # since the last log line
+        self.method.train()
+        while self.step < self.max_iters:
+            step = self.step
+            batch = {name: to_device(next(it), self.device) for name, it in iters.items()}
+            with autocast:
+                losses = self.method.training_step(batch, step)
+            names = list(losses)
+            vals = torch.stack([v.detach().float() for v in losses.values()])
+            finite = torch.isfinite(vals)
+            first = (bad_step < 0) & ~finite.all()
+            bad_step = torch.where(first, step, bad_step)
+            bad_terms = ~finite if bad_terms is None else torch.where(first, ~finite, bad_terms)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(losses["loss"]).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.method.after_step(step)
+            self.step += 1
+            for k, v in zip(names, vals):
+                sums[k] = sums.get(k, 0.0) + v
+            n_log += 1
+            bar.update(1)
+
+            done = self.step == self.max_iters
+            do_eval = done or (t.eval_every > 0 and self.step % t.eval_every == 0)
+            do_ckpt = do_eval or (t.ckpt_every > 0 and self.step % t.ckpt_every == 0)
+            if self.step % t.log_every == 0 or do_ckpt:
+                self._check_finite(bad_step, bad_terms, names)
+                means = {k: float(v) / n_log for k, v in sums.items()}
+                rate = n_log / (time.perf_counter() - t_log)
+                sums, t_log, n_log = {}, time.perf_counter(), 0
+                bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
+                self._log({"event": "train", "step": self.step, **means,
+                           "lr": self.optimizer.param_groups[0]["lr"], "it_per_s": rate})
+            if do_eval:
+                last_eval = self.evaluate()
+                self._log({"event": "eval", "step": self.step, "miou": last_eval["miou"], "acc": last_eval["acc"],
+                           "iou": last_eval["iou"], "mode": last_eval["mode"]})
+                if self.main:
+                    bar.write(f"step {self.step}: mIoU {100 * last_eval['miou']:.2f} ({last_eval['mode']})")
+                if last_eval["miou"] > self.best:
+                    self.best = last_eval["miou"]
+                    self.save("best.pt", {"eval": last_eval})
+            if do_ckpt:
+                self.save("last.pt", {"eval": last_eval})
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        return last_eval
+
+    def _check_finite(self, bad_step: torch.Tensor, bad_terms: torch.Tensor | None, names: list[str]) -> None:
+        s = int(bad_step)
+        if s >= 0 and bad_terms is not None:
+            terms = [n for n, b in zip(names, bad_terms.tolist()) if b]
+            raise NonFiniteLoss(
+                f"non-finite loss at step {s} in term(s) {terms}; training stopped, the last good checkpoint "
+                f"({self.out / 'last.pt'}) is kept. Lower optim.lr or check the data."
+            )
+
+
+def train(cfg: DictConfig, resume: bool = False) -> dict:
+    """Train a config end to end (the Python API behind ``lesseg train``), earlier stages included."""
+    cfg = METHODS.get(cfg.method.name).prepare(cfg)
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        dist.cleanup()

@@ -1,0 +1,13 @@
+"""User-facing errors: one clear message naming the culprit (architecture.md, item 9)."""
+
+
+class LessegError(Exception):
+    """Base class of errors that the CLI prints as one line, without a traceback."""
+
+
+class ConfigError(LessegError):
+    """An unknown key, a wrongly typed value or an inconsistent setting in a config."""
+
+
+class DataError(LessegError):
+    """A missing, unreadable or invalid data file (image, mask, split list)."""

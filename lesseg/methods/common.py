@@ -1,0 +1,67 @@
+"""Pieces shared by several methods (methods.md section 0): safe CE, entropy, EMA teachers."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = 255
+
+
+def ce_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixel-wise CE with ignore 255, averaged over non-ignored pixels; 0 (not NaN) when none is valid.
+
+    ``weight`` (B,H,W) optionally weights each pixel (the mean is still over valid pixels).
+    """
+    per_pixel = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="none")  # B,H,W
+    valid = (target != IGNORE).float()
+    if weight is not None:
+        per_pixel = per_pixel * weight
+    return per_pixel.sum() / valid.sum().clamp_min(1.0)
+
+
+def ohem_ce(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7, min_kept: int = 100000) -> torch.Tensor:
+    """Online hard example mining CE: keep pixels whose GT-class probability < ``thresh``, at least ``min_kept``.
+
+    Computed without host synchronisation (kthvalue over a fixed-size tensor).
+    """
+    valid = target != IGNORE  # B,H,W
+    prob = F.softmax(logits.float(), dim=1)
+    gt = target.masked_fill(~valid, 0)
+    p_gt = prob.gather(1, gt.unsqueeze(1)).squeeze(1).masked_fill(~valid, 2.0)  # invalid sort last
+    k = min(min_kept, p_gt.numel())
+    kth = p_gt.flatten().kthvalue(max(k, 1)).values
+    keep = valid & ((p_gt < thresh) | (p_gt <= kth))
+    return ce_loss(logits, target.masked_fill(~keep, IGNORE))
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-pixel entropy ``-sum_c p_c ln(p_c + 1e-10)`` over dim 1, in float32. B,C,... -> B,..."""
+    p = F.softmax(logits.float(), dim=1)
+    return -(p * torch.log(p + 1e-10)).sum(dim=1)
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A frozen copy of the student (never receives gradients, never wrapped in DDP)."""
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, step_since_start: int, d_max: float) -> None:
+    """``theta_t <- d theta_t + (1-d) theta_s`` with warm-up ``d = min(1 - 1/(i+1), d_max)``.
+
+    Buffers (BatchNorm statistics) are copied from the student, not averaged (methods.md section 0).
+    """
+    d = min(1.0 - 1.0 / (step_since_start + 1), d_max)
+    t_params = [p for p in teacher.parameters()]
+    s_params = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(t_params, d)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - d)
+    for tb, sb in zip(teacher.buffers(), student.buffers()):
+        tb.copy_(sb)

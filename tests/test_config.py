@@ -1,0 +1,75 @@
+import pytest
+
+from lesseg import config
+from lesseg.errors import ConfigError
+
+BASE = {"train": {"iters": 10}}
+
+
+def test_defaults_and_override_types():
+    cfg = config.from_dict(BASE, ["optim.lr=0.5", "data.crop_size=[32,48]"])
+    assert cfg.optim.lr == 0.5
+    assert list(cfg.data.crop_size) == [32, 48]
+    assert cfg.method.name == "supervised" and cfg.method.ohem is False  # method defaults filled in
+
+
+@pytest.mark.parametrize(
+    "layer, override, culprit",
+    [
+        ({"train": {"iters": 10, "itres": 3}}, None, "itres"),
+        (BASE, "optim.lr=fast", "optim.lr"),
+        (BASE, "model.encoderr=resnet50", "encoderr"),
+        ({"train": {"iters": 10}, "method": {"name": "supervised", "ohme": True}}, None, "ohme"),
+        ({"train": {"iters": 10}, "data": {"streams": {"labeled": {"batchsize": 4}}}}, None, "batchsize"),
+    ],
+)
+def test_unknown_key_or_wrong_type_names_the_culprit(layer, override, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        config.from_dict(layer, [override] if override else [])
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(ConfigError, match="supervised"):
+        config.from_dict({"train": {"iters": 1}, "method": {"name": "nope"}})
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="key=value"):
+        config.from_dict(BASE, ["train.iters"])
+
+
+def test_iterations_or_epochs_required():
+    with pytest.raises(ConfigError, match="train.iters or train.epochs"):
+        config.from_dict({})
+
+
+def test_base_inheritance_and_saved_config_roundtrip(tmp_path):
+    (tmp_path / "base.yaml").write_text("train: {iters: 7, seed: 3}\noptim: {lr: 0.1}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {lr: 0.2}\n")
+    cfg = config.load(tmp_path / "child.yaml", ["train.seed=5"])
+    assert (cfg.train.iters, cfg.optim.lr, cfg.train.seed) == (7, 0.2, 5)
+    assert cfg.out.endswith("child")
+    config.save(cfg, tmp_path / "saved.yaml")
+    again = config.load(tmp_path / "saved.yaml")
+    assert again == cfg
+
+
+def test_two_base_levels_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("train: {iters: 1}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match="one level"):
+        config.load(tmp_path / "c.yaml")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        config.load(tmp_path / "bad.yaml")
+
+
+def test_packaged_configs_resolve():
+    cfg = config.load("configs/shapes/supervised.yaml")
+    assert cfg.data.dataset == "shapes" and cfg.method.name == "supervised"
