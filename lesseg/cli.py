@@ -99,7 +99,7 @@ def cmd_splits(args) -> int:
     cfg = _load_cfg(args)
     split = args.split or cfg.data.streams[next(iter(cfg.data.streams))].split
     result = write_partition(stream_source(cfg.data), split, args.labeled, args.seed, Path(args.out))
-    print(json.dumps(result))
+    print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.items()}))
     return 0
 
 

@@ -55,7 +55,7 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     workers: int = 2
     check: bool = True  # open every file of the splits before training (bad files are reported at once)
-    streams: dict[str, StreamConfig] = field(default_factory=lambda: {"labeled": StreamConfig()})
+    streams: dict[str, StreamConfig] = field(default_factory=dict)  # name -> stream; the method says which it reads
     val_split: str = "val"
     aug: AugConfig = field(default_factory=AugConfig)
 
@@ -200,8 +200,6 @@ def _check(cfg: DictConfig, where: str) -> None:
         raise ConfigError(f"{where}: train.amp must be auto, none, bf16 or fp16, not {cfg.train.amp!r}")
     if len(cfg.data.crop_size) != 2:
         raise ConfigError(f"{where}: data.crop_size must be [H, W]")
-    if not cfg.data.streams:
-        raise ConfigError(f"{where}: data.streams is empty")
 
 
 PACKAGED = Path(__file__).parent / "configs"

@@ -83,7 +83,7 @@ def read_rgb(path: Path) -> np.ndarray:
                 top = 65535.0 if arr.max() > 255 else 255.0
                 arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
                 return np.repeat(arr[..., None], 3, axis=2)
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
     except (OSError, ValueError, SyntaxError) as e:

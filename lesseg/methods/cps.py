@@ -1,0 +1,108 @@
+"""CPS, Cross Pseudo Supervision (methods.md section 5; Chen et al., CVPR 2021).
+
+Two networks of one architecture, initialised differently, each learn CE on labeled images and CE towards
+the other's one-hot prediction: ``L = L_sup1 + L_sup2 + lambda (CE(P1, argmax P2) + CE(P2, argmax P1))``.
+Without CutMix the cross term covers labeled and unlabeled images; with CutMix the pseudo-labels come from
+each network's predictions on the two source images, mixed with the box mask, and the cross term covers the
+mixed unlabeled images only. Pixels without content (crop padding: ``valid`` False on unlabeled images,
+label 255 on labeled ones, where padding cannot be told apart from VOC's ignore borders) are left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models import build_model
+from .base import METHODS, Method, RunInfo
+from .common import IGNORE, ce_loss
+from .mean_teacher import split_outputs
+from .mixing import box_mask_cps, mix_batch
+from .supervised import SupervisedConfig, sup_loss
+
+
+@dataclass
+class CPSConfig(SupervisedConfig):
+    name: str = "cps"
+    cps_weight: float = 1.5  # lambda (paper: VOC 1.5, 1.0 with CutMix; Cityscapes 6, 5 with CutMix)
+    cutmix: bool = False  # cross term on CutMix-ed unlabeled images (pseudo-labels mixed with the box mask)
+
+
+def hard_labels(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """One-hot pseudo-labels as class indices, 255 where invalid; never carries gradient. B,C,H,W -> B,H,W"""
+    return scores.detach().argmax(1).masked_fill(~valid, IGNORE)
+
+
+def cps_loss(
+    logits1: torch.Tensor, logits2: torch.Tensor, labels1: torch.Tensor, labels2: torch.Tensor
+) -> torch.Tensor:
+    """``CE(P1, labels2) + CE(P2, labels1)``: each network learns the other's pseudo-labels (255 = skip)."""
+    return ce_loss(logits1, labels2) + ce_loss(logits2, labels1)
+
+
+def prediction_overlap(labels1: torch.Tensor, labels2: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Fraction of valid pixels where the two networks predict the same class (CPS Figure 7). 0-dim."""
+    agree = ((labels1 == labels2) & valid).float().sum()
+    return agree / valid.float().sum().clamp_min(1.0)
+
+
+@METHODS.register("cps")
+class CPS(Method):
+    Config = CPSConfig
+    streams = ("labeled", "unlabeled")
+
+    def __init__(self, cfg: CPSConfig, model_cfg, info: RunInfo) -> None:
+        super().__init__(cfg, model_cfg, info)
+        self.net1 = build_model(model_cfg, info.num_classes)
+        # net2 is initialised under the next seed (the same on every process), in a forked RNG so that net1
+        # and everything drawn later are as in a single-network run
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((torch.initial_seed() + 1) % 2**63)
+            self.net2 = build_model(model_cfg, info.num_classes)
+
+    def trainable_nets(self) -> dict[str, nn.Module]:
+        return {"net1": self.net1, "net2": self.net2}
+
+    def eval_net(self) -> nn.Module:
+        return self.net1
+
+    @torch.no_grad()
+    def mixed_pseudo_labels(self, unl: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Mixed images and each network's pseudo-labels of the mixed images, from its predictions on the
+        source images mixed with the box mask; and the mixed valid map."""
+        x = unl["image"]  # B,3,H,W
+        b, _, h, w = x.shape
+        m = box_mask_cps(b, h, w, x.device)  # B,1,H,W
+        p1 = self.net1(x)["logits"].float().softmax(1)
+        p2 = self.net2(x)["logits"].float().softmax(1)
+        mixed = mix_batch({"image": x, "p1": p1, "p2": p2, "valid": unl["valid"]}, m)
+        valid = mixed["valid"]
+        return mixed["image"], hard_labels(mixed["p1"], valid), hard_labels(mixed["p2"], valid), valid
+
+    def training_step(self, batch, step):
+        lab, unl = batch["labeled"], batch["unlabeled"]
+        n = lab["image"].shape[0]
+        if self.cfg.cutmix:
+            x_u, y1_u, y2_u, valid_u = self.mixed_pseudo_labels(unl)
+        else:
+            x_u, valid_u = unl["image"], unl["valid"]
+        x = torch.cat([lab["image"], x_u])  # N+B,3,H,W: one forward per network and step
+        out1, out2 = self.net1(x), self.net2(x)
+        (out1_l, out1_u), (out2_l, out2_u) = split_outputs(out1, n), split_outputs(out2, n)
+        loss_sup = sup_loss(out1_l, lab["mask"], self.cfg) + sup_loss(out2_l, lab["mask"], self.cfg)
+        if self.cfg.cutmix:
+            loss_cps = cps_loss(out1_u["logits"], out2_u["logits"], y1_u, y2_u)
+        else:
+            valid = torch.cat([lab["mask"] != IGNORE, valid_u])  # N+B,H,W
+            y1, y2 = hard_labels(out1["logits"], valid), hard_labels(out2["logits"], valid)
+            loss_cps = cps_loss(out1["logits"], out2["logits"], y1, y2)
+            y1_u, y2_u = y1[n:], y2[n:]
+        loss = loss_sup + self.cfg.cps_weight * loss_cps
+        return {
+            "loss": loss,
+            "loss_sup": loss_sup,
+            "loss_cps": loss_cps,
+            "overlap": prediction_overlap(y1_u, y2_u, valid_u),
+        }

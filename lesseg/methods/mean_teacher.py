@@ -1,0 +1,126 @@
+"""Mean Teacher for segmentation (methods.md section 2; Tarvainen & Valpola 2017).
+
+The student learns CE on labeled images plus a consistency term between its softmax on the strong view of
+each unlabeled image and the softmax of an EMA teacher on the weak view (same geometry, so pixels align).
+The consistency weight follows the sigmoid ramp-up ``exp(-5 (1 - t)^2)``. CutMix-Seg (``cutmix_seg.py``)
+is this method with mixing as the perturbation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import build_model
+from .base import METHODS, Method, RunInfo
+from .common import IGNORE, ce_loss, ema_update, make_teacher
+from .supervised import SupervisedConfig, sup_loss
+
+CONSISTENCY = ("mse", "ce")
+
+
+@dataclass
+class MeanTeacherConfig(SupervisedConfig):
+    name: str = "mean_teacher"
+    cons_weight: float = 1.0  # weight of loss_cons at the end of the ramp-up
+    rampup_steps: int | None = None  # sigmoid ramp-up length; None: 10% of the run; 0: no ramp-up
+    consistency: str = "mse"  # mse: squared distance of softmax vectors | ce: confidence-masked CE
+    conf_thresh: float = 0.97  # consistency=ce: teacher confidence needed for a pixel to count
+    ema_decay: float = 0.999  # d_max of the EMA teacher
+    eval_teacher: bool = True  # evaluate (and export) the EMA teacher rather than the student
+
+
+def sigmoid_rampup(step: int, length: int) -> float:
+    """``exp(-5 (1 - t)^2)`` with ``t = step / length`` clipped to [0, 1]; 1 when ``length`` is 0."""
+    if length <= 0:
+        return 1.0
+    t = min(max(step, 0) / length, 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def consistency_mse(logits: torch.Tensor, target_probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Squared distance between the softmax of ``logits`` and ``target_probs`` (summed over classes),
+    averaged over valid pixels; 0 when none is valid. B,C,H,W ; B,C,H,W ; B,H,W bool -> 0-dim."""
+    sq = (logits.float().softmax(1) - target_probs.float()).pow(2).sum(1)  # B,H,W
+    v = valid.float()
+    return (sq * v).sum() / v.sum().clamp_min(1.0)
+
+
+def confident_ce(
+    logits: torch.Tensor, target_probs: torch.Tensor, valid: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """CE to ``argmax target_probs`` on pixels whose target confidence is >= ``threshold``, averaged over
+    all valid pixels (unconfident ones count as 0, so the term shrinks when few pixels are confident)."""
+    conf, pseudo = target_probs.float().max(1)  # B,H,W
+    return ce_loss(logits, pseudo.masked_fill(~valid, IGNORE), weight=(conf >= threshold).float())
+
+
+def split_outputs(
+    out: dict[str, torch.Tensor], n: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Outputs of a joint forward split into the first ``n`` samples and the rest.
+
+    Methods run each trainable net once per step on ``cat([labeled, unlabeled])``: one DDP forward per
+    backward, and BatchNorm statistics over the whole batch.
+    """
+    return {k: v[:n] for k, v in out.items()}, {k: v[n:] for k, v in out.items()}
+
+
+@METHODS.register("mean_teacher")
+class MeanTeacher(Method):
+    Config = MeanTeacherConfig
+    streams = ("labeled", "unlabeled")
+    strong_streams = ("unlabeled",)
+
+    def __init__(self, cfg: MeanTeacherConfig, model_cfg, info: RunInfo) -> None:
+        super().__init__(cfg, model_cfg, info)
+        if cfg.consistency not in CONSISTENCY:
+            raise ConfigError(f"method.consistency must be one of {CONSISTENCY}, not {cfg.consistency!r}")
+        self.net = build_model(model_cfg, info.num_classes)
+        self.teacher = make_teacher(self.net)
+        self.rampup_steps = round(0.1 * info.max_iters) if cfg.rampup_steps is None else cfg.rampup_steps
+
+    def eval_net(self) -> nn.Module:
+        return self.teacher if self.cfg.eval_teacher else self.net
+
+    def train(self, mode: bool = True) -> MeanTeacher:
+        """The teacher always predicts in eval mode: no dropout, BatchNorm statistics copied from the student."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_probs(self, image: torch.Tensor) -> torch.Tensor:
+        """Teacher softmax in float32. B,3,H,W -> B,C,H,W"""
+        return self.teacher(image)["logits"].float().softmax(1)
+
+    def unlabeled_views(
+        self, unl: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Student input, teacher target probabilities and valid map: strong view vs. teacher on the weak view."""
+        return unl["image_strong"], self.teacher_probs(unl["image"]), unl["valid"]
+
+    def consistency_loss(
+        self, logits: torch.Tensor, target_probs: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        if self.cfg.consistency == "ce":
+            return confident_ce(logits, target_probs, valid, self.cfg.conf_thresh)
+        return consistency_mse(logits, target_probs, valid)
+
+    def training_step(self, batch, step):
+        lab, unl = batch["labeled"], batch["unlabeled"]
+        x_u, target_probs, valid = self.unlabeled_views(unl)
+        out_l, out_u = split_outputs(self.net(torch.cat([lab["image"], x_u])), lab["image"].shape[0])
+        loss_sup = sup_loss(out_l, lab["mask"], self.cfg)
+        loss_cons = self.consistency_loss(out_u["logits"], target_probs, valid)
+        weight = self.cfg.cons_weight * sigmoid_rampup(step, self.rampup_steps)
+        loss = loss_sup + weight * loss_cons
+        return {"loss": loss, "loss_sup": loss_sup, "loss_cons": loss_cons}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        ema_update(self.teacher, getattr(self.net, "module", self.net), step, self.cfg.ema_decay)

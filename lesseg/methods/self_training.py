@@ -1,0 +1,184 @@
+"""Offline self-training (methods.md section 4), three stages run by one ``lesseg train`` command.
+
+``SelfTraining.prepare`` (called by the trainer before it builds anything) runs stage 1, a supervised
+training of the same config in ``<out>/stage1``, and stage 2, which predicts every image of the unlabeled
+stream with the stage-1 network (evaluation settings) and writes a generic-folder-format dataset of
+pseudo-masks to ``<out>/pseudo`` (pixels below ``threshold`` confidence become 255). It returns the stage-3
+config: streams ``labeled`` and ``pseudo``, on which this method trains a fresh network with CE.
+Stages are resumable: stage 1 resumes from its ``last.pt`` (a finished run does no step), and stage 2 is
+skipped once its ``done`` marker exists (written after every file).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+from .. import config as config_mod
+from .. import dist
+from ..data import SegDataset, eval_loader, stream_source
+from ..data.formats import IMAGE_SUFFIXES
+from ..data.splits import write_split
+from ..errors import ConfigError
+from ..models import build_model
+from .base import METHODS, Method, RunInfo
+from .common import IGNORE
+from .mean_teacher import split_outputs
+from .supervised import SupervisedConfig, sup_loss
+
+if TYPE_CHECKING:
+    from ..engine.trainer import Trainer
+
+DONE = "done"  # marker file of a complete pseudo-label dataset
+
+
+@dataclass
+class SelfTrainingConfig(SupervisedConfig):
+    name: str = "self_training"
+    threshold: float = 0.0  # stage 2: keep pixels whose confidence is >= threshold (0 keeps all), others 255
+    pseudo_weight: float = 1.0  # stage 3: weight of the CE on pseudo-labeled images
+
+
+def pseudo_mask(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Argmax class where the confidence is >= ``threshold``, 255 elsewhere. B,C,H,W -> B,H,W uint8"""
+    conf, pred = probs.max(1)
+    return pred.masked_fill(conf < threshold, IGNORE).to(torch.uint8)
+
+
+def safe_stems(names: list[str]) -> list[str]:
+    """File-system safe, unique stems for sample names (other characters become ``_``; clashes get ``-k``).
+
+    Dots are replaced too, so a stem never looks like a file name with an image suffix.
+    """
+    stems, seen = [], set()
+    for name in names:
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name) or "_"
+        unique, k = stem, 1
+        while unique in seen:
+            unique, k = f"{stem}-{k}", k + 1
+        seen.add(unique)
+        stems.append(unique)
+    return stems
+
+
+def _link_image(src: Path, dst_stem: Path, read_image) -> None:
+    """``dst_stem.<suffix>`` -> the original image: a symlink, a copy where links fail, a PNG written with
+    ``read_image`` where the suffix is not one the folder format reads."""
+    suffix = src.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        Image.fromarray(read_image(src)).save(dst_stem.with_suffix(".png"))
+        return
+    try:
+        os.symlink(src.resolve(), dst_stem.with_suffix(suffix))
+    except OSError:
+        shutil.copyfile(src, dst_stem.with_suffix(suffix))
+
+
+def write_pseudo_dataset(cfg: DictConfig, trainer: Trainer, root: Path) -> None:
+    """Stage 2: predict the unlabeled stream's split with the trained network of ``trainer`` and write
+    ``root/{images,masks,classes.txt,splits/train.txt}``, then ``root/done``. Processes share the images."""
+    from ..engine.evaluate import predict_probs  # lazy: lesseg.engine imports lesseg.methods
+
+    src = stream_source(cfg.data, cfg.data.streams.unlabeled)
+    samples = src.samples(cfg.data.streams.unlabeled.split)
+    stems = safe_stems([s.name for s in samples])
+    if trainer.main:
+        shutil.rmtree(root, ignore_errors=True)  # leftovers of an interrupted stage 2
+        (root / "images").mkdir(parents=True)
+        (root / "masks").mkdir()
+    dist.barrier()
+    data = SegDataset(
+        src, samples, train=False, labeled=False, mean=list(cfg.data.mean), std=list(cfg.data.std)
+    )
+    loader = eval_loader(data, 1, trainer.rank, trainer.world, cfg.data.workers)
+    crop = list(cfg.eval.crop_size or cfg.data.crop_size)
+    net = trainer.eval_net().eval()
+    autocast = torch.autocast(trainer.device.type, dtype=trainer.amp) if trainer.amp else nullcontext()
+    for item in tqdm(loader, desc="pseudo-labels", disable=not trainer.progress, leave=False):
+        i = int(item["index"])
+        with autocast:
+            probs = predict_probs(
+                net, item["image"].to(trainer.device), cfg.eval, crop, trainer.info.num_classes
+            )
+        mask = pseudo_mask(probs, cfg.method.threshold)[0].cpu().numpy()  # H,W
+        Image.fromarray(mask).save(root / "masks" / f"{stems[i]}.png")
+        _link_image(samples[i].image, root / "images" / stems[i], src.read_image)
+    dist.barrier()
+    if trainer.main:
+        (root / "classes.txt").write_text("".join(f"{c}\n" for c in trainer.info.class_names))
+        write_split(root / "splits" / "train.txt", stems)
+        (root / DONE).write_text(f"{len(stems)} images\n")
+    dist.barrier()
+
+
+def stage1_config(cfg: DictConfig) -> DictConfig:
+    """The supervised run of stage 1: same data, model and schedule, in ``<out>/stage1``."""
+    d = OmegaConf.to_container(cfg)
+    d["method"] = {f.name: d["method"][f.name] for f in fields(SupervisedConfig)} | {"name": "supervised"}
+    d["out"] = str(Path(cfg.out) / "stage1")
+    return config_mod.from_dict(d)
+
+
+def stage3_config(cfg: DictConfig, root: Path) -> DictConfig:
+    """The config of stage 3: streams ``labeled`` (unchanged) and ``pseudo`` (the stage-2 folder dataset)."""
+    d = OmegaConf.to_container(cfg)
+    streams = d["data"]["streams"]
+    pseudo = {
+        **streams["unlabeled"],
+        "dataset": "folder",
+        "root": str(root),
+        "split": "train",
+        "labeled": True,
+        "strong": False,
+        "options": {},
+    }
+    d["data"]["streams"] = {"labeled": streams["labeled"], "pseudo": pseudo}
+    return config_mod.from_dict(d)
+
+
+@METHODS.register("self_training")
+class SelfTraining(Method):
+    Config = SelfTrainingConfig
+    streams = ("labeled", "pseudo")
+
+    def __init__(self, cfg: SelfTrainingConfig, model_cfg, info: RunInfo) -> None:
+        super().__init__(cfg, model_cfg, info)
+        self.net = build_model(model_cfg, info.num_classes)
+
+    @classmethod
+    def prepare(cls, cfg: DictConfig) -> DictConfig:
+        """Run stages 1 and 2 (or skip what is complete) and return the stage-3 config."""
+        from ..engine.trainer import Trainer  # lazy: lesseg.engine imports lesseg.methods
+
+        if cfg.out is None:
+            raise ConfigError("self_training needs a run folder: set `out`")
+        if "unlabeled" not in cfg.data.streams or "labeled" not in cfg.data.streams:
+            raise ConfigError(
+                f"self_training needs data streams 'labeled' and 'unlabeled' (the images to "
+                f"pseudo-label); data.streams defines {list(cfg.data.streams)}"
+            )
+        root = Path(cfg.out) / "pseudo"
+        if not (root / DONE).is_file():
+            stage1 = stage1_config(cfg)
+            trainer = Trainer(stage1, resume=(Path(stage1.out) / "last.pt").is_file())
+            trainer.fit()
+            write_pseudo_dataset(cfg, trainer, root)
+        return stage3_config(cfg, root)
+
+    def training_step(self, batch, step):
+        lab, pse = batch["labeled"], batch["pseudo"]
+        out_l, out_p = split_outputs(self.net(torch.cat([lab["image"], pse["image"]])), lab["image"].shape[0])
+        loss_sup = sup_loss(out_l, lab["mask"], self.cfg)
+        loss_pseudo = sup_loss(out_p, pse["mask"], self.cfg)
+        loss = loss_sup + self.cfg.pseudo_weight * loss_pseudo
+        return {"loss": loss, "loss_sup": loss_sup, "loss_pseudo": loss_pseudo}

@@ -1,0 +1,404 @@
+"""U2PL: semi-supervised segmentation using unreliable pseudo-labels (Wang et al., CVPR 2022; methods.md s. 6).
+
+An EMA teacher labels the unlabeled batch; the student learns from the reliable (low-entropy) pixels with CE
+and from every pixel through a contrastive loss whose negatives include the unreliable pixels, kept in a
+per-class memory bank. Departures from the authors' code (methods.md lists them): per-image one-hot, each
+class paired with its own bank, the paper's negative sets, EMA buffers copied from the student.
+
+Implementation choices: one teacher pass (eval mode, weak views of [labeled, unlabeled]) whose unlabeled
+outputs are mixed with the student's mask; percentiles by sorting on the device; no host synchronisation
+inside ``training_step`` (fixed-size sampling with cumsum + searchsorted, ring-buffer writes with fixed
+shapes).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from .. import dist
+from ..errors import ConfigError
+from ..models import build_model
+from .base import METHODS, Method, RunInfo
+from .common import IGNORE, ce_loss, ema_update, entropy, make_teacher
+from .mixing import box_mask_one, classmix_mask, cutout, mix, mix_batch, partner
+from .supervised import SupervisedConfig, sup_loss
+
+log = logging.getLogger(__name__)
+MIXINGS = ("cutmix", "classmix", "cutout", "none")
+
+
+@dataclass
+class U2PLConfig(SupervisedConfig):
+    name: str = "u2pl"
+    ema_decay: float = 0.99  # d_max
+    sup_only_epochs: int = 1  # VOC 1, Cityscapes 0
+    unsup_weight: float = 1.0  # lambda_u
+    contra_weight: float = 0.1  # lambda_c (paper; the authors' config leaves the code default 1)
+    drop_percent: float = 20.0  # alpha_0: share of unreliable pixels, decays linearly to 0 over the epochs
+    mixing: str = "cutmix"  # cutmix | classmix | cutout | none
+    mix_prob: float = 0.5  # the whole unlabeled batch is mixed with this probability
+    contrastive: bool = True
+    num_queries: int = 256  # Q anchors per class
+    num_negatives: int = 50  # N negatives per anchor
+    temperature: float = 0.5
+    delta_p: float = 0.3  # anchors need a teacher probability > delta_p for their class
+    low_rank: int = 3  # r_l
+    high_rank: int = 20  # r_h
+    bank_size: int = 30000  # per class
+    bank_size_bg: int = 50000  # class 0 (the authors' code uses 50000 for class 0)
+    bank_dtype: str = "bfloat16"  # unit vectors; half the memory of float32, similarities within ~1e-2
+
+
+# ---------------------------------------------------------------------------------------------- pure pieces
+def masked_percentile(x: Tensor, valid: Tensor, q: Sequence[float]) -> Tensor:
+    """Percentiles ``q`` (0..100) of ``x[valid]`` with linear interpolation (torch.quantile semantics). -> len(q)
+
+    Sorts on the device (no size limit, no host sync); +inf when no element is valid.
+    """
+    s = torch.where(valid.flatten(), x.detach().float().flatten(), torch.inf).sort().values  # valid first
+    last = (valid.sum() - 1).clamp_min(0)  # index of the largest valid value
+    pos = torch.stack([last * (p / 100.0) for p in q])  # len(q) float
+    lo = pos.floor().long()
+    hi = torch.minimum(lo + 1, last)
+    v_lo, v_hi = s[lo], s[hi]
+    val = v_lo + (pos - lo) * (v_hi - v_lo)
+    return torch.where(valid.any(), val, torch.inf)
+
+
+def entropy_split(ent: Tensor, valid: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """Reliable (entropy <= pct(alpha)) and unreliable (entropy >= pct(100 - alpha)) valid pixels. B,H,W bool.
+
+    The unreliable pixels are the ones the unsupervised loss drops ("≥ threshold") and the contrastive
+    loss uses as negatives; the reliable ones give its anchors and prototypes.
+    """
+    low, high = masked_percentile(ent, valid, (alpha, 100.0 - alpha))
+    return valid & (ent <= low), valid & (ent >= high)
+
+
+def unsup_loss(logits: Tensor, pseudo: Tensor, unreliable: Tensor, valid: Tensor) -> Tensor:
+    """``w * CE(logits, pseudo on kept pixels)``, kept = valid and not unreliable, ``w = #pixels / #kept``.
+
+    CE is the mean over kept pixels (``ce_loss``) and #pixels counts the whole batch (B*H*W, padding
+    included), so the loss is ``sum_kept(CE) * B*H*W / #kept**2`` -- exactly the authors'
+    ``weight * F.cross_entropy(pred, target, ignore_index=255)``. 0 when nothing is kept.
+    """
+    keep = valid & ~unreliable
+    target = pseudo.masked_fill(~keep, IGNORE)
+    weight = pseudo.numel() / keep.sum().clamp_min(1)
+    return weight * ce_loss(logits, target)
+
+
+def one_hot(labels: Tensor, num_classes: int) -> Tensor:
+    """Per-image one-hot B,H,W -> B,C,H,W bool; 255 (or any value outside [0, C)) gives all False."""
+    classes = torch.arange(num_classes, device=labels.device).view(1, -1, 1, 1)
+    return labels.unsqueeze(1) == classes
+
+
+def class_ranks(prob: Tensor) -> Tensor:
+    """Rank of every class in each pixel's sorted probabilities (0 = most likely). B,C,h,w -> B,C,h,w long."""
+    order = prob.argsort(dim=1, descending=True)
+    ranks = torch.arange(prob.shape[1], device=prob.device).view(1, -1, 1, 1).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ranks)
+
+
+def clamp_ranks(low: int, high: int, num_classes: int) -> tuple[int, int]:
+    """``r_l = min(r_l, C-1)``, ``r_h = min(r_h, C)`` so few-class tasks (C=2: ranks [1, 2)) keep negatives.
+
+    Warns when r_l changes (r_h > C changes nothing: ranks stop at C-1).
+    """
+    low_c, high_c = min(low, num_classes - 1), min(high, num_classes)
+    if low_c != low:
+        log.warning(
+            "u2pl: %d classes, so the negative ranks [low_rank=%d, high_rank=%d) are clamped to [%d, %d)",
+            num_classes, low, high, low_c, high_c,
+        )  # fmt: skip
+    return low_c, high_c
+
+
+def contrast_sets(
+    prob_t: Tensor,
+    labels: Tensor,
+    unreliable: Tensor,
+    n_labeled: int,
+    delta_p: float,
+    low_rank: int,
+    high_rank: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Members, anchor candidates and negative candidates of every class (methods.md s. 6, step 6). B,C,h,w bool.
+
+    ``labels``: GT on the first ``n_labeled`` images, reliable pseudo-labels on the others, 255 elsewhere.
+    Members of c: label c. Anchors: members whose teacher probability for c is > ``delta_p``. Negatives:
+    labeled pixels with a valid GT != c but c in the teacher's top ``low_rank``, and unreliable unlabeled
+    pixels whose rank of c is in [low_rank, high_rank).
+    """
+    members = one_hot(labels, prob_t.shape[1])
+    rank = class_ranks(prob_t)
+    labeled = (torch.arange(labels.shape[0], device=labels.device) < n_labeled).view(-1, 1, 1, 1)
+    hard = labeled & (labels != IGNORE).unsqueeze(1) & ~members & (rank < low_rank)
+    unsure = ~labeled & unreliable.unsqueeze(1) & (rank >= low_rank) & (rank < high_rank)
+    return members, members & (prob_t > delta_p), hard | unsure
+
+
+def sample_masked(mask: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``n`` indices per row drawn uniformly with replacement among the row's True entries. C,P -> C,n ; C.
+
+    Fixed shapes, no host sync: the k-th True entry is found by searchsorted on the cumulative count.
+    Rows without True entries get index 0; the second output (row counts) says which rows are usable.
+    """
+    cum = mask.long().cumsum(1)  # C,P
+    count = cum[:, -1]
+    k = (torch.rand(mask.shape[0], n, device=mask.device) * count.unsqueeze(1)).long()
+    k = torch.minimum(k, (count - 1).clamp_min(0).unsqueeze(1))
+    idx = torch.searchsorted(cum, k + 1)  # first position whose count reaches k+1
+    return idx.clamp_max(mask.shape[1] - 1), count
+
+
+def info_nce(
+    anchors: Tensor, protos: Tensor, negatives: Tensor, use: Tensor, tau: float
+) -> tuple[Tensor, Tensor]:
+    """InfoNCE per class with cosine similarity / tau, positive at index 0, mean over classes in ``use``.
+
+    anchors C,Q,D; protos C,D; negatives C,Q,N,D (unit vectors, as stored in the bank); use C bool.
+    The anchor-negative similarities are computed in the negatives' dtype (the bank's: a matmul, as autocast
+    would), everything else in float32. Returns (loss, number of classes used); 0 when none is used.
+    """
+    a = F.normalize(anchors.float(), dim=-1)
+    pos = (a * F.normalize(protos.float(), dim=-1).unsqueeze(1)).sum(-1, keepdim=True)  # C,Q,1
+    neg = torch.einsum("cqd,cqnd->cqn", a.to(negatives.dtype), negatives).float()  # C,Q,N
+    logits = torch.cat([pos, neg], dim=-1) / tau
+    per_class = (torch.logsumexp(logits, dim=-1) - logits[..., 0]).mean(1)  # C
+    n_used = use.sum()
+    return torch.where(use, per_class, 0.0).sum() / n_used.clamp_min(1), n_used
+
+
+class MemoryBank(nn.Module):
+    """Per-class FIFO queues of unit-length teacher features (the negatives), saved with the state_dict.
+
+    All queues live in one ``feats`` buffer: class c owns rows ``offsets[c] : offsets[c] + sizes[c]``, and
+    the last row is a sink that absorbs the writes of non-candidates, so every write has a fixed shape
+    (no concatenation, no host round trip). ``ptr`` is each queue's next slot, ``count`` its filled length.
+    Under DDP the candidates of every process are gathered first, so all processes hold the same bank.
+    """
+
+    def __init__(self, sizes: Sequence[int], dim: int, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.sizes = list(sizes)
+        offsets = [0, *itertools.accumulate(self.sizes)][:-1]
+        self.register_buffer("feats", torch.zeros(sum(self.sizes) + 1, dim, dtype=dtype))
+        self.register_buffer("ptr", torch.zeros(len(self.sizes), dtype=torch.long))
+        self.register_buffer("count", torch.zeros(len(self.sizes), dtype=torch.long))
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        self.register_buffer("capacity", torch.tensor(self.sizes, dtype=torch.long), persistent=False)
+
+    @torch.no_grad()
+    def push(self, feats: Tensor, mask: Tensor) -> None:
+        """Enqueue ``feats[mask[:, c]]`` into queue c for every class c. feats P,D (unit); mask P,C bool.
+
+        Queue c keeps its newest ``sizes[c]`` entries: of n candidates the last m = min(n, size) are
+        written to the consecutive slots from ``ptr``; the others go to the sink row.
+        """
+        feats = dist.all_gather_cat(feats.to(self.feats.dtype))
+        mask = dist.all_gather_cat(mask.to(torch.uint8)).t().bool()  # C,P
+        rank = mask.long().cumsum(1) - 1  # C,P: position among the class's candidates
+        n = rank[:, -1] + 1
+        m = torch.minimum(n, self.capacity)
+        skip = (n - m).unsqueeze(1)  # the oldest candidates that do not fit
+        slot = (self.ptr.unsqueeze(1) + rank - skip) % self.capacity.unsqueeze(1)
+        dst = torch.where(mask & (rank >= skip), self.offsets.unsqueeze(1) + slot, self.feats.shape[0] - 1)
+        for c in range(len(self.sizes)):
+            self.feats.index_copy_(0, dst[c], feats)
+        self.ptr.copy_((self.ptr + m) % self.capacity)
+        self.count.copy_(torch.minimum(self.count + m, self.capacity))
+
+    @torch.no_grad()
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` features per class drawn uniformly from the filled part -> C,n,D (bank dtype) ; non-empty C."""
+        c = len(self.sizes)
+        last = (self.count - 1).clamp_min(0).unsqueeze(1)
+        k = (torch.rand(c, n, device=self.feats.device) * self.count.unsqueeze(1)).long()
+        idx = self.offsets.unsqueeze(1) + torch.minimum(k, last)  # C,n
+        return self.feats.index_select(0, idx.flatten()).view(c, n, -1), self.count > 0
+
+
+def contrastive_loss(
+    rep_s: Tensor,
+    rep_t: Tensor,
+    prob_t: Tensor,
+    labels: Tensor,
+    unreliable: Tensor,
+    n_labeled: int,
+    bank: MemoryBank,
+    *,
+    num_queries: int,
+    num_negatives: int,
+    temperature: float,
+    delta_p: float,
+    low_rank: int,
+    high_rank: int,
+) -> tuple[Tensor, Tensor]:
+    """U2PL's contrastive loss at feature resolution; returns (loss, number of classes used).
+
+    rep_s B,D,h,w (student, gradient flows into the anchors only); rep_t B,D,h,w and prob_t B,C,h,w (teacher);
+    labels / unreliable B,h,w as in ``contrast_sets``. The teacher's negatives are pushed into the bank
+    before sampling; each class uses its own queue; classes without anchors or an empty queue are skipped.
+    """
+    d = rep_s.shape[1]
+    members, anchors, negatives = contrast_sets(
+        prob_t, labels, unreliable, n_labeled, delta_p, low_rank, high_rank
+    )
+    with torch.autocast(rep_s.device.type, enabled=False):  # float32 even under autocast
+        feats_s = rep_s.permute(0, 2, 3, 1).reshape(-1, d).float()  # P,D
+        feats_t = rep_t.detach().permute(0, 2, 3, 1).reshape(-1, d).float()  # P,D
+        members = _by_class(members).float()  # C,P
+        protos = members @ feats_t / members.sum(1, keepdim=True).clamp_min(1)  # C,D
+        bank.push(F.normalize(feats_t, dim=1), _by_class(negatives).t())
+        idx, n_anchors = sample_masked(_by_class(anchors), num_queries)  # C,Q
+        neg, filled = bank.sample(num_queries * num_negatives)  # C,Q*N,D
+        neg = neg.view(neg.shape[0], num_queries, num_negatives, d)
+        return info_nce(feats_s[idx], protos, neg, (n_anchors > 0) & filled, temperature)
+
+
+def _by_class(m: Tensor) -> Tensor:
+    """B,C,h,w -> C,P with P = B*h*w in (image, row, column) order."""
+    return m.transpose(0, 1).reshape(m.shape[1], -1)
+
+
+def _nearest(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Nearest resizing of a B,H,W or B,C,H,W map of any dtype to ``size``."""
+    y = F.interpolate(x.unsqueeze(1).float() if x.dim() == 3 else x.float(), size=tuple(size), mode="nearest")
+    return (y.squeeze(1) if x.dim() == 3 else y).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------- method
+@METHODS.register("u2pl")
+class U2PL(Method):
+    Config = U2PLConfig
+    streams = ("labeled", "unlabeled")
+    strong_streams = ("unlabeled",)
+
+    def __init__(self, cfg: U2PLConfig, model_cfg, info: RunInfo) -> None:
+        super().__init__(cfg, model_cfg, info)
+        if cfg.mixing not in MIXINGS:
+            raise ConfigError(f"method.mixing must be one of {', '.join(MIXINGS)}, got {cfg.mixing!r}")
+        if cfg.bank_dtype not in ("float16", "bfloat16", "float32"):
+            raise ConfigError(
+                f"method.bank_dtype must be float16, bfloat16 or float32, got {cfg.bank_dtype!r}"
+            )
+        c = info.num_classes
+        model_cfg = OmegaConf.merge(model_cfg, {"rep_head": True})
+        self.student = build_model(model_cfg, c)
+        self.teacher = make_teacher(self.student)
+        self.bank = MemoryBank(
+            [cfg.bank_size_bg] + [cfg.bank_size] * (c - 1), model_cfg.rep_dim, getattr(torch, cfg.bank_dtype)
+        )
+        self.low_rank, self.high_rank = clamp_ranks(cfg.low_rank, cfg.high_rank, c)
+        self.sup_only_steps = cfg.sup_only_epochs * info.iters_per_epoch
+        self.register_buffer("semi_started", torch.tensor(False))  # checkpointed: eval_net after a resume
+
+    def trainable_nets(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def eval_net(self) -> nn.Module:
+        """The teacher once the semi-supervised phase has begun (as the authors evaluate), else the student."""
+        return self.teacher if bool(self.semi_started) else self.student
+
+    def train(self, mode: bool = True) -> U2PL:
+        """The teacher always runs in eval mode (BatchNorm running statistics, no dropout)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def drop_percent(self, step: int) -> float:
+        """alpha_t = alpha_0 (1 - t/T), t the epoch, T the number of epochs."""
+        epochs = self.info.max_iters / self.info.iters_per_epoch
+        return self.cfg.drop_percent * (1.0 - (step // self.info.iters_per_epoch) / epochs)
+
+    def _mix(self, x_s: Tensor, logits_t: Tensor, rep_t: Tensor, pseudo: Tensor):
+        """Mix (or cut out) the strong view, the teacher outputs and the pseudo-labels with one mask."""
+        mode = self.cfg.mixing
+        if mode == "none":
+            return x_s, logits_t, rep_t, pseudo
+        b, _, h, w = x_s.shape
+        mask = classmix_mask(pseudo) if mode == "classmix" else box_mask_one(b, h, w, x_s.device)
+        mask = mask * (torch.rand(1, device=x_s.device) < self.cfg.mix_prob)  # whole batch or nothing
+        if mode == "cutout":
+            x_s, pseudo = cutout(x_s, pseudo, mask)
+            return x_s, logits_t, rep_t, pseudo
+        m = mix_batch({"x": x_s, "logits": logits_t, "pseudo": pseudo}, mask)
+        rep_t = mix(rep_t, partner(rep_t), _nearest(mask, rep_t.shape[-2:]))
+        return m["x"], m["logits"], rep_t, m["pseudo"]
+
+    def training_step(self, batch: dict[str, dict[str, Tensor]], step: int) -> dict[str, Tensor]:
+        lab, unl = batch["labeled"], batch["unlabeled"]
+        x_l, y_l = lab["image"], lab["mask"]
+        n_l = x_l.shape[0]
+        alpha = self.drop_percent(step)
+        if step < self.sup_only_steps:  # supervised warm-up; 0 * rep keeps the rep head in the DDP graph
+            out = self.student(x_l)
+            zero = out["logits"].new_zeros((), dtype=torch.float32)
+            return self._terms(sup_loss(out, y_l, self.cfg), zero, 0.0 * out["rep"].sum(), alpha, zero, zero)
+        if step == self.sup_only_steps:
+            self.teacher.load_state_dict(getattr(self.student, "module", self.student).state_dict())
+            self.semi_started.fill_(True)
+
+        with torch.no_grad():  # 1-2: teacher on the weak views, its unlabeled outputs mixed like the inputs
+            t_out = self.teacher(torch.cat([x_l, unl["image"]]))
+            logits_t, rep_t = t_out["logits"].float(), t_out["rep"].float()
+            pseudo = logits_t[n_l:].argmax(1).masked_fill(~unl["valid"], IGNORE)  # B,H,W
+            x_u, logits_u, rep_u, pseudo = self._mix(unl["image_strong"], logits_t[n_l:], rep_t[n_l:], pseudo)
+            valid = pseudo != IGNORE
+            reliable, unreliable = entropy_split(entropy(logits_u), valid, alpha)
+
+        out = self.student(torch.cat([x_l, x_u]))  # 3
+        loss_sup = sup_loss({k: v[:n_l] for k, v in out.items()}, y_l, self.cfg)  # 4
+        loss_unsup = unsup_loss(out["logits"][n_l:], pseudo, unreliable, valid)  # 5
+        kept = (valid & ~unreliable).sum() / valid.sum().clamp_min(1)
+        if not self.cfg.contrastive:
+            return self._terms(
+                loss_sup, loss_unsup, 0.0 * out["rep"].sum(), alpha, kept, torch.zeros_like(kept)
+            )
+        size = out["rep"].shape[-2:]  # 6
+        with torch.no_grad():
+            labels = _nearest(torch.cat([y_l, pseudo.masked_fill(~reliable, IGNORE)]), size)
+            unsure = _nearest(torch.cat([torch.zeros_like(y_l, dtype=torch.bool), unreliable]), size)
+            prob_t = _nearest(torch.cat([logits_t[:n_l], logits_u]), size).softmax(1)
+        loss_contra, n_used = contrastive_loss(
+            out["rep"], torch.cat([rep_t[:n_l], rep_u]), prob_t, labels, unsure, n_l, self.bank,
+            num_queries=self.cfg.num_queries, num_negatives=self.cfg.num_negatives,
+            temperature=self.cfg.temperature, delta_p=self.cfg.delta_p,
+            low_rank=self.low_rank, high_rank=self.high_rank,
+        )  # fmt: skip
+        return self._terms(loss_sup, loss_unsup, loss_contra, alpha, kept, n_used.float())
+
+    def _terms(
+        self,
+        loss_sup: Tensor,
+        loss_unsup: Tensor,
+        loss_contra: Tensor,
+        alpha: float,
+        kept: Tensor,
+        n_used: Tensor,
+    ) -> dict[str, Tensor]:
+        """7: the weighted total, the terms (attached, unweighted) and diagnostics, all 0-dim tensors."""
+        c = self.cfg
+        return {
+            "loss": loss_sup + c.unsup_weight * loss_unsup + c.contra_weight * loss_contra,
+            "loss_sup": loss_sup, "loss_unsup": loss_unsup, "loss_contra": loss_contra,
+            "drop_percent": torch.full((), alpha, device=loss_sup.device), "reliable_frac": kept,
+            "contra_classes": n_used,
+        }  # fmt: skip
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """8: EMA of the teacher with warm-up counted from the start of the semi-supervised phase."""
+        if step >= self.sup_only_steps:
+            student = getattr(self.student, "module", self.student)
+            ema_update(self.teacher, student, step - self.sup_only_steps, self.cfg.ema_decay)

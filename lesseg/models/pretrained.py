@@ -1,0 +1,144 @@
+"""Load local pretrained weights into a timm `features_only` encoder without executing code from the file.
+
+Accepts torchvision- and timm-style checkpoints (for ResNets the names agree; the `fc.` classifier is simply
+not used), plain or wrapped in a `state_dict`/`model` entry, with `module.`/`backbone.`/`encoder.` prefixes.
+timm's feature wrapper renames first-level Sequential children (`stages.0.x` becomes `stages_0.x`); names
+are matched through that renaming.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from lesseg.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CONTAINER_KEYS = ("state_dict", "model")
+PREFIXES = ("module.", "backbone.", "encoder.")
+SHOWN_KEYS = 5  # how many key names a message lists
+
+
+class LoadReport(NamedTuple):
+    """What a checkpoint load did, by encoder / checkpoint key name."""
+
+    loaded: list[str]  # encoder keys set from the checkpoint
+    missing: list[str]  # encoder keys absent from the checkpoint: they keep their initial values
+    unexpected: list[str]  # checkpoint keys the encoder has no use for
+
+
+def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike[str]) -> LoadReport:
+    """Copy the tensors of the checkpoint at `path` into `encoder`; warn about missing/unexpected keys.
+
+    Raises ConfigError if the file is missing or unreadable, if no key matches, or if a shape differs.
+    """
+    path = Path(path)
+    state = _select_prefix(_unwrap(_read(path), path))
+    target = encoder.state_dict()
+    matched: dict[str, Tensor] = {}
+    used: set[str] = set()
+    mismatched: list[str] = []
+    for key, value in target.items():
+        source = next((name for name in _checkpoint_names(key) if name in state), None)
+        if source is None:
+            continue
+        used.add(source)
+        if state[source].shape != value.shape:
+            mismatched.append(
+                f"{key} (checkpoint {tuple(state[source].shape)}, encoder {tuple(value.shape)})"
+            )
+        matched[key] = state[source]
+    if mismatched:
+        raise ConfigError(f"pretrained checkpoint {path}: shape mismatch for {_listing(mismatched)}")
+    if not matched:
+        raise ConfigError(
+            f"pretrained checkpoint {path}: no key matches the encoder; checkpoint has "
+            f"{_listing(list(state))}, encoder expects {_listing(list(target))}"
+        )
+    encoder.load_state_dict(matched, strict=False)
+
+    # old checkpoints lack BatchNorm's step counter, which has no effect with a fixed momentum
+    missing = [k for k in target if k not in matched and not k.endswith("num_batches_tracked")]
+    dropped = _dropped_by_features_only(encoder)
+    unexpected = [k for k in state if k not in used and k not in dropped]
+    logger.info("loaded %d/%d encoder tensors from %s", len(matched), len(target), path)
+    if missing:
+        logger.warning("pretrained checkpoint %s lacks encoder %s", path, _listing(missing))
+    if unexpected:
+        logger.warning("pretrained checkpoint %s has unused %s", path, _listing(unexpected))
+    return LoadReport(list(matched), missing, unexpected)
+
+
+def _read(path: Path) -> Any:
+    """Deserialize tensors only: `weights_only=True` refuses pickled code, safetensors holds none."""
+    if not path.is_file():
+        raise ConfigError(f"pretrained checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file as reader
+        except ImportError as e:
+            raise ConfigError(
+                f"reading {path} needs the 'safetensors' package, which is not installed"
+            ) from e
+    else:
+        reader = partial(torch.load, map_location="cpu", weights_only=True)
+    try:
+        return reader(path)
+    except Exception as e:  # a corrupt or foreign file fails in many ways; the user needs one message
+        raise ConfigError(f"cannot read pretrained checkpoint {path}: {e}") from e
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
+    """Descend into `state_dict`/`model` containers and keep the tensor entries."""
+    while isinstance(obj, Mapping) and any(isinstance(obj.get(k), Mapping) for k in CONTAINER_KEYS):
+        obj = next(obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping))
+    state = {k: v for k, v in obj.items() if isinstance(v, Tensor)} if isinstance(obj, Mapping) else {}
+    if not state:
+        raise ConfigError(f"pretrained checkpoint {path} holds no state dict of tensors")
+    return state
+
+
+def _select_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Strip wrapper prefixes; keys outside a `backbone.`/`encoder.` part (decoders) are left out."""
+    for prefix in PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def _checkpoint_names(key: str) -> Iterator[str]:
+    """Names an encoder key can have in a checkpoint: itself, or with a flattened `a_b.` prefix as `a.b.`."""
+    yield key
+    head, dot, rest = key.partition(".")
+    for i, char in enumerate(head):
+        if char == "_":
+            yield f"{head[:i]}.{head[i + 1 :]}{dot}{rest}"
+
+
+def _dropped_by_features_only(encoder: nn.Module) -> set[str]:
+    """Keys of the full timm model that `features_only` removes (classifier, final conv): expected extras.
+
+    The full model is built on the meta device, so this allocates no weights.
+    """
+    arch = getattr(encoder, "pretrained_cfg", {}).get("architecture")
+    if arch is None or not timm.is_model(arch):
+        return set()
+    with torch.device("meta"):
+        full = timm.create_model(arch, pretrained=False)
+    kept = {name for key in encoder.state_dict() for name in _checkpoint_names(key)}
+    return set(full.state_dict()) - kept
+
+
+def _listing(keys: list[str]) -> str:
+    """'3 keys: a, b, c' with at most SHOWN_KEYS names."""
+    more = ", ..." if len(keys) > SHOWN_KEYS else ""
+    return f"{len(keys)} key{'s' if len(keys) != 1 else ''}: {', '.join(keys[:SHOWN_KEYS])}{more}"

@@ -1,0 +1,96 @@
+"""CPS (methods.md section 5): the cross term on hand-computed values, padding, overlap, two networks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_mean_teacher import TINY, C, make_batch, reaches
+
+from lesseg.methods.base import METHODS, RunInfo
+from lesseg.methods.common import ce_loss
+from lesseg.methods.cps import CPS, CPSConfig, cps_loss, hard_labels, prediction_overlap
+from lesseg.methods.supervised import Supervised, SupervisedConfig
+
+
+def softplus(x: float) -> float:
+    return math.log(1.0 + math.exp(x))
+
+
+# 2 classes, 2x2 pixels; (class 0, class 1) logits per pixel
+LOGITS1 = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[3.0, 0.0], [0.0, 1.0]]]).permute(2, 0, 1).unsqueeze(0)
+LOGITS2 = torch.tensor([[[0.0, 1.0], [0.0, 2.0]], [[1.0, 0.0], [2.0, 0.0]]]).permute(2, 0, 1).unsqueeze(0)
+# argmax P1 = [[0, 1], [0, 1]], argmax P2 = [[1, 1], [0, 0]]
+# CE of logits (a, b) to class 1 is softplus(a - b), to class 0 softplus(b - a)
+CE1_TO_2 = [softplus(1.0), softplus(-2.0), softplus(-3.0), softplus(1.0)]  # P1 vs argmax P2
+CE2_TO_1 = [softplus(1.0), softplus(-2.0), softplus(-1.0), softplus(2.0)]  # P2 vs argmax P1
+
+
+def test_hard_labels_and_overlap_hand_values():
+    valid = torch.tensor([[[True, True], [True, False]]])
+    y1, y2 = hard_labels(LOGITS1, valid), hard_labels(LOGITS2, valid)
+    assert y1.tolist() == [[[0, 1], [0, 255]]] and y2.tolist() == [[[1, 1], [0, 255]]]
+    assert prediction_overlap(y1, y2, valid).item() == pytest.approx(2 / 3)
+    all_valid = torch.ones_like(valid)
+    full = prediction_overlap(hard_labels(LOGITS1, all_valid), hard_labels(LOGITS2, all_valid), all_valid)
+    assert full.item() == pytest.approx(0.5)
+
+
+def test_cps_loss_hand_values():
+    valid = torch.ones(1, 2, 2, dtype=torch.bool)
+    loss = cps_loss(LOGITS1, LOGITS2, hard_labels(LOGITS1, valid), hard_labels(LOGITS2, valid))
+    assert loss.item() == pytest.approx(sum(CE1_TO_2) / 4 + sum(CE2_TO_1) / 4, rel=1e-6)
+    valid[0, 1, 1] = False  # a padding pixel: out of both directions
+    loss = cps_loss(LOGITS1, LOGITS2, hard_labels(LOGITS1, valid), hard_labels(LOGITS2, valid))
+    assert loss.item() == pytest.approx(sum(CE1_TO_2[:3]) / 3 + sum(CE2_TO_1[:3]) / 3, rel=1e-6)
+
+
+def test_no_gradient_through_the_pseudo_labels():
+    """Each network's gradient comes from its own CE towards the other's labels only."""
+    l1, l2 = LOGITS1.clone().requires_grad_(), LOGITS2.clone().requires_grad_()
+    valid = torch.ones(1, 2, 2, dtype=torch.bool)
+    y1, y2 = hard_labels(l1, valid), hard_labels(l2, valid)
+    cps_loss(l1, l2, y1, y2).backward()
+    own1, own2 = LOGITS1.clone().requires_grad_(), LOGITS2.clone().requires_grad_()
+    ce_loss(own1, y2).backward()
+    ce_loss(own2, y1).backward()
+    assert torch.allclose(l1.grad, own1.grad) and torch.allclose(l2.grad, own2.grad)
+
+
+def test_padding_pixels_do_not_change_the_cross_term():
+    g = torch.Generator().manual_seed(0)
+    l1, l2 = torch.randn(2, C, 6, 6, generator=g), torch.randn(2, C, 6, 6, generator=g)
+    valid = torch.rand(2, 6, 6, generator=g) > 0.3
+    loss = cps_loss(l1, l2, hard_labels(l1, valid), hard_labels(l2, valid))
+    pad = (~valid).unsqueeze(1)
+    m1 = torch.where(pad, 50 * torch.randn(2, C, 6, 6, generator=g), l1)
+    m2 = torch.where(pad, 50 * torch.randn(2, C, 6, 6, generator=g), l2)
+    assert torch.allclose(cps_loss(m1, m2, hard_labels(m1, valid), hard_labels(m2, valid)), loss)
+
+
+def build(**cfg) -> CPS:
+    torch.manual_seed(0)
+    return CPS(CPSConfig(**cfg), TINY, RunInfo(num_classes=C, max_iters=10))
+
+
+def test_networks_are_initialised_differently_and_net1_as_a_single_network_run():
+    method = build()
+    diffs = [not torch.equal(a, b) for a, b in zip(method.net1.parameters(), method.net2.parameters())]
+    assert any(diffs)
+    torch.manual_seed(0)
+    single = Supervised(SupervisedConfig(), TINY, RunInfo(num_classes=C))
+    assert all(torch.equal(a, b) for a, b in zip(single.net.parameters(), method.net1.parameters()))
+    assert list(method.trainable_nets()) == ["net1", "net2"] and method.eval_net() is method.net1
+    assert METHODS.get("cps") is CPS
+
+
+@pytest.mark.parametrize("cutmix", [False, True])
+def test_step_terms_and_gradients(cutmix):
+    method = build(cutmix=cutmix).train()
+    out = method.training_step(make_batch(strong=False), step=0)
+    assert set(out) == {"loss", "loss_sup", "loss_cps", "overlap"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
+    assert 0.0 <= out["overlap"].item() <= 1.0 and not out["overlap"].requires_grad
+    assert reaches(method, out["loss_sup"]) == {"net1": True, "net2": True}
+    assert reaches(method, out["loss_cps"]) == {"net1": True, "net2": True}

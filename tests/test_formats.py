@@ -1,0 +1,395 @@
+"""Dataset formats on tiny trees in the real layouts: split listing, split files, label mapping, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_trees import H, W, make_cityscapes, make_folder, make_gtav, make_synthia, make_voc
+from PIL import Image
+
+from lesseg.data.base import SOURCES, SegSource
+from lesseg.data.formats import CityscapesSource, FolderSource, GTAVSource, SynthiaSource, VOCSource
+from lesseg.errors import ConfigError, DataError
+
+
+def counts(mask: np.ndarray) -> dict[int, int]:
+    values, n = np.unique(mask, return_counts=True)
+    return dict(zip(values.tolist(), n.tolist()))
+
+
+def pillow(path: Path) -> tuple[str, np.ndarray]:
+    """Mode and pixels of a file as Pillow decodes it, without lesseg's readers."""
+    with Image.open(path) as im:
+        return im.mode, np.asarray(im)
+
+
+def names(samples) -> list[str]:
+    return [s.name for s in samples]
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+# ---------------------------------------------------------------- shared behaviour
+
+
+def test_sources_are_registered() -> None:
+    assert {"folder", "voc", "cityscapes", "gtav", "synthia"} <= set(SOURCES.names())
+    assert SOURCES.get("voc") is VOCSource
+
+
+@pytest.mark.parametrize(
+    ("cls", "build", "known"),
+    [
+        (FolderSource, make_folder, "binary_mask"),
+        (VOCSource, make_voc, "aug_masks"),
+        (CityscapesSource, make_cityscapes, "none"),
+        (GTAVSource, make_gtav, "none"),
+        (SynthiaSource, make_synthia, "classes"),
+    ],
+)
+def test_unknown_option_is_config_error_naming_it_and_the_known_ones(tmp_path, cls, build, known) -> None:
+    root = build(tmp_path).root
+    with pytest.raises(ConfigError, match=rf"'colour_jitter'.*known options: {known}"):
+        cls(root, colour_jitter=True)
+
+
+def test_option_of_wrong_type_is_config_error(tmp_path) -> None:
+    root = make_voc(tmp_path).root
+    with pytest.raises(ConfigError, match="aug_masks.*bool.*'yes'"):
+        VOCSource(root, aug_masks="yes")
+
+
+def test_missing_split_file_names_the_path(tmp_path) -> None:
+    src = VOCSource(make_voc(tmp_path).root)
+    with pytest.raises(DataError, match="trian") as e:
+        src.samples("trian")
+    assert str(src.root / "trian") in str(e.value) and "train_aug" in str(e.value)
+    missing = tmp_path / "lists" / "labeled.txt"
+    with pytest.raises(DataError, match=str(missing)):
+        src.samples(str(missing))
+
+
+def test_missing_images_are_one_error_listing_the_first_ten_and_the_count(tmp_path) -> None:
+    src = VOCSource(make_voc(tmp_path).root)
+    ids = ["2007_000032"] + [f"2010_{i:06d}" for i in range(12)]
+    with pytest.raises(DataError) as e:
+        src.samples(str(write(tmp_path / "l.txt", ids)))
+    message = str(e.value)
+    assert message.startswith("12 file(s)") and "(and 2 more)" in message
+    assert str(src.root / "JPEGImages" / "2010_000000.jpg") in message
+    assert "2010_000011" not in message  # only the first ten are shown
+
+
+def test_split_file_line_with_three_fields_names_file_and_line(tmp_path) -> None:
+    src = VOCSource(make_voc(tmp_path).root)
+    path = write(tmp_path / "l.txt", ["2007_000032", "JPEGImages/a b.jpg SegmentationClass/a.png"])
+    with pytest.raises(DataError, match=rf"{path}:2: .*3 whitespace-separated fields"):
+        src.samples(str(path))
+
+
+def test_empty_split_is_an_error(tmp_path) -> None:
+    src = VOCSource(make_voc(tmp_path).root)
+    with pytest.raises(DataError, match="lists no images"):
+        src.samples(str(write(tmp_path / "empty.txt", [""])))
+
+
+# ---------------------------------------------------------------- folder
+
+
+def test_folder_lists_a_split_with_optional_masks_and_tags(tmp_path) -> None:
+    tree = make_folder(tmp_path, unlabeled=2)
+    src = FolderSource(tree.root)
+    assert src.classes == ["background", "cat", "dog", "bird"]
+    samples = src.samples("train")
+    assert names(samples) == tree.splits["train"]
+    assert [s.image.suffix for s in samples] == [".png", ".jpg", ".jpeg", ".png", ".jpg"]
+    for s in samples:
+        if s.name in tree.masks:
+            np.testing.assert_array_equal(src.read_mask(s.mask), tree.masks[s.name])
+            assert s.tags == tree.extra["tags"][s.name]
+        else:
+            assert s.mask is None and s.tags is None  # unlabeled, and absent from image_labels.csv
+    assert names(src.samples("labeled")) == tree.splits["labeled"]
+
+
+def test_folder_split_file_relative_to_root_or_absolute(tmp_path) -> None:
+    tree = make_folder(tmp_path)
+    src = FolderSource(tree.root)
+    assert names(src.samples("splits/labeled.txt")) == tree.splits["labeled"]
+    assert names(src.samples(str(tree.root / "splits" / "labeled.txt"))) == tree.splits["labeled"]
+
+
+def test_folder_requires_classes_txt(tmp_path) -> None:
+    root = make_folder(tmp_path).root
+    (root / "classes.txt").unlink()
+    with pytest.raises(DataError, match=str(root / "classes.txt")):
+        FolderSource(root)
+
+
+def test_folder_tag_out_of_range_names_file_and_line(tmp_path) -> None:
+    root = make_folder(tmp_path).root
+    write(root / "image_labels.csv", ["img_000,0;1", "img_001,2;4"])
+    with pytest.raises(DataError, match=rf"{root / 'image_labels.csv'}:2: .*0\.\.3"):
+        FolderSource(root)
+
+
+def test_folder_binary_masks_map_255_to_1(tmp_path) -> None:
+    tree = make_folder(
+        tmp_path, [(0, 1), (1,), (0,)], classes=("background", "lesion"), unlabeled=0, binary=True
+    )
+    src = FolderSource(tree.root, binary_mask=True)
+    for s in src.samples("train"):
+        raw = pillow(s.mask)[1]
+        assert set(np.unique(raw)) <= {0, 255}
+        mask = src.read_mask(s.mask)
+        np.testing.assert_array_equal(mask, tree.masks[s.name])
+        assert set(np.unique(mask)) <= {0, 1}
+    bad = tree.root / "masks" / "img_000.png"
+    Image.fromarray(np.full((H, W), 128, np.uint8)).save(bad)
+    with pytest.raises(DataError, match=rf"{bad}.*\[128\]"):
+        src.read_mask(bad)
+    with pytest.raises(ConfigError, match="2 classes"):
+        FolderSource(make_folder(tmp_path / "multi", binary=False).root, binary_mask=True)
+
+
+def test_out_of_range_mask_value_names_the_file(tmp_path) -> None:
+    tree = make_folder(tmp_path)
+    src = FolderSource(tree.root)
+    path = tree.root / "masks" / "img_000.png"
+    Image.fromarray(np.full((H, W), 7, np.uint8)).save(path)
+    with pytest.raises(DataError, match=rf"{path}.*\[7\]"):
+        src.read_mask(path)
+
+
+def test_sixteen_bit_masks_are_range_checked_before_the_uint8_cast(tmp_path) -> None:
+    tree = make_folder(tmp_path)
+    src = FolderSource(tree.root)
+    path = tree.root / "masks" / "img_000.png"
+    Image.fromarray(tree.masks["img_000"].astype(np.uint16)).save(path)
+    assert pillow(path)[0] == "I;16"
+    np.testing.assert_array_equal(src.read_mask(path), tree.masks["img_000"])
+    Image.fromarray(np.full((H, W), 257, np.uint16)).save(path)  # a uint8 cast would wrap it to 1
+    with pytest.raises(DataError, match=rf"{path}.*\[257\]"):
+        src.read_mask(path)
+
+
+def test_colour_masks_are_rejected(tmp_path) -> None:
+    tree = make_folder(tmp_path)
+    path = tree.root / "masks" / "img_000.png"
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(path)
+    with pytest.raises(DataError, match=rf"{path} has 3 channels"):
+        FolderSource(tree.root).read_mask(path)
+
+
+def test_grayscale_16bit_palette_and_rgba_images_read_as_rgb(tmp_path) -> None:
+    modes = ("L", "I;16", "P", "RGBA", "RGB")
+    tree = make_folder(tmp_path, [(0,)] * len(modes), unlabeled=0, suffixes=(".png",), modes=modes)
+    src = FolderSource(tree.root)
+    for s, mode in zip(src.samples("train"), modes):
+        assert pillow(s.image)[0] == mode
+        rgb = src.read_image(s.image)
+        assert rgb.dtype == np.uint8 and rgb.shape == (H, W, 3), mode
+        np.testing.assert_array_equal(rgb, tree.extra["images"][s.name], err_msg=mode)
+
+
+# ---------------------------------------------------------------- VOC
+
+
+def test_voc_standard_splits(tmp_path) -> None:
+    tree = make_voc(tmp_path)
+    src = VOCSource(tree.root)
+    for split in ("train", "val", "trainval", "train_aug"):
+        assert names(src.samples(split)) == tree.splits[split], split
+    assert src.num_classes == 21 and src.classes[15] == "person"
+    assert src.palette[1].tolist() == [128, 0, 0] and src.palette[15].tolist() == [192, 128, 128]
+
+
+def test_voc_palette_masks_read_as_indices_with_255_borders(tmp_path) -> None:
+    tree = make_voc(tmp_path)
+    src = VOCSource(tree.root)
+    s = src.samples("train")[0]
+    assert s.mask == tree.root / "SegmentationClass" / f"{s.name}.png"
+    assert pillow(s.mask)[0] == "P"
+    mask = src.read_mask(s.mask)
+    np.testing.assert_array_equal(mask, tree.masks[s.name])
+    assert counts(mask) == {0: 12 * H, 1: 8 * H, 15: 8 * H, 255: 4 * H}
+
+
+def test_voc_masks_prefer_segmentationclass_unless_aug_masks(tmp_path) -> None:
+    tree = make_voc(tmp_path)
+    fine, aug = VOCSource(tree.root), VOCSource(tree.root, aug_masks=True)
+    by_name = {s.name: s for s in fine.samples("train_aug")}
+    assert by_name["2007_000032"].mask.parent.name == "SegmentationClass"
+    assert by_name["2008_000002"].mask.parent.name == "SegmentationClassAug"  # SBD only
+    for s in aug.samples("train_aug"):
+        assert s.mask.parent.name == "SegmentationClassAug"
+        np.testing.assert_array_equal(aug.read_mask(s.mask), tree.extra["aug"][s.name])
+
+
+def test_voc_train_aug_txt_in_deeplab_format_is_used_when_present(tmp_path) -> None:
+    tree = make_voc(tmp_path)
+    ids = ["2007_000039", "2008_000003"]
+    lines = [f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png" for i in ids]
+    write(tree.root / "ImageSets" / "Segmentation" / "train_aug.txt", lines)
+    samples = VOCSource(tree.root).samples("train_aug")
+    assert names(samples) == ids
+    assert [s.mask for s in samples] == [tree.root / "SegmentationClassAug" / f"{i}.png" for i in ids]
+
+
+def test_voc_unimatch_and_u2pl_split_files(tmp_path) -> None:
+    tree = make_voc(tmp_path)
+    src = VOCSource(tree.root)
+    lines = [
+        "JPEGImages/2007_000032.jpg SegmentationClass/2007_000032.png",  # UniMatch labeled
+        "JPEGImages/2007_000039.jpg",  # UniMatch unlabeled: mask inferred
+        "2008_000002",  # U2PL bare id: mask inferred (SBD only)
+        tree.extra["no_mask"],  # an image without any mask
+    ]
+    samples = src.samples(str(write(tmp_path / "split.txt", lines)))
+    assert names(samples) == ["2007_000032", "2007_000039", "2008_000002", "2009_000001"]
+    assert [s.image for s in samples] == [tree.root / "JPEGImages" / f"{n}.jpg" for n in names(samples)]
+    assert [s.mask.parent.name if s.mask else None for s in samples] == [
+        "SegmentationClass",
+        "SegmentationClass",
+        "SegmentationClassAug",
+        None,
+    ]
+    bad = write(tmp_path / "bad.txt", ["JPEGImages/2007_000032.jpg SegmentationClass/2007_999999.png"])
+    with pytest.raises(DataError, match=str(tree.root / "SegmentationClass" / "2007_999999.png")):
+        src.samples(str(bad))
+
+
+# ---------------------------------------------------------------- Cityscapes
+
+
+def test_cityscapes_standard_splits_use_label_ids(tmp_path) -> None:
+    tree = make_cityscapes(tmp_path)
+    src = CityscapesSource(tree.root)
+    for split in ("train", "val"):
+        samples = src.samples(split)
+        assert names(samples) == tree.splits[split]
+        assert all(s.mask.name.endswith("_gtFine_labelIds.png") for s in samples)
+        for s in samples:
+            np.testing.assert_array_equal(src.read_mask(s.mask), tree.masks[s.name])
+
+
+def test_cityscapes_label_ids_map_to_train_ids(tmp_path) -> None:
+    tree = make_cityscapes(tmp_path)
+    src = CityscapesSource(tree.root)
+    s = src.samples("train")[0]  # bands of label ids 7, 26, 0, 24, 4, 33 with widths 8, 6, 4, 6, 4, 4
+    assert counts(pillow(s.mask)[1]) == {
+        0: 4 * H,
+        4: 4 * H,
+        7: 8 * H,
+        24: 6 * H,
+        26: 6 * H,
+        33: 4 * H,
+    }
+    assert counts(src.read_mask(s.mask)) == {0: 8 * H, 11: 6 * H, 13: 6 * H, 18: 4 * H, 255: 8 * H}
+    assert src.classes[13] == "car" and src.palette[13].tolist() == [0, 0, 142]
+
+
+def test_cityscapes_u2pl_and_unimatch_split_files(tmp_path) -> None:
+    tree = make_cityscapes(tmp_path)
+    src = CityscapesSource(tree.root)
+    a, b = "aachen_000000_000019", "aachen_000001_000019"
+    lines = [
+        f"leftImg8bit/train/aachen/{a}_leftImg8bit.png gtFine/train/aachen/{a}_gtFine_labelTrainIds.png",
+        f"leftImg8bit/train/aachen/{b}_leftImg8bit.png",  # unlabeled line: mask inferred from the layout
+        "frankfurt_000000_000294",  # bare name: found in val
+    ]
+    samples = src.samples(str(write(tmp_path / "labeled.txt", lines)))
+    assert names(samples) == [a, b, "frankfurt_000000_000294"]
+    assert samples[0].mask.name.endswith("_labelTrainIds.png")
+    assert samples[1].mask.name.endswith("_labelIds.png")
+    assert samples[2].image.parent.parent.name == "val"
+    for s in samples:  # train ids are not mapped a second time, label ids are
+        np.testing.assert_array_equal(src.read_mask(s.mask), tree.masks[s.name])
+
+
+def test_cityscapes_train_id_mask_out_of_range_names_the_file(tmp_path) -> None:
+    tree = make_cityscapes(tmp_path)
+    path = next((tree.root / "gtFine" / "train").glob("*/*_labelTrainIds.png"))
+    Image.fromarray(np.full((H, W), 19, np.uint8)).save(path)
+    with pytest.raises(DataError, match=rf"{path}.*\[19\]"):
+        CityscapesSource(tree.root).read_mask(path)
+
+
+# ---------------------------------------------------------------- GTAV
+
+
+def test_gtav_lists_all_and_resizes_a_mismatched_label_to_its_image(tmp_path) -> None:
+    tree = make_gtav(tmp_path)
+    src = GTAVSource(tree.root)
+    samples = src.samples("all")
+    assert names(samples) == tree.splits["all"]
+    for s in samples:
+        image, mask = src.read_image(s.image), src.read_mask(s.mask)
+        if s.name == tree.extra["mismatched"]:
+            assert mask.shape == (H // 2, W // 2)
+            with pytest.raises(DataError, match=rf"{s.image}.*{s.mask}"):
+                SegSource.align(src, image, mask, s)  # the default refuses
+        image2, mask2 = src.align(image, mask, s)
+        assert image2 is image
+        np.testing.assert_array_equal(mask2, tree.masks[s.name])
+
+
+def test_gtav_advent_style_file_names(tmp_path) -> None:
+    tree = make_gtav(tmp_path, mismatched=False)
+    samples = GTAVSource(tree.root).samples(str(write(tmp_path / "all.txt", ["00002.png", "00003.png"])))
+    assert names(samples) == ["00002", "00003"]
+    assert [s.mask for s in samples] == [tree.root / "labels" / f"{n}.png" for n in ("00002", "00003")]
+
+
+# ---------------------------------------------------------------- SYNTHIA
+
+
+def test_synthia_fixture_has_the_real_encoding(tmp_path) -> None:
+    """16-bit RGB, class id in R: Pillow keeps only high bytes, so R reads 0 and G the instance >> 8."""
+    tree = make_synthia(tmp_path)
+    name = tree.splits["all"][0]
+    path = tree.root / "GT" / "LABELS" / f"{name}.png"
+    assert path.read_bytes()[24:26] == bytes([16, 2])  # IHDR: bit depth 16, colour type 2 (RGB)
+    mode, truncated = pillow(path)
+    assert mode == "RGB"
+    assert not truncated[..., 0].any()
+    np.testing.assert_array_equal(truncated[..., 1], tree.extra["instances"][name] >> 8)
+
+
+@pytest.mark.parametrize("n", [16, 13])
+def test_synthia_maps_class_ids_to_the_benchmark_classes(tmp_path, n) -> None:
+    tree = make_synthia(tmp_path)
+    src = SynthiaSource(tree.root) if n == 16 else SynthiaSource(tree.root, classes=13)
+    assert src.num_classes == n and len(src.palette) == n
+    assert ("wall" in src.classes) == (n == 16) and src.classes[-1] == "bicycle"
+    expected = tree.masks if n == 16 else tree.extra["masks13"]
+    samples = src.samples("all")
+    assert names(samples) == tree.splits["all"]
+    for s in samples:
+        np.testing.assert_array_equal(src.read_mask(s.mask), expected[s.name])
+    # first label: ids 3 (road), 8 (car), 21 (wall), 0 (void), 16 (terrain), 1 (sky), 12 (motorcycle)
+    car, sky, moto = (12, 9, 14) if n == 16 else (9, 6, 11)
+    wall = {3: 4 * H} if n == 16 else {}
+    ignored = (8 if n == 16 else 12) * H
+    assert counts(src.read_mask(samples[0].mask)) == {
+        0: 8 * H,
+        car: 4 * H,
+        sky: 4 * H,
+        moto: 4 * H,
+        **wall,
+        255: ignored,
+    }
+
+
+def test_synthia_rejects_other_class_counts_and_missing_labels(tmp_path) -> None:
+    tree = make_synthia(tmp_path)
+    with pytest.raises(ConfigError, match="16 or 13"):
+        SynthiaSource(tree.root, classes=19)
+    missing = tree.root / "GT" / "LABELS" / "9999999.png"
+    with pytest.raises(DataError, match=str(missing)):
+        SynthiaSource(tree.root).read_mask(missing)

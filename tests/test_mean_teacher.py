@@ -1,0 +1,156 @@
+"""Mean Teacher and CutMix-Seg (methods.md sections 2, 3): ramp-up, consistency terms, EMA teacher, one step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lesseg.config import ModelConfig
+from lesseg.methods.base import Method, RunInfo
+from lesseg.methods.cutmix_seg import CutMixSeg, CutMixSegConfig
+from lesseg.methods.mean_teacher import (
+    MeanTeacher,
+    confident_ce,
+    consistency_mse,
+    sigmoid_rampup,
+)
+
+C = 3
+TINY = ModelConfig(encoder="test_resnet", decoder_channels=16)
+
+
+def make_batch(b: int = 2, size: int = 32, strong: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """Labeled and unlabeled batches with ignore pixels (top rows) and padding (right columns)."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.randint(0, C, (b, size, size), generator=g)
+    mask[:, :4] = 255
+    valid = torch.ones(b, size, size, dtype=torch.bool)
+    valid[:, :, -6:] = False
+    unl = {"image": torch.randn(b, 3, size, size, generator=g), "valid": valid}
+    if strong:
+        unl["image_strong"] = unl["image"] + 0.1 * torch.randn(b, 3, size, size, generator=g)
+    return {"labeled": {"image": torch.randn(b, 3, size, size, generator=g), "mask": mask}, "unlabeled": unl}
+
+
+def reaches(method: Method, term: torch.Tensor) -> dict[str, bool]:
+    """Trainable net name -> whether ``term`` gives it a non-zero gradient (one backward for all nets)."""
+    params = {
+        name: [p for p in net.parameters() if p.requires_grad]
+        for name, net in method.trainable_nets().items()
+    }
+    flat = [p for ps in params.values() for p in ps]
+    grads = dict(zip(map(id, flat), torch.autograd.grad(term, flat, retain_graph=True, allow_unused=True)))
+    nonzero = {k: g is not None and bool(g.abs().sum() > 0) for k, g in grads.items()}
+    return {name: any(nonzero[id(p)] for p in ps) for name, ps in params.items()}
+
+
+def test_sigmoid_rampup_values():
+    assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5.0))
+    assert sigmoid_rampup(50, 100) == pytest.approx(math.exp(-1.25))
+    assert sigmoid_rampup(100, 100) == 1.0
+    assert sigmoid_rampup(250, 100) == 1.0
+    assert sigmoid_rampup(0, 0) == 1.0  # no ramp-up
+
+
+def test_consistency_mse_hand_values():
+    logits = torch.zeros(1, 2, 1, 3)  # softmax (0.5, 0.5) everywhere
+    target = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.5, 1.0]]).reshape(2, 1, 3).unsqueeze(0)  # 1,2,1,3
+    all_valid = torch.ones(1, 1, 3, dtype=torch.bool)
+    # pixel distances: 0.25 + 0.25 = 0.5, 0, 0.5
+    assert consistency_mse(logits, target, all_valid).item() == pytest.approx(1.0 / 3)
+    assert consistency_mse(logits, target, torch.tensor([[[False, True, True]]])).item() == pytest.approx(
+        0.25
+    )
+    assert consistency_mse(logits, target, torch.zeros_like(all_valid)).item() == 0.0  # no NaN
+
+
+def test_confident_ce_hand_values():
+    logits = torch.zeros(1, 2, 1, 3)  # CE to any class is ln 2
+    target = torch.tensor([[0.99, 0.6, 0.02], [0.01, 0.4, 0.98]]).reshape(1, 2, 1, 3)
+    valid = torch.tensor([[[True, True, False]]])
+    # pixel 0 confident (0.99), pixel 1 not (0.6), pixel 2 invalid: ln2 / 2 valid pixels
+    assert confident_ce(logits, target, valid, 0.97).item() == pytest.approx(math.log(2) / 2)
+    assert confident_ce(logits, target, valid, 0.0).item() == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("loss_fn", [consistency_mse, lambda lg, t, v: confident_ce(lg, t, v, 0.5)])
+def test_consistency_ignores_invalid_pixels(loss_fn):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, C, 4, 4, generator=g, requires_grad=True)
+    target = torch.randn(2, C, 4, 4, generator=g).softmax(1)
+    valid = torch.rand(2, 4, 4, generator=g) > 0.4
+    loss = loss_fn(logits, target, valid)
+    changed_logits = torch.where(valid.unsqueeze(1), logits, 100 * torch.randn(2, C, 4, 4, generator=g))
+    changed_target = torch.where(valid.unsqueeze(1), target, torch.rand(2, C, 4, 4, generator=g))
+    assert torch.allclose(loss_fn(changed_logits, changed_target, valid), loss)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad.abs().sum() > 0 and bool((grad[(~valid).unsqueeze(1).expand_as(grad)] == 0).all())
+
+
+def build(cls: type[Method], **cfg) -> Method:
+    torch.manual_seed(0)
+    return cls(cls.Config(**cfg), TINY, RunInfo(num_classes=C, max_iters=20))
+
+
+@pytest.mark.parametrize(
+    "cls, cfg",
+    [
+        (MeanTeacher, {}),
+        (MeanTeacher, {"consistency": "ce", "conf_thresh": 0.0}),
+        (CutMixSeg, {}),
+        (CutMixSeg, {"consistency": "ce", "conf_thresh": 0.0}),
+    ],
+)
+def test_step_grads_and_teacher(cls, cfg):
+    method = build(cls, **cfg).train()
+    assert not method.teacher.training and method.net.training  # teacher predicts in eval mode
+    out = method.training_step(make_batch(strong=cls.strong_streams != ()), step=0)
+    assert set(out) == {"loss", "loss_sup", "loss_cons"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
+    assert list(method.trainable_nets()) == ["net"]
+    assert reaches(method, out["loss_sup"]) == {"net": True}
+    assert reaches(method, out["loss_cons"]) == {"net": True}
+    out["loss"].backward()
+    assert all(p.grad is None for p in method.teacher.parameters())
+
+
+def test_ema_teacher_moves_after_step():
+    method = build(MeanTeacher, ema_decay=0.5)
+    teacher, student = method.teacher, method.net
+    first = [p.clone() for p in teacher.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    method.after_step(0)  # d = 0: the teacher becomes a copy of the student
+    assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
+    assert not any(torch.equal(t, f) for t, f in zip(teacher.parameters(), first))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(2.0)
+    method.after_step(10)  # d = min(1 - 1/11, 0.5) = 0.5: halfway towards the student
+    t, s = next(teacher.parameters()), next(student.parameters())
+    assert torch.allclose(t, s - 1.0)
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_eval_net_and_rampup_default():
+    method = build(MeanTeacher)
+    assert method.eval_net() is method.teacher and method.rampup_steps == 2  # 10% of max_iters
+    method = build(CutMixSeg, eval_teacher=False, rampup_steps=0)
+    assert method.eval_net() is method.net and method.rampup_steps == 0
+    assert isinstance(method.cfg, CutMixSegConfig)
+
+
+def test_bad_consistency_is_a_config_error():
+    from lesseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="consistency"):
+        build(MeanTeacher, consistency="kl")
+
+
+def test_methods_are_registered():
+    from lesseg.methods.base import METHODS
+
+    assert METHODS.get("mean_teacher") is MeanTeacher and METHODS.get("cutmix_seg") is CutMixSeg

@@ -1,0 +1,178 @@
+"""Self-training (methods.md section 4): pseudo-mask thresholding, stems, stage-3 step, the three stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from test_mean_teacher import TINY, C, reaches
+
+from lesseg import config as config_mod
+from lesseg.data import SegDataset, build_source
+from lesseg.engine import checkpoint as ckpt
+from lesseg.engine.evaluate import predict_probs
+from lesseg.engine.trainer import train
+from lesseg.methods.base import METHODS, RunInfo
+from lesseg.methods.self_training import (
+    DONE,
+    SelfTraining,
+    SelfTrainingConfig,
+    pseudo_mask,
+    safe_stems,
+)
+from lesseg.methods.supervised import Supervised
+
+
+def test_pseudo_mask_thresholds_confidence():
+    probs = torch.tensor([[0.9, 0.2, 0.5], [0.1, 0.8, 0.5]]).reshape(1, 2, 1, 3)
+    assert pseudo_mask(probs, 0.0).tolist() == [[[0, 1, 0]]]  # ties take the first class
+    assert pseudo_mask(probs, 0.85).tolist() == [[[0, 255, 255]]]
+    assert pseudo_mask(probs, 0.5).tolist() == [[[0, 1, 0]]]  # >= threshold is kept
+    assert pseudo_mask(probs, 0.0).dtype == torch.uint8
+
+
+def test_safe_stems_are_unique_and_plain():
+    assert safe_stems(["a/b", "a_b", "x.png", "c d", "a/b"]) == ["a_b", "a_b-1", "x_png", "c_d", "a_b-2"]
+
+
+def test_stage3_step_trains_on_both_streams():
+    torch.manual_seed(0)
+    method = SelfTraining(SelfTrainingConfig(), TINY, RunInfo(num_classes=C)).train()
+    g = torch.Generator().manual_seed(0)
+    mask = torch.randint(0, C, (2, 32, 32), generator=g)
+    batch = {
+        s: {"image": torch.randn(2, 3, 32, 32, generator=g), "mask": mask} for s in ("labeled", "pseudo")
+    }
+    out = method.training_step(batch, 0)
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
+    assert reaches(method, out["loss_sup"]) == {"net": True}
+    assert reaches(method, out["loss_pseudo"]) == {"net": True}
+    assert SelfTraining.streams == ("labeled", "pseudo") and METHODS.get("self_training") is SelfTraining
+
+
+def make_folder_dataset(root: Path) -> None:
+    """3 classes, 32x32 images: 4 labeled, 4 unlabeled (no mask file), 2 val."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "splits").mkdir()
+    (root / "classes.txt").write_text("background\nsquare\nbar\n")
+    names = {"labeled": ["l0", "l1", "l2", "l3"], "unlabeled": ["u0", "u1", "u2", "u3"], "val": ["v0", "v1"]}
+    for split, stems in names.items():
+        for stem in stems:
+            mask = np.zeros((32, 32), np.uint8)
+            mask[4:16, 4:16], mask[20:28, :] = 1, 2
+            image = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8) + (mask[..., None] * 90).astype(
+                np.uint8
+            )
+            Image.fromarray(image).save(root / "images" / f"{stem}.png")
+            if split != "unlabeled":
+                Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+        (root / "splits" / f"{split}.txt").write_text("".join(f"{s}\n" for s in stems))
+
+
+def run_config(data: Path, out: Path, threshold: float) -> dict:
+    stream = {"batch_size": 2}
+    return {
+        "method": {"name": "self_training", "threshold": threshold},
+        "data": {
+            "dataset": "folder",
+            "root": str(data),
+            "crop_size": [32, 32],
+            "workers": 0,
+            "val_split": "val",
+            "streams": {
+                "labeled": {**stream, "split": "labeled"},
+                "unlabeled": {**stream, "split": "unlabeled", "labeled": False},
+            },
+        },
+        "model": {"encoder": "test_resnet", "decoder_channels": 16},
+        "train": {"iters": 2, "device": "cpu", "amp": "none", "progress": False},
+        "out": str(out),
+    }
+
+
+def stage1_probs(cfg, out: Path) -> list[torch.Tensor]:
+    """Probabilities of the stage-1 network on the unlabeled images (as stage 2 computes them). 1,C,H,W each"""
+    method = Supervised(OmegaConf.to_object(cfg.method), cfg.model, RunInfo(num_classes=C))
+    method.load_state_dict(ckpt.load(out / "stage1" / "last.pt")["method"])
+    src = build_source("folder", cfg.data.root)
+    data = SegDataset(
+        src,
+        src.samples("unlabeled"),
+        train=False,
+        labeled=False,
+        mean=list(cfg.data.mean),
+        std=list(cfg.data.std),
+    )
+    net = method.net.eval()
+    return [predict_probs(net, data[i]["image"][None], cfg.eval, [32, 32], C) for i in range(len(data))]
+
+
+def read_masks(pseudo: Path) -> dict[str, np.ndarray]:
+    return {p.stem: np.array(Image.open(p)) for p in sorted((pseudo / "masks").glob("*.png"))}
+
+
+def test_three_stages_end_to_end_and_resumable(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    make_folder_dataset(data)
+    cfg = config_mod.from_dict(run_config(data, out, threshold=0.0))
+    result = train(cfg)  # stages 1 and 2 in prepare, then stage 3
+    assert 0.0 <= result["miou"] <= 1.0
+    assert ckpt.load(out / "stage1" / "last.pt")["step"] == 2
+    final = ckpt.load(out / "last.pt")
+    assert final["step"] == 2 and final["config"]["method"]["name"] == "self_training"
+    assert set(final["config"]["data"]["streams"]) == {"labeled", "pseudo"}
+
+    pseudo = out / "pseudo"
+    assert (pseudo / DONE).is_file() and (pseudo / "classes.txt").read_text().split() == [
+        "background",
+        "square",
+        "bar",
+    ]
+    assert (pseudo / "splits" / "train.txt").read_text().split() == ["u0", "u1", "u2", "u3"]
+    for stem in ["u0", "u1", "u2", "u3"]:
+        link = pseudo / "images" / f"{stem}.png"
+        assert link.resolve() == (data / "images" / f"{stem}.png").resolve()
+    masks = read_masks(pseudo)
+    assert list(masks) == ["u0", "u1", "u2", "u3"]
+    for m in masks.values():
+        assert m.dtype == np.uint8 and m.shape == (32, 32) and bool((m < C).all())  # threshold 0 keeps all
+
+    # stage 2 again with a threshold at the median confidence: stage 1 is complete and not retrained
+    probs = stage1_probs(cfg, out)
+    thr = float(torch.cat([p.max(1).values.flatten() for p in probs]).median())
+    stage1_time = (out / "stage1" / "last.pt").stat().st_mtime_ns
+    (pseudo / DONE).unlink()
+    cfg = config_mod.from_dict(run_config(data, out, threshold=thr))
+    stage3 = SelfTraining.prepare(cfg)
+    assert (out / "stage1" / "last.pt").stat().st_mtime_ns == stage1_time
+    masks = read_masks(pseudo)
+    for p, m in zip(probs, masks.values()):
+        assert np.array_equal(m, pseudo_mask(p, thr)[0].numpy())
+        conf = p.max(1).values[0].numpy()
+        assert bool((m[conf < thr] == 255).all()) and bool((m[conf >= thr] < C).all())
+    assert any(bool((m == 255).any()) for m in masks.values()) and any(
+        bool((m < C).any()) for m in masks.values()
+    )
+    s = stage3.data.streams
+    assert list(s) == ["labeled", "pseudo"] and s.pseudo.dataset == "folder" and s.pseudo.root == str(pseudo)
+    assert s.pseudo.labeled and s.pseudo.split == "train" and s.labeled == cfg.data.streams.labeled
+
+    # a third call skips both stages
+    times = {p: p.stat().st_mtime_ns for p in (pseudo / "masks").iterdir()}
+    assert SelfTraining.prepare(cfg) == stage3
+    assert {p: p.stat().st_mtime_ns for p in (pseudo / "masks").iterdir()} == times
+
+
+def test_prepare_needs_an_unlabeled_stream(tmp_path):
+    from lesseg.errors import ConfigError
+
+    d = run_config(tmp_path, tmp_path / "run", 0.0)
+    del d["data"]["streams"]["unlabeled"]
+    with pytest.raises(ConfigError, match="unlabeled"):
+        SelfTraining.prepare(config_mod.from_dict(d))

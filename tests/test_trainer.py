@@ -1,0 +1,117 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lesseg.engine import checkpoint as ckpt
+from lesseg.engine.trainer import NonFiniteLoss, Trainer
+from lesseg.errors import ConfigError
+
+
+def test_training_writes_run_folder_and_learns_something(tiny_cfg):
+    cfg = tiny_cfg(["train.iters=6", "train.eval_every=3"])
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.method.state_dict().items()}
+    result = trainer.fit()
+    out = trainer.out
+    assert (out / "config.yaml").is_file() and (out / "last.pt").is_file() and (out / "best.pt").is_file()
+    assert any(p.name.startswith("events") for p in (out / "tb").iterdir())
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [3, 6]
+    assert {"loss", "loss_sup", "lr", "it_per_s"} <= set(events[0])
+    assert 0.0 <= result["miou"] <= 1.0 and result["mode"] == "whole"
+    state = ckpt.load(out / "last.pt")
+    assert state["step"] == 6 and state["config"]["train"]["iters"] == 6
+    changed = [k for k, v in state["method"].items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert changed, "no weight moved"
+    lrs = [e["lr"] for e in events if e["event"] == "train"]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.01  # poly decay
+
+
+def _final_weights(path):
+    return ckpt.load(path)["method"]
+
+
+def test_kill_and_resume_gives_the_same_weights(tiny_cfg, tmp_path, monkeypatch):
+    common = ["train.iters=6", "train.ckpt_every=2", "train.deterministic=true"]
+    full = Trainer(tiny_cfg(common + [f"out={tmp_path / 'full'}"]))
+    full.fit()
+
+    killed = Trainer(tiny_cfg(common + [f"out={tmp_path / 'killed'}"]))
+    original = killed.method.after_step
+
+    def crash(step):
+        if step == 4:  # dies in the 5th step, after the checkpoint of step 4
+            raise KeyboardInterrupt
+        original(step)
+
+    monkeypatch.setattr(killed.method, "after_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    assert ckpt.load(tmp_path / "killed" / "last.pt")["step"] == 4
+    resumed = Trainer(tiny_cfg(common + [f"out={tmp_path / 'killed'}"]), resume=True)
+    assert resumed.step == 4
+    resumed.fit()
+    a, b = _final_weights(tmp_path / "full" / "last.pt"), _final_weights(tmp_path / "killed" / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    torch.use_deterministic_algorithms(False)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_cfg):
+    from lesseg.errors import LessegError
+
+    with pytest.raises(LessegError, match="no checkpoint"):
+        Trainer(tiny_cfg(), resume=True)
+
+
+def test_nan_loss_stops_naming_step_and_term_and_keeps_last_good_checkpoint(tiny_cfg, monkeypatch):
+    trainer = Trainer(tiny_cfg(["train.iters=8", "train.ckpt_every=2", "train.log_every=1"]))
+    original = trainer.method.training_step
+
+    def poisoned(batch, step):
+        out = original(batch, step)
+        if step == 4:
+            out["loss_sup"] = out["loss_sup"] * float("nan")
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.method, "training_step", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"step 4.*'loss', 'loss_sup'"):
+        trainer.fit()
+    state = ckpt.load(trainer.out / "last.pt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
+
+
+def test_method_reading_a_missing_stream_is_a_config_error(tiny_cfg):
+    with pytest.raises(ConfigError, match="labeled"):
+        Trainer(tiny_cfg(data={"streams": {"other": {"split": "train"}}}))
+
+
+def _lesseg(*args, env_extra=None, torchrun=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"] if torchrun \
+        else [sys.executable]
+    return subprocess.run(prefix + ["-m", "lesseg", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_two_process_torchrun_training_and_reduced_eval_equal_single_process(tiny_cfg, tmp_path):
+    from lesseg import config
+
+    cfg = tiny_cfg(["train.iters=2", f"out={tmp_path / 'ddp'}"])
+    cfg_path = tmp_path / "cfg.yaml"
+    config.save(cfg, cfg_path)
+    r = _lesseg("train", str(cfg_path), torchrun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = tmp_path / "ddp" / "last.pt"
+    single = _lesseg("eval", str(cfg_path), "--checkpoint", str(ck))
+    double = _lesseg("eval", str(cfg_path), "--checkpoint", str(ck), torchrun=True)
+    assert single.returncode == 0 and double.returncode == 0, single.stderr[-2000:] + double.stderr[-2000:]
+    a = json.loads(single.stdout.strip().splitlines()[-1])
+    b = json.loads(double.stdout.strip().splitlines()[-1])
+    assert a["miou"] == pytest.approx(b["miou"], abs=1e-12) and a["iou"] == b["iou"]
