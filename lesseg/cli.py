@@ -98,7 +98,14 @@ def cmd_splits(args) -> int:
 
     cfg = _load_cfg(args)
     split = args.split or cfg.data.streams[next(iter(cfg.data.streams))].split
-    result = write_partition(stream_source(cfg.data), split, args.labeled, args.seed, Path(args.out))
+    src = stream_source(cfg.data)
+    result = write_partition(src, split, args.labeled, args.seed, Path(args.out))
+    if args.unlabeled_from:  # e.g. VOC classic: labeled from `train`, unlabeled = the rest of `train_aug`
+        from .data.splits import write_split
+
+        labeled = set(Path(result["labeled_path"]).read_text().split())
+        rest = [s.name for s in src.samples(args.unlabeled_from) if s.name not in labeled]
+        result["unlabeled"], result["unlabeled_path"] = len(rest), write_split(Path(args.out) / "unlabeled.txt", rest)
     print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.items()}))
     return 0
 
@@ -152,6 +159,16 @@ def cmd_data(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench_speed, print_speed_table
+
+    cfg = _load_cfg(args, ["data.check=false", "train.progress=false"])
+    row = bench_speed(cfg, iters=args.iters, warmup=args.warmup)
+    print_speed_table([row])
+    print(json.dumps(row))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -197,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--labeled", required=True, help="count (92) or fraction (1/16, 0.0625)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--split", help="split to partition (default: the first stream's)")
+    sp.add_argument("--unlabeled-from", help="take the unlabeled part from this split instead (minus the labeled)")
     sp.add_argument("--out", required=True, help="folder for labeled.txt / unlabeled.txt")
     sp.set_defaults(func=cmd_splits)
 
@@ -205,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.add_argument("--split", help="one split (default: stats: the first stream's; check: all)")
     sp.set_defaults(func=cmd_data)
+
+    sp = sub.add_parser("bench", help="benchmarks that print tables")
+    sp.add_argument("kind", choices=["speed"], help="speed: training throughput and peak memory of a config")
+    with_config(sp)
+    sp.add_argument("--iters", type=int, default=20)
+    sp.add_argument("--warmup", type=int, default=3)
+    sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("demo", help="generate shapes, train with 1/16 and all labels, compare")
     sp.add_argument("--out", default="runs/demo")

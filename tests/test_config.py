@@ -73,3 +73,23 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_packaged_configs_resolve():
     cfg = config.load("configs/shapes/supervised.yaml")
     assert cfg.data.dataset == "shapes" and cfg.method.name == "supervised"
+
+
+ALL_CONFIGS = sorted(p for p in config.PACKAGED.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(config.PACKAGED)))
+def test_every_packaged_config_is_valid(path):
+    cfg = config.load(path)
+    assert cfg.train.iters > 0 or cfg.train.epochs > 0
+
+
+def test_paper_configs_encode_the_papers_settings():
+    u2pl_city = config.load("cityscapes/u2pl_1-16.yaml")
+    assert list(u2pl_city.data.crop_size) == [769, 769] and u2pl_city.eval.mode == "slide"
+    assert u2pl_city.method.ohem and u2pl_city.model.aux_head and u2pl_city.method.sup_only_epochs == 0
+    assert u2pl_city.method.contra_weight == 0.1  # the paper's lambda_c, not the authors' code default 1
+    u2pl_voc = config.load("voc/classic/u2pl_92.yaml")
+    assert u2pl_voc.optim.lr == 0.001 and u2pl_voc.train.epochs == 80 and u2pl_voc.method.sup_only_epochs == 1
+    assert config.load("voc/blended/cps_1-8.yaml").method.cps_weight == 1.0
+    assert config.load("cityscapes/cps_1-2.yaml").method.cps_weight == 5.0

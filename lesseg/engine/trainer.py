@@ -100,6 +100,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.step = 0  # number of optimizer steps done
         self.best = -1.0
+        self.last_eval: dict = {}
         if resume:
             self._resume()
         self.writer = None
@@ -149,6 +150,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.best = state["best"]
+        self.last_eval = state.get("eval", {})
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
@@ -188,41 +190,50 @@ class Trainer:
             if isinstance(v, (int, float)) and k != "step":
                 self.writer.add_scalar(f"{record['event']}/{k}", v, record["step"])
 
+    def train_loaders(self) -> dict:
+        """Endless iterators over the training streams, positioned at the current step (resume)."""
+        t = self.cfg.train
+        return {name: iter(s.loader(seed=t.seed, rank=self.rank, world=self.world, start_batch=self.step,
+                                    workers=self.cfg.data.workers, pin=self.device.type == "cuda"))
+                for name, s in self.streams.items()}
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One optimizer step on a batch already on the device; returns the method's loss terms."""
+        autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
+        with autocast:
+            losses = self.method.training_step(batch, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.method.after_step(self.step)
+        self.step += 1
+        return losses
+
     def fit(self) -> dict:
         """Train from ``self.step`` to ``max_iters``; returns the final evaluation."""
-        t, c = self.cfg.train, self.cfg
-        pin = self.device.type == "cuda"
-        iters = {name: iter(s.loader(seed=t.seed, rank=self.rank, world=self.world, start_batch=self.step,
-                                     workers=c.data.workers, pin=pin))
-                 for name, s in self.streams.items()}
-        autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
+        t = self.cfg.train
+        iters = self.train_loaders()
         sums: dict[str, torch.Tensor] = {}
         bad_step = torch.tensor(-1, device=self.device)
         bad_terms: torch.Tensor | None = None
         names: list[str] = []
         bar = tqdm(total=self.max_iters, initial=self.step, desc="train", disable=not self.progress,
                    dynamic_ncols=True)
-        last_eval: dict = {}
+        last_eval = self.last_eval
         t_log, n_log = time.perf_counter(), 0  # since the last log line
         self.method.train()
         while self.step < self.max_iters:
             step = self.step
             batch = {name: to_device(next(it), self.device) for name, it in iters.items()}
-            with autocast:
-                losses = self.method.training_step(batch, step)
+            losses = self.train_step(batch)
             names = list(losses)
             vals = torch.stack([v.detach().float() for v in losses.values()])
             finite = torch.isfinite(vals)
             first = (bad_step < 0) & ~finite.all()
             bad_step = torch.where(first, step, bad_step)
             bad_terms = ~finite if bad_terms is None else torch.where(first, ~finite, bad_terms)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(losses["loss"]).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.method.after_step(step)
-            self.step += 1
             for k, v in zip(names, vals):
                 sums[k] = sums.get(k, 0.0) + v
             n_log += 1
@@ -253,6 +264,7 @@ class Trainer:
         bar.close()
         if self.writer is not None:
             self.writer.close()
+        self.last_eval = last_eval
         return last_eval
 
     def _check_finite(self, bad_step: torch.Tensor, bad_terms: torch.Tensor | None, names: list[str]) -> None:

@@ -94,10 +94,8 @@ def classmix_mask(
 
 
 def mix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``a*(1-M) + b*M`` with a B,1,H,W mask, for B,C,H,W or B,H,W tensors (``torch.where`` for int/bool)."""
+    """``a*(1-M) + b*M`` for a binary B,1,H,W mask and B,C,H,W or B,H,W tensors of any dtype (one select)."""
     m = mask if a.dim() == 4 else mask.squeeze(1)
-    if a.is_floating_point():
-        return a * (1.0 - m) + b * m
     return torch.where(m.bool(), b, a)
 
 

@@ -104,9 +104,9 @@ def one_hot(labels: Tensor, num_classes: int) -> Tensor:
 
 def class_ranks(prob: Tensor) -> Tensor:
     """Rank of every class in each pixel's sorted probabilities (0 = most likely). B,C,h,w -> B,C,h,w long."""
-    order = prob.argsort(dim=1, descending=True)
-    ranks = torch.arange(prob.shape[1], device=prob.device).view(1, -1, 1, 1).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, ranks)
+    order = prob.permute(0, 2, 3, 1).argsort(dim=-1, descending=True)  # B,h,w,C: sort contiguous rows
+    ranks = torch.arange(prob.shape[1], device=prob.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks).permute(0, 3, 1, 2)
 
 
 def clamp_ranks(low: int, high: int, num_classes: int) -> tuple[int, int]:
@@ -369,7 +369,7 @@ class U2PL(Method):
         with torch.no_grad():
             labels = _nearest(torch.cat([y_l, pseudo.masked_fill(~reliable, IGNORE)]), size)
             unsure = _nearest(torch.cat([torch.zeros_like(y_l, dtype=torch.bool), unreliable]), size)
-            prob_t = _nearest(torch.cat([logits_t[:n_l], logits_u]), size).softmax(1)
+            prob_t = torch.cat([_nearest(logits_t[:n_l], size), _nearest(logits_u, size)]).softmax(1)
         loss_contra, n_used = contrastive_loss(
             out["rep"], torch.cat([rep_t[:n_l], rep_u]), prob_t, labels, unsure, n_l, self.bank,
             num_queries=self.cfg.num_queries, num_negatives=self.cfg.num_negatives,
