@@ -34,6 +34,7 @@ def cmd_eval(args) -> int:
     from .data import build_eval_dataset, eval_loader, stream_source
     from .engine import checkpoint as ckpt
     from .engine.evaluate import evaluate
+    from .engine.inference import load_method_state
     from .methods import RunInfo, build_method
 
     cfg = _load_cfg(args)
@@ -45,7 +46,7 @@ def cmd_eval(args) -> int:
     if state.get("info", {}).get("num_classes", info.num_classes) != info.num_classes:
         raise LessegError(f"{args.checkpoint} has {state['info']['num_classes']} classes, the dataset "
                           f"{info.num_classes}")
-    method.load_state_dict(state["method"])
+    load_method_state(method, state, args.checkpoint)
     net = method.eval_net().to(device)
     ds = build_eval_dataset(cfg.data, split=args.split, check=cfg.data.check)
     loader = eval_loader(ds, cfg.eval.batch_size, dist.rank(), dist.world(), cfg.data.workers)
@@ -116,14 +117,12 @@ def _data_splits(cfg, only: str | None) -> list[tuple[str, object, bool]]:
 
     if only:
         return [(only, stream_source(cfg.data), True)]
-    seen, out = set(), []
+    labeled: dict[tuple[str, object], bool] = {}  # (split, cached source) -> read masks; each checked once
     for sc in cfg.data.streams.values():
-        key = (sc.split, sc.dataset, sc.root)
-        if key not in seen:
-            seen.add(key)
-            out.append((sc.split, stream_source(cfg.data, sc), sc.labeled))
-    out.append((cfg.data.val_split, stream_source(cfg.data), True))
-    return out
+        key = (sc.split, stream_source(cfg.data, sc))
+        labeled[key] = labeled.get(key, False) or sc.labeled
+    labeled[(cfg.data.val_split, stream_source(cfg.data))] = True
+    return [(split, src, lab) for (split, src), lab in labeled.items()]
 
 
 def cmd_data(args) -> int:
@@ -166,6 +165,21 @@ def cmd_bench(args) -> int:
     row = bench_speed(cfg, iters=args.iters, warmup=args.warmup)
     print_speed_table([row])
     print(json.dumps(row))
+    return 0
+
+
+def cmd_viz(args) -> int:
+    from .viz import curves_figure, entropy_figure
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [entropy_figure(args.checkpoint, out / "entropy.png", n=args.n)]
+    metrics = Path(args.checkpoint).parent / "metrics.jsonl"
+    if metrics.is_file():
+        written.append(curves_figure(metrics, out / "curves.png"))
+    for w in written:
+        if w is not None:
+            print(f"wrote {w}")
     return 0
 
 
@@ -231,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--warmup", type=int, default=3)
     sp.set_defaults(func=cmd_bench)
 
+    sp = sub.add_parser("viz", help="entropy maps and reliable/unreliable pixels; training curves")
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--n", type=int, default=6, help="number of unlabeled images")
+    sp.set_defaults(func=cmd_viz)
+
     sp = sub.add_parser("demo", help="generate shapes, train with 1/16 and all labels, compare")
     sp.add_argument("--out", default="runs/demo")
     sp.add_argument("--quick", action="store_true", help="a short smoke run")
@@ -239,7 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may also follow options (`eval CONFIG --checkpoint CKPT k=v`), which argparse
+    # alone does not allow once the `overrides` positional has been consumed
+    if extra and hasattr(args, "config") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except LessegError as e:

@@ -75,3 +75,86 @@ def grid_figure(rows: list[list[np.ndarray]], titles: list[str], path: str | Pat
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def heat(x: np.ndarray, vmax: float | None = None, cmap: str = "magma") -> np.ndarray:
+    """A float map -> H,W,3 uint8 colours (0..vmax)."""
+    import matplotlib
+
+    top = vmax if vmax else max(float(x.max()), 1e-12)
+    return (matplotlib.colormaps[cmap](np.clip(x / top, 0, 1))[..., :3] * 255).astype(np.uint8)
+
+
+def curves_figure(metrics_path: str | Path, path: str | Path) -> Path | None:
+    """Every scalar logged in metrics.jsonl against the step, one panel each (loss terms, CPS overlap,
+    U2PL reliable share, eval mIoU). None when the file holds no training events."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for line in Path(metrics_path).read_text().splitlines():
+        rec = json.loads(line)
+        for k, v in rec.items():
+            if k in ("step", "lr", "it_per_s", "acc") or not isinstance(v, (int, float)):
+                continue
+            series.setdefault(k if rec["event"] == "train" else f"eval {k}", []).append((rec["step"], v))
+    if not series:
+        return None
+    n = len(series)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, (name, pts) in zip(axes.flat, sorted(series.items())):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def entropy_figure(checkpoint: str | Path, path: str | Path, n: int = 6) -> Path:
+    """U2PL's Figure 2 for a checkpoint: for ``n`` unlabeled images (the config's ``unlabeled`` stream, else
+    the validation split), the prediction, the entropy map of the evaluated network (the teacher for U2PL)
+    and the reliable / unreliable partition at the checkpoint's drop percentage alpha_t (per image)."""
+    import torch
+
+    from .data import build_source, stream_source
+    from .engine.evaluate import predict_probs
+    from .engine.inference import image_tensor, load_checkpoint_net
+    from .methods.common import entropy
+    from .methods.u2pl import entropy_split
+
+    net, cfg, info, state = load_checkpoint_net(checkpoint)
+    stream = cfg.data.streams.get("unlabeled")
+    src = stream_source(cfg.data, stream) if stream is not None else build_source(cfg.data.dataset, cfg.data.root,
+                                                                                      dict(cfg.data.options))
+    samples = src.samples(stream.split if stream is not None else cfg.data.val_split)[:n]
+    alpha0 = float(cfg.method.drop_percent) if "drop_percent" in cfg.method else 20.0
+    epochs = max(1, info.max_iters // max(1, info.iters_per_epoch))
+    alpha = alpha0 * (1.0 - (state["step"] // max(1, info.iters_per_epoch)) / epochs)
+    rows = []
+    with torch.no_grad():
+        for s in samples:
+            image = src.read_image(s.image)
+            logits = predict_probs(net, image_tensor(image, cfg), cfg.eval, list(cfg.data.crop_size),
+                                   info.num_classes).clamp_min(1e-12).log()
+            ent = entropy(logits)  # 1,H,W
+            reliable, unreliable = entropy_split(ent, torch.ones_like(ent, dtype=torch.bool), max(alpha, 1e-6))
+            part = np.full((*ent.shape[-2:], 3), 128, np.uint8)  # grey: neither (between the two percentiles)
+            part[reliable[0].numpy()] = (40, 170, 60)
+            part[unreliable[0].numpy()] = (210, 40, 40)
+            rows.append([image, color_array(logits.argmax(1)[0].numpy(), info.num_classes),
+                         heat(ent[0].numpy(), vmax=float(np.log(info.num_classes))), part])
+    titles = ["unlabeled image", "prediction", "entropy (0..ln C)",
+              f"reliable (green) / unreliable (red)\nalpha_t = {alpha:.1f}%"]
+    return grid_figure(rows, titles, path)

@@ -24,14 +24,27 @@ def load_checkpoint_net(path: str | Path, device: torch.device | str = "cpu",
                         overrides: list[str] = ()) -> tuple[torch.nn.Module, DictConfig, RunInfo, dict]:
     """The evaluation network of a checkpoint, its (overridden) config, run info and the raw state."""
     state = ckpt.load(path, "cpu")
-    if "method" not in state or "config" not in state:
-        raise LessegError(f"{path} is not a lesseg checkpoint (no method state or config)")
+    if not all(k in state for k in ("method", "config", "info")):
+        raise LessegError(f"{path} is not a lesseg checkpoint (no method state, config or run info)")
     cfg = config_mod.from_dict(state["config"], list(overrides))
-    info = RunInfo(num_classes=state["info"]["num_classes"], class_names=state["info"]["class_names"])
+    info = RunInfo(**state["info"])
     method = build_method(cfg, info)
-    method.load_state_dict(state["method"])
+    load_method_state(method, state, path)
     net = method.eval_net().to(device).eval()
     return net, cfg, info, state
+
+
+def load_method_state(method: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """Load a checkpoint's method weights; a method or model that does not fit them is one clear error."""
+    try:
+        method.load_state_dict(state["method"])
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else ""
+        raise LessegError(
+            f"checkpoint {path} does not fit method {type(method).__name__} with this config's model settings "
+            f"(use the method and model.* values it was trained with): {detail[:300]}"
+        ) from None
 
 
 def image_tensor(image: np.ndarray, cfg: DictConfig) -> torch.Tensor:
@@ -43,6 +56,12 @@ def image_tensor(image: np.ndarray, cfg: DictConfig) -> torch.Tensor:
 def predict_files(net, cfg: DictConfig, info: RunInfo, inputs: list[Path], out: Path,
                   with_overlay: bool = False, device: torch.device | str = "cpu", progress: bool = True) -> list[Path]:
     """Write a palette PNG mask (and optionally an overlay) per input image into ``out``."""
+    by_stem: dict[str, Path] = {}
+    for path in inputs:  # masks are named by stem: two inputs must not write the same file
+        if path.stem in by_stem:
+            raise LessegError(f"inputs {by_stem[path.stem]} and {path} would both write "
+                              f"{out / (path.stem + '.png')}; predict them into different --out folders")
+        by_stem[path.stem] = path
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in tqdm(inputs, desc="predict", disable=not progress):
@@ -70,7 +89,8 @@ class _LogitsOnly(torch.nn.Module):
 def export_onnx(net, cfg: DictConfig, out: Path, atol: float = 1e-3) -> float:
     """Export logits(image) to ONNX with dynamic batch/size and check it against PyTorch with onnxruntime.
 
-    Returns the largest absolute difference of the logits on a random input.
+    Returns the largest absolute difference of the logits on random inputs other than the traced one: a new
+    batch of 2 at the crop size and one at 1.5 times the crop size (the dynamic axes must really be dynamic).
     """
     try:
         import onnxruntime as ort
@@ -80,13 +100,22 @@ def export_onnx(net, cfg: DictConfig, out: Path, atol: float = 1e-3) -> float:
     h, w = cfg.data.crop_size
     x = torch.randn(1, 3, h, w)
     out.parent.mkdir(parents=True, exist_ok=True)
+    axes = {0: "batch", 2: "height", 3: "width"}
     torch.onnx.export(model, (x,), str(out), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+                      dynamic_axes={"image": axes, "logits": axes}, dynamo=False)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        ref = model(x).numpy()
-    got = sess.run(None, {"image": x.numpy()})[0]
-    diff = float(np.abs(ref - got).max())
+    diff = 0.0
+    for check in (torch.randn(2, 3, h, w), torch.randn(1, 3, h * 3 // 2, w * 3 // 2)):
+        with torch.no_grad():
+            ref = model(check).numpy()
+        try:
+            got = sess.run(None, {"image": check.numpy()})[0]
+        except Exception as e:  # noqa: BLE001  (onnxruntime errors share no base class but Exception)
+            raise LessegError(f"the exported {out} fails on an input of shape {list(check.shape)}: "
+                              f"{str(e).splitlines()[0]}") from None
+        if got.shape != ref.shape:
+            raise LessegError(f"ONNX output has shape {got.shape}, PyTorch {ref.shape}; the export is not faithful")
+        diff = max(diff, float(np.abs(ref - got).max()))
     if diff > atol:
         raise LessegError(f"ONNX output differs from PyTorch by {diff:.2e} (> {atol}); the export is not faithful")
     return diff

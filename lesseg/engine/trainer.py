@@ -3,6 +3,7 @@ optimizer step, the LR schedule, logging, evaluation and checkpoints; methods on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -128,7 +129,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
             "config": OmegaConf.to_container(self.cfg),
-            "info": {"num_classes": self.info.num_classes, "class_names": self.info.class_names},
+            "info": dataclasses.asdict(self.info),
         }
 
     def save(self, name: str, extra: dict | None = None) -> None:
