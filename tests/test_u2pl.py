@@ -138,43 +138,30 @@ def test_sample_masked_draws_only_candidates():
 
 
 # ------------------------------------------------------------------------------------------ InfoNCE
+def _unit(*shape: int) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape), dim=-1)
+
+
 def test_info_nce_sanity_values_and_bounds():
     c, q, n, d, tau = 3, 5, 50, 8, 0.5
-    same = torch.ones(c, q, d)
-    loss, used = info_nce(
-        same,
-        torch.ones(c, d),
-        F.normalize(torch.ones(c, q, n, d), dim=-1),
-        torch.ones(c, dtype=torch.bool),
-        tau,
-    )
+    every = torch.ones(c, dtype=torch.bool)
+    same, neg_same = torch.ones(c, q, d), F.normalize(torch.ones(c, q, n, d), dim=-1)
+    loss, used = info_nce(same, torch.ones(c, d), neg_same, every, tau)  # all features identical
     assert torch.allclose(loss, torch.tensor(math.log(1 + n))) and used == 3
+    lowest, _ = info_nce(same, torch.ones(c, d), -neg_same, every, tau)  # negatives opposite
+    assert torch.allclose(lowest, torch.tensor(math.log(1 + n * math.exp(-2 / tau))))
     torch.manual_seed(0)
     for _ in range(5):
-        loss, _ = info_nce(torch.randn(c, q, d), torch.randn(c, d), F.normalize(torch.randn(c, q, n, d), dim=-1),
-                           torch.ones(c, dtype=torch.bool), tau)  # fmt: skip
+        loss, _ = info_nce(torch.randn(c, q, d), torch.randn(c, d), _unit(c, q, n, d), every, tau)
         assert math.log(1 + n * math.exp(-2 / tau)) <= loss <= math.log(1 + n * math.exp(2 / tau))
-    best = info_nce(
-        same,
-        torch.ones(c, d),
-        -F.normalize(torch.ones(c, q, n, d), dim=-1),
-        torch.ones(c, dtype=torch.bool),
-        tau,
-    )
-    assert torch.allclose(best[0], torch.tensor(math.log(1 + n * math.exp(-2 / tau))))
 
 
 def test_info_nce_skipped_classes_do_not_count():
     torch.manual_seed(0)
-    a, p, neg = torch.randn(4, 6, 8), torch.randn(4, 8), F.normalize(torch.randn(4, 6, 5, 8), dim=-1)
-    per_class = torch.stack(
-        [
-            info_nce(a[i : i + 1], p[i : i + 1], neg[i : i + 1], torch.ones(1, dtype=torch.bool), 0.5)[0]
-            for i in range(4)
-        ]
-    )
-    use = torch.tensor([True, False, True, False])
-    loss, used = info_nce(a, p, neg, use, 0.5)
+    a, p, neg = torch.randn(4, 6, 8), torch.randn(4, 8), _unit(4, 6, 5, 8)
+    one = torch.ones(1, dtype=torch.bool)
+    per_class = [info_nce(a[i : i + 1], p[i : i + 1], neg[i : i + 1], one, 0.5)[0] for i in range(4)]
+    loss, used = info_nce(a, p, neg, torch.tensor([True, False, True, False]), 0.5)
     assert used == 2 and torch.allclose(loss, (per_class[0] + per_class[2]) / 2)
     zero, none = info_nce(a, p, neg, torch.zeros(4, dtype=torch.bool), 0.5)
     assert zero == 0 and none == 0
@@ -206,10 +193,10 @@ def test_memory_bank_samples_only_filled_part_and_round_trips():
     feats = F.normalize(torch.randn(2, 3), dim=1)
     bank.push(feats, torch.tensor([[True, False, False], [True, True, False]]))
     out, filled = bank.sample(200)
-    assert out.shape == (3, 200, 3) and out.dtype == torch.float32 and filled.tolist() == [True, True, False]
-    got0 = {tuple(r) for r in out[0].tolist()}
+    assert out.shape == (3, 200, 3) and out.dtype == torch.bfloat16 and filled.tolist() == [True, True, False]
+    got0 = {tuple(r) for r in out[0].float().tolist()}
     assert got0 == {tuple(r) for r in feats.bfloat16().float().tolist()}  # both entries, never an empty slot
-    assert {tuple(r) for r in out[1].tolist()} == {tuple(feats[1].half().float().tolist())}
+    assert {tuple(r) for r in out[1].float().tolist()} == {tuple(feats[1].bfloat16().float().tolist())}
     other = MemoryBank([5, 5, 5], dim=3)
     other.load_state_dict(bank.state_dict())
     assert torch.equal(other.feats, bank.feats) and torch.equal(other.count, bank.count)
@@ -234,8 +221,11 @@ def test_contrastive_pairs_each_class_with_its_own_bank():
     rep = e1.view(1, 2, 1, 1).expand(1, d, 2, 2)
     bank = MemoryBank([4, 4], dim=d, dtype=torch.float32)
     bank.push(torch.stack([-e1, e2]), torch.tensor([[True, False], [False, True]]))
-    loss, used = contrastive_loss(rep.clone().requires_grad_(), rep, _confident(c, labels), labels,
-                                  torch.zeros(1, 2, 2, dtype=torch.bool), 1, bank, low_rank=0, high_rank=0, **KW)  # fmt: skip
+    no_negatives = {"low_rank": 0, "high_rank": 0}  # this step pushes nothing: the banks stay as built
+    unreliable = torch.zeros(1, 2, 2, dtype=torch.bool)
+    loss, used = contrastive_loss(
+        rep.clone(), rep, _confident(c, labels), labels, unreliable, 1, bank, **no_negatives, **KW
+    )
     n = KW["num_negatives"]
     assert used == 1
     assert torch.allclose(loss, torch.tensor(math.log(math.exp(2) + n) - 2))  # cos 1 / 0.5 vs cos 0
@@ -252,7 +242,7 @@ def test_contrastive_binary_task_uses_negatives(caplog):
     unreliable[2:] = True
     prob = torch.rand(4, 2, 4, 4).softmax(1)
     rep_s, rep_t = torch.randn(4, 8, 4, 4, requires_grad=True), torch.randn(4, 8, 4, 4)
-    bank = MemoryBank([64, 64], dim=8)
+    bank = MemoryBank([64, 64], dim=8)  # empty: the negatives pushed by this step are sampled
     loss, used = contrastive_loss(
         rep_s, rep_t, prob, labels, unreliable, 2, bank, low_rank=low, high_rank=high, **KW
     )
@@ -266,8 +256,8 @@ def test_contrastive_binary_task_uses_negatives(caplog):
 def _method(**overrides) -> U2PL:
     torch.manual_seed(0)
     mc = OmegaConf.structured(ModelConfig(encoder="test_resnet", decoder_channels=32, rep_dim=16))
-    cfg = U2PLConfig(**{"num_queries": 8, "num_negatives": 4, "bank_size": 64, "bank_size_bg": 64,
-                        "sup_only_epochs": 0, "mix_prob": 1.0, **overrides})  # fmt: skip
+    small = {"num_queries": 8, "num_negatives": 4, "bank_size": 64, "bank_size_bg": 64}
+    cfg = U2PLConfig(**{**small, "sup_only_epochs": 0, "mix_prob": 1.0, **overrides})
     m = U2PL(cfg, mc, RunInfo(num_classes=3, max_iters=10, iters_per_epoch=2))
     return m.train()
 
@@ -276,11 +266,12 @@ def _batch(b: int = 2, size: int = 32) -> dict:
     g = torch.Generator().manual_seed(1)
     valid = torch.ones(b, size, size, dtype=torch.bool)
     valid[:, -4:] = False  # crop padding
+    image = lambda: torch.randn(b, 3, size, size, generator=g)
+    mask = torch.randint(0, 3, (b, size, size), generator=g)
     return {
-        "labeled": {"image": torch.randn(b, 3, size, size, generator=g), "mask": torch.randint(0, 3, (b, size, size), generator=g)},
-        "unlabeled": {"image": torch.randn(b, 3, size, size, generator=g),
-                      "image_strong": torch.randn(b, 3, size, size, generator=g), "valid": valid},
-    }  # fmt: skip
+        "labeled": {"image": image(), "mask": mask},
+        "unlabeled": {"image": image(), "image_strong": image(), "valid": valid},
+    }
 
 
 def _grads(net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -291,7 +282,7 @@ def _grads(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_training_step_terms_and_gradients(mixing):
     m = _method(mixing=mixing)
     out = m.training_step(_batch(), 0)
-    for k in (
+    terms = (
         "loss",
         "loss_sup",
         "loss_unsup",
@@ -299,7 +290,8 @@ def test_training_step_terms_and_gradients(mixing):
         "drop_percent",
         "reliable_frac",
         "contra_classes",
-    ):
+    )
+    for k in terms:
         assert out[k].dim() == 0 and torch.isfinite(out[k]), k
     assert out["loss_unsup"] > 0 and out["loss_contra"] > 0 and out["contra_classes"] >= 1
     assert 0.6 < out["reliable_frac"] < 0.9  # about 1 - alpha_0 of the valid pixels are kept
