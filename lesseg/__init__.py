@@ -7,8 +7,16 @@ Python API::
     result = train(cfg)          # {"miou": ..., "iou": {...}, "mode": ...}
 """
 
-from . import config
-from .engine import Trainer, evaluate, train
-
 __version__ = "0.1.0"
 __all__ = ["Trainer", "config", "evaluate", "train", "__version__"]
+
+
+def __getattr__(name: str):
+    """Import lazily, so that ``lesseg --help`` does not wait for torch."""
+    import importlib
+
+    if name == "config":
+        return importlib.import_module(".config", __name__)
+    if name in ("Trainer", "evaluate", "train"):
+        return getattr(importlib.import_module(".engine", __name__), name)
+    raise AttributeError(f"module 'lesseg' has no attribute {name!r}")

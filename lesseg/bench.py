@@ -88,3 +88,149 @@ def print_speed_table(rows: list[dict]) -> None:
               f"{r['step_s']:7.3f} {r['images_per_s']:7.1f} {r['peak_mib'] or float('nan'):9.0f}")
     if rows:
         print(f"device: {rows[0]['device']}, torch threads: {rows[0]['threads']}, peak = {rows[0]['peak_kind']}")
+
+
+# -- accuracy per label budget -------------------------------------------------------------------------------
+SEMI_METHODS = ("supervised", "mean_teacher", "cutmix_seg", "self_training", "cps", "u2pl")
+
+
+def _semi_overrides(cfg_name: str, budget: str) -> list[str]:
+    """Point a shapes config's labeled/unlabeled streams at a budget ("all" = the whole train split)."""
+    from . import config
+
+    base = config.load(cfg_name)
+    if budget == "all":
+        return ["data.streams.labeled.split=train"]
+    out = [f"data.streams.labeled.split=labeled_{budget}"]
+    if "unlabeled" in base.data.streams:
+        out.append(f"data.streams.unlabeled.split=unlabeled_{budget}")
+    return out
+
+
+def _mean_rate(metrics: Path) -> float | None:
+    import json
+
+    rates = [json.loads(x).get("it_per_s") for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    rates = [r for r in rates if r]
+    return sum(rates) / len(rates) if rates else None
+
+
+def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tuple[str, ...] = ("1-16", "1-8"),
+               seeds: tuple[int, ...] = (0, 1), extra: list[str] = (), device: str = "auto") -> list[dict]:
+    """Train every method at every budget and seed on shapes (+ the supervised reference on all labels).
+
+    Finished runs are reused (delete ``out`` to start over). Returns one row per run.
+    """
+    from . import config
+    from .engine import checkpoint as ckpt
+    from .engine.trainer import train
+
+    plan = [("supervised", "all", s) for s in seeds] + [(m, b, s) for b in budgets for m in methods for s in seeds]
+    rows = []
+    for method, budget, seed in plan:
+        run_dir = out / budget / method / f"seed{seed}"
+        cfg_name = f"shapes/{method}.yaml"
+        cfg = config.load(cfg_name, _semi_overrides(cfg_name, budget) + list(extra) +
+                          [f"train.seed={seed}", f"out={run_dir}", f"train.device={device}", "train.progress=false"])
+        result = ckpt.finished_eval(run_dir)
+        if result is None:
+            print(f"== {method} {budget} seed {seed}", flush=True)
+            _reset_peak_rss()
+            t0 = time.perf_counter()
+            result = train(cfg)
+            (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n{_peak_rss_mib()}\n")
+        wall, peak = ((run_dir / "wall_s.txt").read_text().split() + ["nan", "nan"])[:2]
+        rate = _mean_rate(run_dir / "metrics.jsonl")
+        rows.append({"method": method, "budget": budget, "seed": seed, "miou": result["miou"],
+                     "s_per_iter": 1 / rate if rate else None, "wall_s": float(wall),
+                     "peak_mib": float(peak) if peak != "None" else None})
+    return rows
+
+
+def summarize_semi(rows: list[dict]) -> list[dict]:
+    """Mean and spread per (method, budget) and the share of the SupOnly-to-full gap each method closes."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["budget"]), []).append(r)
+    full = statistics.mean(r["miou"] for r in groups.get(("supervised", "all"), [{"miou": float("nan")}]))
+    table = []
+    for (method, budget), rs in groups.items():
+        m = statistics.mean(r["miou"] for r in rs)
+        sup = groups.get(("supervised", budget))
+        sup_m = statistics.mean(r["miou"] for r in sup) if sup else float("nan")
+        gap = full - sup_m
+        table.append({
+            "method": method, "budget": budget, "seeds": len(rs), "miou": m,
+            "spread": statistics.pstdev([r["miou"] for r in rs]) if len(rs) > 1 else 0.0,
+            "gain": m - sup_m if budget != "all" else None,
+            "gap_closed": (m - sup_m) / gap if budget != "all" and gap > 0 else None,
+            "s_per_iter": statistics.mean(r["s_per_iter"] for r in rs if r["s_per_iter"]) if any(
+                r["s_per_iter"] for r in rs) else None,
+            "peak_mib": max((r["peak_mib"] for r in rs if r["peak_mib"]), default=None),
+        })
+    return table
+
+
+def print_semi_table(table: list[dict]) -> None:
+    print(f"\n{'method':<14s} {'labels':>6s} {'seeds':>5s} {'mIoU':>7s} {'+-':>5s} {'vs sup':>7s} "
+          f"{'gap closed':>10s} {'s/iter':>7s} {'peak MiB':>9s}")
+    for r in table:
+        gain = f"{100 * r['gain']:+7.2f}" if r["gain"] is not None else f"{'':>7s}"
+        gap = f"{100 * r['gap_closed']:9.0f}%" if r["gap_closed"] is not None else f"{'':>10s}"
+        spi = f"{r['s_per_iter']:7.3f}" if r["s_per_iter"] else f"{'?':>7s}"
+        peak = f"{r['peak_mib']:9.0f}" if r["peak_mib"] else f"{'?':>9s}"
+        print(f"{r['method']:<14s} {r['budget']:>6s} {r['seeds']:>5d} {100 * r['miou']:7.2f} "
+              f"{100 * r['spread']:5.2f} {gain} {gap} {spi} {peak}")
+
+
+# -- cost of the method-specific work ---------------------------------------------------------------------
+def bench_overhead(cfg: DictConfig, iters: int = 10, warmup: int = 2) -> dict:
+    """Seconds per step of the method vs the network passes it needs, on the same batch.
+
+    The reference runs, for every trainable network, one forward + backward on all images of the step (the
+    students' passes) and, for every other segmentation network of the method (EMA teachers), one forward
+    without gradient. The difference is the method-specific work: entropy, percentiles, mixing,
+    contrastive loss, memory bank, pseudo-labels (and, for CPS with CutMix, its extra gradient-free passes
+    on the unmixed images, which the reference does not count).
+    """
+    from .models import Segmentor
+
+    trainer = Trainer(cfg)
+    loaders = trainer.train_loaders()
+    batch = {k: to_device(next(it), trainer.device) for k, it in loaders.items()}
+    method = trainer.method
+    method.train()
+    trainer.step = trainer.max_iters // 2  # past supervised warm-ups and ramp-ups
+    trainable = {id(n) for n in method.trainable_nets().values()}
+    teachers = [m for m in method.children() if isinstance(m, Segmentor) and id(m) not in trainable]
+    images = torch.cat([b["image"] for b in batch.values()])
+    cuda = trainer.device.type == "cuda"
+
+    def passes():
+        for net in method.trainable_nets().values():
+            out = net(images)
+            sum(v.float().mean() for v in out.values()).backward()
+        with torch.no_grad():
+            for t in teachers:
+                t(images)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    def timed(fn) -> float:
+        for _ in range(warmup):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / iters
+
+    full = timed(lambda: trainer.train_step(batch))
+    ref = timed(passes)
+    return {"method": cfg.method.name, "step_s": full, "passes_s": ref, "overhead": full / ref - 1.0,
+            "teachers": len(teachers), "nets": len(trainable)}

@@ -145,7 +145,7 @@ def cmd_data(args) -> int:
     bad = 0
     for split, src, labeled in _data_splits(cfg, args.split):
         try:
-            samples = src.samples(split)
+            samples = src.samples(split, strict=False)
         except LessegError as e:
             print(f"{split}: {e}")
             bad += 1
@@ -159,12 +159,37 @@ def cmd_data(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench_speed, print_speed_table
+    from . import bench, config
 
-    cfg = _load_cfg(args, ["data.check=false", "train.progress=false"])
-    row = bench_speed(cfg, iters=args.iters, warmup=args.warmup)
-    print_speed_table([row])
-    print(json.dumps(row))
+    if args.kind == "speed":
+        if not args.config:
+            raise LessegError("bench speed needs a CONFIG")
+        cfg = _load_cfg(args, ["data.check=false", "train.progress=false"])
+        row = bench.bench_speed(cfg, iters=args.iters, warmup=args.warmup)
+        bench.print_speed_table([row])
+        print(json.dumps(row))
+        return 0
+    if args.config:  # `lesseg bench semi k=v ...`: no config, only overrides
+        args.overrides = [args.config, *args.overrides]
+    out = Path(args.out or ("runs/bench_semi_quick" if args.quick else "runs/bench_semi"))
+    quick = ["train.iters=30", "train.eval_every=0", "train.log_every=10"] if args.quick else []
+    methods = tuple(args.methods.split(",")) if args.methods else bench.SEMI_METHODS
+    seeds = tuple(range(1 if args.quick else args.seeds))
+    budgets = ("1-16",) if args.quick else ("1-16", "1-8")
+    rows = bench.bench_semi(out, methods, budgets, seeds, quick + list(args.overrides), args.device)
+    table = bench.summarize_semi(rows)
+    bench.print_semi_table(table)
+    print("\ncost per step (1/16 configs, same batch): method step vs the network passes it needs")
+    costs = []
+    for m in methods:
+        cfg = config.load(f"shapes/{m}.yaml", [f"out={out / 'overhead' / m}", "data.check=false",
+                                                "train.progress=false", f"train.device={args.device}"])
+        c = bench.bench_overhead(cfg, iters=3 if args.quick else args.iters)
+        costs.append(c)
+        print(f"  {m:<14s} step {c['step_s']:.3f} s, passes {c['passes_s']:.3f} s, "
+              f"method-specific +{100 * c['overhead']:.1f}%")
+    (out / "summary.json").write_text(json.dumps({"runs": rows, "table": table, "cost": costs}, indent=2))
+    print(json.dumps({"table": table, "cost": costs}))
     return 0
 
 
@@ -239,10 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_data)
 
     sp = sub.add_parser("bench", help="benchmarks that print tables")
-    sp.add_argument("kind", choices=["speed"], help="speed: training throughput and peak memory of a config")
-    with_config(sp)
-    sp.add_argument("--iters", type=int, default=20)
+    sp.add_argument("kind", choices=["speed", "semi"],
+                    help="speed: throughput and peak memory of CONFIG; semi: every semi-supervised method on "
+                         "shapes at 1/16 and 1/8 over seeds, plus the method-specific cost per step")
+    sp.add_argument("config", nargs="?", help="YAML config (speed)")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides")
+    sp.add_argument("--iters", type=int, default=20, help="timed steps")
     sp.add_argument("--warmup", type=int, default=3)
+    sp.add_argument("--quick", action="store_true", help="semi: a short smoke run (1 seed, 1/16, 30 steps)")
+    sp.add_argument("--seeds", type=int, default=2, help="semi: number of seeds")
+    sp.add_argument("--methods", help="semi: comma-separated subset")
+    sp.add_argument("--out", help="semi: run folder (finished runs are reused)")
+    sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("viz", help="entropy maps and reliable/unreliable pixels; training curves")

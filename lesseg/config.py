@@ -149,11 +149,11 @@ def _raw_layers(path: Path) -> list[dict]:
     return [base_data, data]
 
 
-def _explain(e: OmegaConfBaseException, where: str) -> ConfigError:
+def _explain(e: OmegaConfBaseException, where: str, prefix: str = "") -> ConfigError:
     key = getattr(e, "full_key", None)
     msg = str(e).splitlines()[0]
     if key:
-        return ConfigError(f"{where}: bad config key `{key}`: {msg}")
+        return ConfigError(f"{where}: bad config key `{prefix}{key}`: {msg}")
     return ConfigError(f"{where}: {msg}")
 
 
@@ -179,11 +179,13 @@ def build(layers: list[dict], overrides: list[str] = (), where: str = "config") 
     if not isinstance(method, dict) or "name" not in method:
         raise ConfigError(f"{where}: `method` must be a mapping with a `name`")
     try:
-        typed = OmegaConf.merge(method_schema(method["name"]), method)
+        schema = method_schema(method["name"])
     except KeyError as e:
         raise ConfigError(f"{where}: {e.args[0]}") from None
+    try:
+        typed = OmegaConf.merge(schema, method)
     except OmegaConfBaseException as e:
-        raise _explain(e, f"{where}: method {method['name']!r}") from None
+        raise _explain(e, where, prefix="method.") from None
     cfg.method = typed
     _check(cfg, where)
     OmegaConf.set_readonly(cfg, True)

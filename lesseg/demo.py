@@ -47,16 +47,6 @@ def _semi_methods() -> list[str]:
     return [m for m in ("u2pl", "cps") if m in METHODS]
 
 
-def _finished(run_dir: Path) -> dict | None:
-    path = run_dir / "last.pt"
-    if not path.is_file():
-        return None
-    state = ckpt.load(path)
-    cfg = state["config"]
-    done = state["step"] >= (cfg["train"]["iters"] or 0) > 0
-    return state.get("eval") if done else None
-
-
 def run_demo(out: Path, quick: bool = False, device: str = "auto") -> list[dict]:
     """Train every demo run (skipping finished ones), print a table, write demo.png and results.json."""
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +55,7 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto") -> list[dict]
     for run in demo_runs():
         run_dir = out / ("quick" if quick else "full") / run.name
         cfg = config.load(run.config, run.overrides + extra + [f"out={run_dir}", f"train.device={device}"])
-        result = _finished(run_dir)
+        result = ckpt.finished_eval(run_dir)
         t0 = time.perf_counter()
         if result is None:
             print(f"== {run.name}: {run.config} with {run.labels} of the labels", flush=True)

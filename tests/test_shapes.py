@@ -156,6 +156,21 @@ def test_written_layout(tmp_path: Path) -> None:
         assert line == f"{stem},{';'.join(map(str, tags))}"
 
 
+def test_folder_loader_reads_it_back(tmp_path: Path) -> None:
+    from lesseg.data.formats import FolderSource
+
+    root = generate_shapes(tmp_path / "real", domain="real", n_train=6, n_val=3, size=32, progress=False)
+    src = FolderSource(root)
+    assert src.classes == list(CLASSES)
+    train, val = src.samples("train"), src.samples("val")
+    assert [s.name for s in train + val] == [f"real_{i:05d}" for i in range(9)]
+    for i, s in enumerate(train + val):
+        image, mask, tags = render_sample(sample_rng(0, "real", i), "real", 32)
+        assert np.array_equal(src.read_image(s.image), image)
+        assert s.mask is not None and np.array_equal(src.read_mask(s.mask), mask)
+        assert s.tags == tags
+
+
 def test_files_are_reproducible(tmp_path: Path) -> None:
     kw = {"domain": "synthetic", "n_train": 4, "n_val": 2, "size": 32, "progress": False}
     a = _tree(generate_shapes(tmp_path / "a", seed=1, **kw))

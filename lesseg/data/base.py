@@ -47,8 +47,11 @@ class SegSource:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def samples(self, split: str) -> list[Sample]:
-        """List a split: a standard split name of the dataset, or the path of a split file."""
+    def samples(self, split: str, strict: bool = True) -> list[Sample]:
+        """List a split: a standard split name of the dataset, or the path of a split file.
+
+        ``strict``: listed files that do not exist are one DataError (``lesseg data check`` passes False to
+        report them together with every other problem of the split)."""
         raise NotImplementedError
 
     def map_labels(self, raw: np.ndarray, path: Path) -> np.ndarray:

@@ -139,7 +139,7 @@ class FileSource(SegSource):
         raise NotImplementedError
 
     # -- shared
-    def samples(self, split: str) -> list[Sample]:
+    def samples(self, split: str, strict: bool = True) -> list[Sample]:
         if split in self.standard_splits:
             where = f"split {split!r} of {self.root}"
             found = self.standard_split(split)
@@ -150,7 +150,7 @@ class FileSource(SegSource):
         if not found:
             raise DataError(f"{where} lists no images")
         missing = [str(p) for s in found for p in (s.image, s.mask) if p is not None and not p.exists()]
-        if missing:
+        if missing and strict:
             more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
             raise DataError(
                 f"{len(missing)} file(s) of {where} do not exist: {', '.join(missing[:10])}{more}"

@@ -47,8 +47,8 @@ class _Style:
 
 
 _STYLES = {
-    "synthetic": _Style(radius=(0.12, 0.30), log_aspect=0.15),
-    "real": _Style(radius=(0.10, 0.25), log_aspect=0.30),
+    "synthetic": _Style(radius=(0.14, 0.32), log_aspect=0.15),
+    "real": _Style(radius=(0.12, 0.28), log_aspect=0.30),
 }
 
 
@@ -237,7 +237,7 @@ def _object_colours(rng: np.random.Generator, o: _Object, base: np.ndarray, size
         tex = np.sin(2 * np.pi * (x * np.cos(b) + y * np.sin(b)) / period)
     else:
         tex = 2 * _smooth_noise(rng, size, max(4, size // 6)) - 1
-    return base * shade[..., None] + (rng.uniform(10, 35) * tex)[..., None]
+    return base * shade[..., None] + (rng.uniform(8, 25) * tex)[..., None]
 
 
 def _degrade(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
@@ -250,8 +250,8 @@ def _degrade(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     img = (img - 128) * rng.uniform(0.7, 1.1) + 128 + rng.uniform(-25, 25)
     img = 255 * (np.clip(img, 0, 255) / 255) ** rng.uniform(0.8, 1.25)
     pil = Image.fromarray(img.astype(np.uint8))
-    img = np.asarray(pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.9) * size / 64)), dtype=np.float32)
-    return img + rng.normal(0, rng.uniform(2, 8), img.shape)
+    img = np.asarray(pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8) * size / 64)), dtype=np.float32)
+    return img + rng.normal(0, rng.uniform(2, 6), img.shape)
 
 
 def _check_domain(domain: str) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,8 +35,15 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     if not path.is_file():
         raise LessegError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle refusing code, truncated file, not a checkpoint at all
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol chatter about foreign files
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # the file holds objects other than tensors: possibly code
+        refused = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
+        what = f" ({refused.group(1)})" if refused else ""
+        raise LessegError(f"refused to load checkpoint {path}: it holds Python objects other than tensors{what}, "
+                          "and loading them could run code") from None
+    except Exception as e:  # truncated file, not a checkpoint at all
         raise LessegError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
 
 
@@ -47,3 +57,13 @@ def unwrap_state(state: dict[str, torch.Tensor], wrapped: list[str]) -> dict[str
                 break
         out[k] = v
     return out
+
+
+def finished_eval(run_dir: str | Path) -> dict | None:
+    """The final evaluation of a run whose ``last.pt`` reached the last step, else None (run or resume it)."""
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        return None
+    state = load(path)
+    done = state["step"] >= state["info"].get("max_iters", float("inf"))
+    return state.get("eval") if done else None

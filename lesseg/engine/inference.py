@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .. import config as config_mod
 from ..data.base import read_rgb
 from ..data.transforms import normalize
-from ..errors import LessegError
+from ..errors import ConfigError, LessegError
 from ..methods import RunInfo, build_method
 from ..viz import colorize, overlay
 from . import checkpoint as ckpt
@@ -26,7 +26,10 @@ def load_checkpoint_net(path: str | Path, device: torch.device | str = "cpu",
     state = ckpt.load(path, "cpu")
     if not all(k in state for k in ("method", "config", "info")):
         raise LessegError(f"{path} is not a lesseg checkpoint (no method state, config or run info)")
-    cfg = config_mod.from_dict(state["config"], list(overrides))
+    try:
+        cfg = config_mod.from_dict(state["config"], list(overrides))
+    except ConfigError as e:
+        raise ConfigError(f"the config stored in checkpoint {path}: {e}") from None
     info = RunInfo(**state["info"])
     method = build_method(cfg, info)
     load_method_state(method, state, path)
