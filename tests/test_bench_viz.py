@@ -1,0 +1,45 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lesseg.bench import summarize_semi
+
+
+def test_semi_summary_gap_closed_and_spread():
+    rows = [
+        {"method": "supervised", "budget": "all", "seed": 0, "miou": 0.80, "s_per_iter": 0.1, "peak_mib": 100},
+        {"method": "supervised", "budget": "all", "seed": 1, "miou": 0.80, "s_per_iter": 0.1, "peak_mib": 100},
+        {"method": "supervised", "budget": "1-16", "seed": 0, "miou": 0.50, "s_per_iter": 0.1, "peak_mib": 90},
+        {"method": "supervised", "budget": "1-16", "seed": 1, "miou": 0.60, "s_per_iter": 0.1, "peak_mib": 90},
+        {"method": "u2pl", "budget": "1-16", "seed": 0, "miou": 0.70, "s_per_iter": 0.3, "peak_mib": 200},
+        {"method": "u2pl", "budget": "1-16", "seed": 1, "miou": 0.72, "s_per_iter": 0.3, "peak_mib": 210},
+    ]
+    table = {(r["method"], r["budget"]): r for r in summarize_semi(rows)}
+    u = table[("u2pl", "1-16")]
+    assert u["miou"] == pytest.approx(0.71) and u["spread"] == pytest.approx(0.01)
+    assert u["gain"] == pytest.approx(0.16)  # vs SupOnly mean 0.55
+    assert u["gap_closed"] == pytest.approx(0.16 / 0.25)  # gap to the full reference 0.80
+    assert u["peak_mib"] == 210 and table[("supervised", "all")]["gap_closed"] is None
+
+
+def test_viz_writes_entropy_partition_and_curves(tiny_cfg, tmp_path):
+    from lesseg.engine.trainer import train
+    from lesseg.viz import curves_figure, entropy_figure
+
+    cfg = tiny_cfg(
+        ["train.iters=2"],
+        method={"name": "u2pl", "sup_only_epochs": 0, "num_queries": 4, "num_negatives": 4, "bank_size": 16,
+                "bank_size_bg": 16},
+        data={"streams": {"labeled": {"split": "train", "batch_size": 4},
+                          "unlabeled": {"split": "train", "batch_size": 4, "labeled": False, "strong": True}}},
+    )
+    train(cfg)
+    run = tmp_path / "run"
+    ent = entropy_figure(run / "last.pt", tmp_path / "entropy.png", n=3)
+    assert np.asarray(Image.open(ent)).shape[0] > 200  # 3 rows of panels
+    curves = curves_figure(run / "metrics.jsonl", tmp_path / "curves.png")
+    assert curves is not None and curves.is_file()
+    logged = {k for line in (run / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)}
+    assert {"loss_unsup", "loss_contra", "reliable_frac", "drop_percent"} <= logged
