@@ -6,6 +6,7 @@ Figures go into docs/benchmarks.md together with the command that produced them;
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -218,19 +219,21 @@ def bench_overhead(cfg: DictConfig, iters: int = 10, warmup: int = 2) -> dict:
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
-    def timed(fn) -> float:
-        for _ in range(warmup):
-            fn()
+    def once(fn) -> float:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
+        fn()
         if cuda:
             torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / iters
+        return time.perf_counter() - t0
 
-    full = timed(lambda: trainer.train_step(batch))
-    ref = timed(passes)
+    for _ in range(warmup):
+        once(lambda: trainer.train_step(batch))
+        once(passes)
+    # interleaved, medians: background load hits both measurements alike
+    pairs = [(once(lambda: trainer.train_step(batch)), once(passes)) for _ in range(iters)]
+    full = statistics.median(p[0] for p in pairs)
+    ref = statistics.median(p[1] for p in pairs)
     return {"method": cfg.method.name, "step_s": full, "passes_s": ref, "overhead": full / ref - 1.0,
             "teachers": len(teachers), "nets": len(trainable)}
