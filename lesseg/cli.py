@@ -212,7 +212,7 @@ def cmd_viz(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick)
+    run_demo(Path(args.out), quick=args.quick, iters=args.iters)
     return 0
 
 
@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="generate shapes, train with 1/16 and all labels, compare")
     sp.add_argument("--out", default="runs/demo")
-    sp.add_argument("--quick", action="store_true", help="a short smoke run")
+    sp.add_argument("--quick", action="store_true", help="a short smoke run (40 steps per run)")
+    sp.add_argument("--iters", type=int, help="steps per run (default: sized for ~10 minutes on 2 CPU cores)")
     sp.set_defaults(func=cmd_demo)
     return p
 

@@ -32,7 +32,7 @@ DOMAINS = ("synthetic", "real")
 VERSION = 1
 FORMAT = "lesseg-shapes"
 
-_MIN_VISIBLE_FRAC = 0.4  # an object keeps at least this share of its full area unoccluded, else dropped
+_MIN_VISIBLE_FRAC = 0.6  # an object keeps at least this share of its full area unoccluded, else dropped
 _MIN_VISIBLE_PX = 24  # ... and at least this many labeled pixels (at 64x64; scales with the area)
 _BG_CONTRAST = 90.0  # minimum RGB distance between an object's colour and the background colour(s)
 _OBJ_CONTRAST = 60.0  # minimum RGB distance between the colours of two objects
@@ -47,8 +47,8 @@ class _Style:
 
 
 _STYLES = {
-    "synthetic": _Style(radius=(0.14, 0.32), log_aspect=0.15),
-    "real": _Style(radius=(0.12, 0.28), log_aspect=0.30),
+    "synthetic": _Style(radius=(0.14, 0.32), log_aspect=0.1),
+    "real": _Style(radius=(0.12, 0.28), log_aspect=0.2),
 }
 
 

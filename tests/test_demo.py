@@ -1,0 +1,30 @@
+import json
+
+from lesseg.demo import demo_runs, run_demo
+
+
+def test_demo_trains_every_run_prints_a_table_and_draws_the_figure(tmp_path, capsys, monkeypatch):
+    tiny = [
+        f"data.root={tmp_path / 'shapes'}", "data.options.n_train=64", "data.options.n_val=7", "data.options.size=32",
+        "data.crop_size=[32,32]", "data.workers=0", "model.encoder=test_resnet", "model.decoder_channels=16",
+        "model.rep_dim=16", "train.progress=false", "data.streams.labeled.batch_size=4",
+    ]
+    semi = ["method.num_queries=4", "method.num_negatives=4", "method.bank_size=16", "method.bank_size_bg=16"]
+    runs = demo_runs()
+    assert {"supervised_1-16", "supervised_all", "u2pl_1-16", "cps_1-16"} <= {r.name for r in runs}
+    for r in runs:  # shrink U2PL's memory bank for the tiny data, through the ordinary overrides
+        if r.name.startswith("u2pl"):
+            r.overrides += semi
+    monkeypatch.setattr("lesseg.demo.demo_runs", lambda: runs)
+    rows = run_demo(tmp_path / "demo", iters=2, overrides=tiny)
+    out = capsys.readouterr().out
+    assert [r["run"] for r in rows] == [r.name for r in runs]
+    assert all(0.0 <= r["miou"] <= 1.0 for r in rows)
+    assert "supervised_all" in out and "mIoU" in out
+    assert (tmp_path / "demo" / "demo.png").is_file()
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert [r["labels"] for r in saved][:2] == ["1/16", "all"]
+    # a second call reuses the finished runs instead of training again
+    again = run_demo(tmp_path / "demo", iters=2, overrides=tiny)
+    assert [r["miou"] for r in again] == [r["miou"] for r in rows]
+    assert "== " not in capsys.readouterr().out  # no run header: nothing was trained again
