@@ -17,27 +17,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from lesseg.errors import ConfigError
+from lesseg.config import ModelConfig
 from lesseg.models import build_model, create_encoder, load_encoder_weights
 
 NUM_CLASSES = 5
 TINY = "test_resnet"  # timm's tiny ResNet (0.4M parameters), supports features_only and output_stride
-
-
-@dataclasses.dataclass
-class ModelConfig:
-    """Local copy of lesseg.config.ModelConfig, so these tests do not depend on the config module."""
-
-    encoder: str = "resnet18"
-    head: str = "deeplabv3plus"
-    output_stride: int = 16
-    pretrained: str | None = None
-    decoder_channels: int = 256
-    dropout: float = 0.1
-    rep_head: bool = False
-    rep_dim: int = 256
-    cls_head: bool = False
-    aux_head: bool = False
-    freeze_bn: bool = False
 
 
 def tiny_cfg(**overrides: Any) -> ModelConfig:

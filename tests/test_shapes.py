@@ -40,7 +40,7 @@ def test_deterministic(domain: str) -> None:
     a = render_sample(np.random.default_rng(5), domain, 64)
     b = render_sample(np.random.default_rng(5), domain, 64)
     c = render_sample(np.random.default_rng(6), domain, 64)
-    assert all(np.array_equal(x, y) for x, y in zip(a[:2], b[:2])) and a[2] == b[2]
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
     assert not np.array_equal(a[0], c[0])
 
 
@@ -53,7 +53,7 @@ def test_sizes(size: int) -> None:
 
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_mask_values_and_tags(samples, domain: str) -> None:
-    for image, mask, tags in samples[domain]:
+    for _, mask, tags in samples[domain]:
         values = set(np.unique(mask).tolist())
         assert values <= set(range(C)) | {255}
         assert tags and set(tags) == values - {0, 255}, "tags are exactly the classes visible in the mask"
@@ -129,7 +129,8 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_written_layout(tmp_path: Path) -> None:
-    root = generate_shapes(tmp_path / "real", domain="real", n_train=6, n_val=3, size=32, seed=3, progress=False)
+    root = generate_shapes(tmp_path / "real", domain="real", n_train=6, n_val=3, size=32, seed=3,
+                           progress=False)
     assert root == tmp_path / "real" and sorted(p.name for p in tmp_path.iterdir()) == ["real"]
     stems = [f"real_{i:05d}" for i in range(9)]
     tree = _tree(root)
@@ -144,7 +145,7 @@ def test_written_layout(tmp_path: Path) -> None:
                     "n_val": 3, "size": 32, "seed": 3, "classes": list(CLASSES)}
     lines = (root / "image_labels.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in lines] == stems
-    for i, (stem, line) in enumerate(zip(stems, lines)):
+    for i, (stem, line) in enumerate(zip(stems, lines, strict=True)):
         with Image.open(root / "images" / f"{stem}.png") as im:
             assert im.mode == "RGB" and im.size == (32, 32)
             image = np.asarray(im)
@@ -239,7 +240,10 @@ def test_refuses_foreign_folder(tmp_path: Path) -> None:
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("kw", [{"domain": "cartoon"}, {"size": 8}, {"n_train": -1}, {"n_train": 0, "n_val": 0}])
+BAD = [{"domain": "cartoon"}, {"size": 8}, {"n_train": -1}, {"seed": -1}, {"n_train": 0, "n_val": 0}]
+
+
+@pytest.mark.parametrize("kw", BAD)
 def test_bad_parameters(tmp_path: Path, kw: dict) -> None:
     with pytest.raises(ConfigError):
         ensure_shapes(tmp_path / "ds", **{"progress": False, **kw})

@@ -14,6 +14,7 @@ Masks hold class indices with a thin 255 (ignore) border around each object's vi
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from .base import IGNORE
 
 CLASSES = ("background", "disk", "square", "triangle", "star", "ring", "cross")
 DOMAINS = ("synthetic", "real")
-VERSION = 1
+VERSION = 2  # bump whenever the generated images change, so that ensure_shapes regenerates old trees
 FORMAT = "lesseg-shapes"
 
 _MIN_VISIBLE_FRAC = 0.6  # an object keeps at least this share of its full area unoccluded, else dropped
@@ -117,7 +118,8 @@ def _sample_object(rng: np.random.Generator, size: int, style: _Style) -> _Objec
         pts = (poly * [radius * aspect, radius / aspect]) @ rot + center + pad
         draw.polygon(pts.ravel().tolist(), fill=int(i == 0))
     full = np.asarray(canvas)
-    return _Object(cls, full[pad:pad + size, pad:pad + size], int(full.sum()), (center[0], center[1]), radius)
+    inside = full[pad:pad + size, pad:pad + size]
+    return _Object(cls, inside, int(full.sum()), (float(center[0]), float(center[1])), radius)
 
 
 def _dilate_max(z: np.ndarray, w: int) -> np.ndarray:
@@ -150,12 +152,13 @@ def _layout(objs: list[_Object], size: int) -> tuple[list[_Object], np.ndarray, 
         objs = keep
 
 
-def _pick_colour(rng: np.random.Generator, avoid_bg: list[np.ndarray], avoid_obj: list[np.ndarray]) -> np.ndarray:
+def _pick_colour(rng: np.random.Generator, avoid_bg: list[np.ndarray],
+                 avoid_obj: list[np.ndarray]) -> np.ndarray:
     """A uniform random RGB colour (independent of the class) that contrasts with the given colours.
 
     The first of 30 candidates that keeps the minimum distances, else the one that comes closest.
     """
-    cands = rng.uniform(0, 255, (30, 3))
+    cands = rng.uniform(0, 255, (30, 3)).astype(np.float32)
     avoid = np.array(avoid_bg + avoid_obj).reshape(-1, 3)
     need = np.array([_BG_CONTRAST] * len(avoid_bg) + [_OBJ_CONTRAST] * len(avoid_obj))
     margin = (np.linalg.norm(cands[:, None] - avoid[None], axis=2) - need).min(1)
@@ -177,12 +180,12 @@ def _pattern(rng: np.random.Generator, size: int) -> np.ndarray:
     if kind == 0:
         return _smooth_noise(rng, size, int(rng.integers(3, 10)))
     a = rng.uniform(0, np.pi)
-    u = x * np.cos(a) + y * np.sin(a)
+    u = x * math.cos(a) + y * math.sin(a)
     period = rng.uniform(0.08, 0.25 if kind == 1 else 0.16) * size  # big checker cells look like squares
     if kind == 1:
         t = 0.5 + 0.5 * np.sin(2 * np.pi * u / period + rng.uniform(0, 2 * np.pi))
         return t if rng.random() < 0.5 else np.round(t)
-    v = -x * np.sin(a) + y * np.cos(a)
+    v = -x * math.sin(a) + y * math.cos(a)
     return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
 
 
@@ -195,7 +198,7 @@ def _background(rng: np.random.Generator, domain: str, size: int) -> tuple[np.nd
         if rng.random() < 0.5:
             return np.broadcast_to(c1, (size, size, 3)).astype(np.float32), [c1]
         a = rng.uniform(0, 2 * np.pi)
-        t = ((x - size / 2) * np.cos(a) + (y - size / 2) * np.sin(a)) / size + 0.5
+        t = ((x - size / 2) * math.cos(a) + (y - size / 2) * math.sin(a)) / size + 0.5
     else:
         t = 0.8 * _pattern(rng, size) + 0.2 * _smooth_noise(rng, size, size // 4)
     return (c1 + (c2 - c1) * t[..., None]).astype(np.float32), [c1, c2]
@@ -218,7 +221,8 @@ def _clutter(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
             cx, cy = rng.uniform(0, 1, 2) * size
             r = rng.uniform(0.2, 0.6) * size
             start = rng.uniform(0, 360)
-            draw.arc([cx - r, cy - r, cx + r, cy + r], start, start + rng.uniform(40, 160), fill=colour, width=width)
+            end = start + rng.uniform(40, 160)
+            draw.arc([cx - r, cy - r, cx + r, cy + r], start, end, fill=colour, width=width)
     return np.asarray(pil, dtype=np.float32)
 
 
@@ -226,7 +230,7 @@ def _object_colours(rng: np.random.Generator, o: _Object, base: np.ndarray, size
     """Real-domain object appearance: linear shading plus an optional stripe or noise texture."""
     x, y = _grid(size)
     a = rng.uniform(0, 2 * np.pi)
-    ramp = ((x - o.center[0]) * np.cos(a) + (y - o.center[1]) * np.sin(a)) / o.radius
+    ramp = ((x - o.center[0]) * math.cos(a) + (y - o.center[1]) * math.sin(a)) / o.radius
     shade = 1.0 + rng.uniform(0, 0.3) * np.clip(ramp, -1.5, 1.5)
     kind = rng.integers(3)
     if kind == 0:
@@ -234,7 +238,7 @@ def _object_colours(rng: np.random.Generator, o: _Object, base: np.ndarray, size
     elif kind == 1:
         b = rng.uniform(0, np.pi)
         period = rng.uniform(3, 7) * size / 64
-        tex = np.sin(2 * np.pi * (x * np.cos(b) + y * np.sin(b)) / period)
+        tex = np.sin(2 * np.pi * (x * math.cos(b) + y * math.sin(b)) / period)
     else:
         tex = 2 * _smooth_noise(rng, size, max(4, size // 6)) - 1
     return base * shade[..., None] + (rng.uniform(8, 25) * tex)[..., None]
@@ -245,13 +249,14 @@ def _degrade(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     size = img.shape[0]
     x, y = _grid(size)
     a = rng.uniform(0, 2 * np.pi)
-    light = 1.0 + rng.uniform(0, 0.5) * ((x - size / 2) * np.cos(a) + (y - size / 2) * np.sin(a)) / size
-    img = img * light[..., None] * rng.uniform(0.85, 1.15, 3)
+    ramp = ((x - size / 2) * math.cos(a) + (y - size / 2) * math.sin(a)) / size
+    light = 1.0 + rng.uniform(0, 0.5) * ramp
+    img = img * light[..., None] * rng.uniform(0.85, 1.15, 3).astype(np.float32)
     img = (img - 128) * rng.uniform(0.7, 1.1) + 128 + rng.uniform(-25, 25)
     img = 255 * (np.clip(img, 0, 255) / 255) ** rng.uniform(0.8, 1.25)
-    pil = Image.fromarray(img.astype(np.uint8))
-    img = np.asarray(pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8) * size / 64)), dtype=np.float32)
-    return img + rng.normal(0, rng.uniform(2, 6), img.shape)
+    blur = ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8) * size / 64)
+    img = np.asarray(Image.fromarray(img.astype(np.uint8)).filter(blur), dtype=np.float32)
+    return img + rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(2, 6)
 
 
 def _check_domain(domain: str) -> None:
@@ -277,7 +282,10 @@ def render_sample(rng: np.random.Generator, domain: str = "real",
     colours: list[np.ndarray] = []
     for o in objs:
         colours.append(_pick_colour(rng, bg_colours, colours))
-        img[o.mask] = (colours[-1] if domain == "synthetic" else _object_colours(rng, o, colours[-1], size)[o.mask])
+        if domain == "synthetic":
+            img[o.mask] = colours[-1]
+        else:
+            img[o.mask] = _object_colours(rng, o, colours[-1], size)[o.mask]
     if domain == "real":
         img = _degrade(rng, img)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
@@ -360,7 +368,8 @@ def generate_shapes(root: str | Path, *, domain: str = "real", n_train: int = 10
 
 def ensure_shapes(root: str | Path, *, domain: str = "real", n_train: int = 1024, n_val: int = 256,
                   size: int = 64, seed: int = 0, progress: bool = True) -> Path:
-    """Return ``root`` (absolute) at once if it holds the shapes dataset with these parameters, else generate it."""
+    """Return ``root`` (absolute) at once if it holds the shapes dataset with these parameters, else
+    generate it."""
     root = Path(root).resolve()
     if _read_meta(root) == _meta(domain, n_train, n_val, size, seed):
         return root
