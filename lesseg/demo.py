@@ -47,7 +47,7 @@ def _semi_methods() -> list[str]:
     return [m for m in ("u2pl", "cps") if m in METHODS]
 
 
-DEMO_ITERS = 250  # fits the four runs in ~10 minutes on 2 CPU cores (docs/benchmarks.md)
+DEMO_ITERS = 150  # the four runs in ~7-8 minutes on 2 CPU cores (estimate from step times, docs/benchmarks.md)
 
 
 def run_demo(out: Path, quick: bool = False, device: str = "auto", iters: int | None = None,
