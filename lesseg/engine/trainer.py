@@ -62,7 +62,7 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world()
         self.main = dist.is_main()
         self.progress = t.progress and self.main
-        seed_everything(t.seed + self.rank, t.deterministic)
+        seed_everything(t.seed, t.deterministic)
         self.out = Path(cfg.out)
 
         method_cls: type[Method] = METHODS.get(cfg.method.name)
@@ -77,6 +77,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every process
         self.method = build_method(cfg, self.info).to(self.device)
+        torch.manual_seed(t.seed + self.rank)  # then per-process randomness (mixing boxes, bank samples)
         self.wrapped = list(self.method.trainable_nets())
         if self.world > 1:
             for name, net in self.method.trainable_nets().items():
