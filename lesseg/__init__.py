@@ -8,7 +8,7 @@ Python API::
 """
 
 __version__ = "0.1.0"
-__all__ = ["Trainer", "config", "evaluate", "train", "__version__"]
+__all__ = ["Trainer", "__version__", "config", "evaluate", "train"]
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -29,15 +29,15 @@ class StreamConfig:
     batch_size: int = 8  # per process
     labeled: bool = True  # read masks; False gives only a `valid` map (padding excluded)
     strong: bool = False  # also return a strongly augmented copy sharing the weak view's geometry
-    dataset: Optional[str] = None  # None: data.dataset (a stream may come from another dataset, e.g. DA)
-    root: Optional[str] = None  # None: data.root
-    options: Optional[dict[str, Any]] = None  # None: data.options
+    dataset: str | None = None  # None: data.dataset (a stream may come from another dataset, e.g. DA)
+    root: str | None = None  # None: data.root
+    options: dict[str, Any] | None = None  # None: data.options
 
 
 @dataclass
 class AugConfig:
     scale: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale range
-    base_size: Optional[int] = None  # resize so the long side is this before random scaling; None: native
+    base_size: int | None = None  # resize so the long side is this before random scaling; None: native
     hflip: bool = True
     color_jitter: float = 0.5  # strong view: brightness/contrast/saturation strength (hue = strength/2)
     color_jitter_p: float = 0.8
@@ -65,7 +65,7 @@ class ModelConfig:
     encoder: str = "resnet18"  # any timm model with features_only
     head: str = "deeplabv3plus"  # deeplabv3plus | deeplabv2
     output_stride: int = 16
-    pretrained: Optional[str] = None  # local checkpoint for the encoder
+    pretrained: str | None = None  # local checkpoint for the encoder
     decoder_channels: int = 256
     dropout: float = 0.1
     rep_head: bool = False
@@ -105,9 +105,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     mode: str = "whole"  # whole | slide | center
-    crop_size: Optional[list[int]] = None  # slide window / center crop; None: data.crop_size
-    stride: Optional[list[int]] = None  # slide stride; None: 2/3 of the window
-    resize: Optional[list[int]] = None  # whole mode: resize the input to H, W and the logits back
+    crop_size: list[int] | None = None  # slide window / center crop; None: data.crop_size
+    stride: list[int] | None = None  # slide stride; None: 2/3 of the window
+    resize: list[int] | None = None  # whole mode: resize the input to H, W and the logits back
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = False
     batch_size: int = 1  # images of different sizes need 1
@@ -121,7 +121,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    out: Optional[str] = None  # run folder; None: runs/<config name>
+    out: str | None = None  # run folder; None: runs/<config name>
 
 
 def _read_yaml(path: Path) -> dict:

@@ -60,7 +60,7 @@ def test_slide_equals_whole_for_a_local_net_and_when_window_covers():
     slide = predict_probs(net, x, eval_cfg(mode="slide", stride=[5, 7]), [16, 16], 5)
     assert torch.allclose(whole, slide, atol=1e-6)
     conv = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(5, 5, 3, padding=1))
-    deep = lambda t: {"logits": conv(t)}  # noqa: E731  (not local: windows would differ, unless one covers)
+    deep = lambda t: {"logits": conv(t)}
     assert torch.allclose(predict_probs(deep, x, eval_cfg(), [64, 64], 5),
                           predict_probs(deep, x, eval_cfg(mode="slide"), [64, 64], 5), atol=1e-6)
     assert not torch.allclose(predict_probs(deep, x, eval_cfg(), [16, 16], 5),

@@ -16,8 +16,8 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from lesseg.errors import ConfigError
 from lesseg.config import ModelConfig
+from lesseg.errors import ConfigError
 from lesseg.models import build_model, create_encoder, load_encoder_weights
 
 NUM_CLASSES = 5

@@ -13,8 +13,18 @@ from .check import require_clean, scan
 from .loader import SegDataset, Stream, eval_loader
 
 __all__ = [
-    "IGNORE", "SOURCES", "Sample", "SegSource", "SegDataset", "Stream", "build_source", "build_streams",
-    "build_eval_dataset", "stream_source", "eval_loader", "scan",
+    "IGNORE",
+    "SOURCES",
+    "Sample",
+    "SegDataset",
+    "SegSource",
+    "Stream",
+    "build_eval_dataset",
+    "build_source",
+    "build_streams",
+    "eval_loader",
+    "scan",
+    "stream_source",
 ]
 
 

@@ -8,8 +8,8 @@ uninterrupted one would, whatever the number of workers, and loaders never touch
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
