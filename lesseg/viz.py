@@ -8,36 +8,26 @@ import numpy as np
 from PIL import Image
 
 from .data.base import IGNORE
-
-
-def palette(n: int) -> np.ndarray:
-    """The PASCAL VOC bit-interleaved colour map: distinct colours for ``n`` classes. (n, 3) uint8"""
-    cmap = np.zeros((n, 3), np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
+from .data.formats import voc_palette
 
 
 def colorize(labels: np.ndarray, num_classes: int) -> Image.Image:
     """A palette ("P" mode) PNG image of a label map; 255 (ignore) is white."""
     im = Image.fromarray(labels.astype(np.uint8), mode="P")
-    pal = np.full((256, 3), 255, np.uint8)
-    pal[:num_classes] = palette(num_classes)
-    im.putpalette(pal.ravel().tolist())
+    im.putpalette(_palette_with_ignore(num_classes).ravel().tolist())
     return im
 
 
 def color_array(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """H,W labels -> H,W,3 uint8 colours (ignore = white)."""
+    return _palette_with_ignore(num_classes)[labels.astype(np.uint8)]
+
+
+def _palette_with_ignore(num_classes: int) -> np.ndarray:
+    """256-entry palette: the VOC colours for the classes, white for everything else (255 = ignore)."""
     pal = np.full((256, 3), 255, np.uint8)
-    pal[:num_classes] = palette(num_classes)
-    return pal[labels.astype(np.uint8)]
+    pal[:num_classes] = voc_palette(num_classes)
+    return pal
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = 0.5) -> np.ndarray:

@@ -65,3 +65,14 @@ def ema_update(teacher: nn.Module, student: nn.Module, step_since_start: int, d_
     torch._foreach_add_(t_params, s_params, alpha=1.0 - d)
     for tb, sb in zip(teacher.buffers(), student.buffers()):
         tb.copy_(sb)
+
+
+def split_outputs(
+    out: dict[str, torch.Tensor], n: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Outputs of a joint forward split into the first ``n`` samples and the rest.
+
+    Methods run each trainable net once per step on ``cat([labeled, unlabeled])``: one DDP forward per
+    backward, and BatchNorm statistics over the whole batch.
+    """
+    return {k: v[:n] for k, v in out.items()}, {k: v[n:] for k, v in out.items()}

@@ -17,8 +17,7 @@ from torch import nn
 
 from ..models import build_model
 from .base import METHODS, Method, RunInfo
-from .common import IGNORE, ce_loss
-from .mean_teacher import split_outputs
+from .common import IGNORE, ce_loss, split_outputs
 from .mixing import box_mask_cps, mix_batch
 from .supervised import SupervisedConfig, sup_loss
 

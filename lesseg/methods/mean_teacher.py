@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import build_model
 from .base import METHODS, Method, RunInfo
-from .common import IGNORE, ce_loss, ema_update, make_teacher
+from .common import IGNORE, ce_loss, ema_update, make_teacher, split_outputs
 from .supervised import SupervisedConfig, sup_loss
 
 CONSISTENCY = ("mse", "ce")
@@ -57,17 +57,6 @@ def confident_ce(
     all valid pixels (unconfident ones count as 0, so the term shrinks when few pixels are confident)."""
     conf, pseudo = target_probs.float().max(1)  # B,H,W
     return ce_loss(logits, pseudo.masked_fill(~valid, IGNORE), weight=(conf >= threshold).float())
-
-
-def split_outputs(
-    out: dict[str, torch.Tensor], n: int
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Outputs of a joint forward split into the first ``n`` samples and the rest.
-
-    Methods run each trainable net once per step on ``cat([labeled, unlabeled])``: one DDP forward per
-    backward, and BatchNorm statistics over the whole batch.
-    """
-    return {k: v[:n] for k, v in out.items()}, {k: v[n:] for k, v in out.items()}
 
 
 @METHODS.register("mean_teacher")

@@ -32,8 +32,7 @@ from ..data.splits import write_split
 from ..errors import ConfigError
 from ..models import build_model
 from .base import METHODS, Method, RunInfo
-from .common import IGNORE
-from .mean_teacher import split_outputs
+from .common import IGNORE, split_outputs
 from .supervised import SupervisedConfig, sup_loss
 
 if TYPE_CHECKING:
