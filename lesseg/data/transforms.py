@@ -16,6 +16,14 @@ from torchvision.transforms.v2 import functional as TF
 from .base import IGNORE
 
 
+def _resize(inpt, size: list[int]):
+    """Bilinear for images; NEAREST_EXACT for masks: torchvision's default NEAREST floors source
+    coordinates and shifts labels by up to half an input pixel against the bilinear image."""
+    if isinstance(inpt, tv_tensors.Mask):
+        return TF.resize(inpt, size, interpolation=v2.InterpolationMode.NEAREST_EXACT)
+    return TF.resize(inpt, size, antialias=True)
+
+
 class RandomScale(v2.Transform):
     """Rescale image and mask by one factor drawn uniformly from ``[lo, hi]``."""
 
@@ -29,7 +37,7 @@ class RandomScale(v2.Transform):
         return {"size": [max(1, round(h * s)), max(1, round(w * s))]}
 
     def transform(self, inpt, params: dict):
-        return TF.resize(inpt, params["size"], antialias=True)
+        return _resize(inpt, params["size"])
 
 
 class ResizeLong(v2.Transform):
@@ -45,7 +53,7 @@ class ResizeLong(v2.Transform):
         return {"size": [max(1, round(h * s)), max(1, round(w * s))]}
 
     def transform(self, inpt, params: dict):
-        return TF.resize(inpt, params["size"], antialias=True)
+        return _resize(inpt, params["size"])
 
 
 def weak_geometry(aug, crop_size: list[int]) -> v2.Compose:
