@@ -77,6 +77,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"  # sgd (the papers' choice) | adamw (momentum and nesterov then unused)
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -196,6 +197,8 @@ def _check(cfg: DictConfig, where: str) -> None:
     """Cross-field checks that types alone cannot express."""
     if cfg.train.iters <= 0 and cfg.train.epochs <= 0:
         raise ConfigError(f"{where}: set train.iters or train.epochs to a positive number")
+    if cfg.optim.name not in ("sgd", "adamw"):
+        raise ConfigError(f"{where}: optim.name must be sgd or adamw, not {cfg.optim.name!r}")
     if cfg.eval.mode not in ("whole", "slide", "center"):
         raise ConfigError(f"{where}: eval.mode must be whole, slide or center, not {cfg.eval.mode!r}")
     if cfg.train.amp not in ("auto", "none", "bf16", "fp16"):

@@ -104,12 +104,14 @@ def test_mask_errors_say_what_is_wrong(tmp_path, capsys):
 
 def test_corrupt_image_error_through_the_real_entry_point_has_no_traceback(tmp_path):
     tree = folder_tree(tmp_path)
-    culprit = _truncate(tree.root / "images" / "img_000.png")
+    culprit = tree.root / "images" / "img_000.png"
+    culprit.write_bytes(b"not a PNG at all\n" * 8)  # an unidentifiable header, not only a cut-off file
     r = run_subprocess("train", folder_config(tmp_path, tree.root))
     lines = [line for line in r.stderr.splitlines() if line.strip() and "%|" not in line]  # no progress bars
     assert r.returncode == 2, r.stderr
     assert lines and lines[0].startswith("lesseg: error: ") and len(lines) <= 2, r.stderr
     assert str(culprit) in r.stderr and "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.count(str(culprit)) == 1, r.stderr  # PIL's own message would name it a second time
     assert_no_training_step(tmp_path / "run")
 
 
@@ -152,6 +154,7 @@ def test_data_check_reports_a_missing_image_and_the_other_problems_of_the_split(
     truncated = _truncate(tree.root / "images" / "img_000.png")
     rc, out, _ = run_cli(capsys, "data", "check", folder_config(tmp_path, tree.root))
     assert rc == 1 and str(ghost) in out and str(truncated) in out, out
+    assert f"{ghost}.{{png,jpg,jpeg}}" in out, out  # every image suffix looked for, not only .png
 
 
 # make_folder(binary=True) saves class 1 as 255. Class sets -> class 1 pixels: 3 x 256 + 512, class 0: 3 x 256

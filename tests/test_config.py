@@ -38,6 +38,11 @@ def test_override_without_equals_is_an_error():
         config.from_dict(BASE, ["train.iters"])
 
 
+def test_unknown_optimizer_is_refused_at_load_naming_the_choices():
+    with pytest.raises(ConfigError, match="optim.name must be sgd or adamw, not 'adam'"):
+        config.from_dict(BASE, ["optim.name=adam"])
+
+
 def test_iterations_or_epochs_required():
     with pytest.raises(ConfigError, match="train.iters or train.epochs"):
         config.from_dict({})

@@ -35,8 +35,9 @@ def _final_weights(path):
     return ckpt.load(path)["method"]
 
 
-def test_kill_and_resume_gives_the_same_weights(tiny_cfg, tmp_path, monkeypatch):
-    common = ["train.iters=6", "train.ckpt_every=2", "train.deterministic=true"]
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_kill_and_resume_gives_the_same_weights(optimizer, tiny_cfg, tmp_path, monkeypatch):
+    common = ["train.iters=6", "train.ckpt_every=2", "train.deterministic=true", f"optim.name={optimizer}"]
     full = Trainer(tiny_cfg(common + [f"out={tmp_path / 'full'}"]))
     full.fit()
 
@@ -54,6 +55,7 @@ def test_kill_and_resume_gives_the_same_weights(tiny_cfg, tmp_path, monkeypatch)
     assert ckpt.load(tmp_path / "killed" / "last.pt")["step"] == 4
     resumed = Trainer(tiny_cfg(common + [f"out={tmp_path / 'killed'}"]), resume=True)
     assert resumed.step == 4
+    assert type(resumed.optimizer).__name__.lower() == optimizer
     resumed.fit()
     a, b = _final_weights(tmp_path / "full" / "last.pt"), _final_weights(tmp_path / "killed" / "last.pt")
     assert a.keys() == b.keys()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from ..registry import Registry
@@ -89,6 +89,8 @@ def read_rgb(path: Path) -> np.ndarray:
             return np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
+    except UnidentifiedImageError:  # PIL's own message repeats the path
+        raise DataError(f"cannot read image {path}: not an image file, or a corrupt or unsupported one") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
 
@@ -104,6 +106,8 @@ def read_raw_mask(path: Path) -> np.ndarray:
             return np.array(im.convert("L"))
     except FileNotFoundError:
         raise DataError(f"mask file not found: {path}") from None
+    except UnidentifiedImageError:
+        raise DataError(f"cannot read mask {path}: not an image file, or a corrupt or unsupported one") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read mask {path}: {e}") from None
 

@@ -95,8 +95,13 @@ class Trainer:
         for g in groups:
             g["lr_mult"] = o.head_lr_mult if g.pop("head") else 1.0
             g["lr"] = lr * g["lr_mult"]
-        self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                         nesterov=o.nesterov)
+        if o.name == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                             nesterov=o.nesterov)
+        elif o.name == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=o.weight_decay)
+        else:  # config.load refuses other names
+            raise ValueError(f"unknown optim.name {o.name!r}")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.amp = amp_dtype(t.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
