@@ -175,7 +175,15 @@ def cmd_bench(args) -> int:
     quick = ["train.iters=30", "train.eval_every=0", "train.log_every=10"] if args.quick else []
     methods = tuple(args.methods.split(",")) if args.methods else bench.SEMI_METHODS
     seeds = tuple(range(1 if args.quick else args.seeds))
-    budgets = ("1-16",) if args.quick else ("1-16", "1-8")
+    budgets = tuple(args.budgets.split(",")) if args.budgets else ("1-16",) if args.quick else ("1-16", "1-8")
+    from .data.formats import ShapesSource
+
+    for b in budgets:
+        if b not in ShapesSource.partitions:
+            raise LessegError(f"unknown label budget {b!r}; shapes has {', '.join(ShapesSource.partitions)}")
+    for m in methods:
+        if m not in bench.SEMI_METHODS:
+            raise LessegError(f"unknown method {m!r} for bench semi; known: {', '.join(bench.SEMI_METHODS)}")
     rows = bench.bench_semi(out, methods, budgets, seeds, quick + list(args.overrides), args.device)
     table = bench.summarize_semi(rows)
     bench.print_semi_table(table)
@@ -275,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quick", action="store_true", help="semi: a short smoke run (1 seed, 1/16, 30 steps)")
     sp.add_argument("--seeds", type=int, default=2, help="semi: number of seeds")
     sp.add_argument("--methods", help="semi: comma-separated subset")
+    sp.add_argument("--budgets", help="semi: comma-separated label budgets (default 1-16,1-8; also 1-4, 1-2)")
     sp.add_argument("--out", help="semi: run folder (finished runs are reused)")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_bench)

@@ -43,3 +43,12 @@ def test_viz_writes_entropy_partition_and_curves(tiny_cfg, tmp_path):
     assert curves is not None and curves.is_file()
     logged = {k for line in (run / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)}
     assert {"loss_unsup", "loss_contra", "reliable_frac", "drop_percent"} <= logged
+
+
+@pytest.mark.parametrize("flag, value, culprit", [("--budgets", "1-3", "'1-3'"), ("--methods", "u2pll", "'u2pll'")])
+def test_bench_semi_refuses_an_unknown_budget_or_method_before_training(flag, value, culprit, tmp_path, capsys):
+    from test_cli import run_cli
+
+    rc, out, err = run_cli(capsys, "bench", "semi", flag, value, "--out", tmp_path / "bench")
+    assert rc == 2 and culprit in err and out == ""
+    assert not (tmp_path / "bench").exists()  # nothing trained
