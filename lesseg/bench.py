@@ -118,15 +118,19 @@ def _mean_rate(metrics: Path) -> float | None:
 
 def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tuple[str, ...] = ("1-16", "1-8"),
                seeds: tuple[int, ...] = (0, 1), extra: list[str] = (), device: str = "auto") -> list[dict]:
-    """Train every method at every budget and seed on shapes (+ the supervised reference on all labels).
+    """Train every method at every budget and seed on shapes; with ``supervised`` among the methods, also the
+    supervised reference on all labels.
 
-    Finished runs are reused (delete ``out`` to start over). Returns one row per run.
+    Finished runs are reused (delete ``out`` to start over), so the plan can be split over processes by method
+    (e.g. ``cps`` in one, ``supervised,u2pl`` in another, each with a run folder per method) and summarised
+    afterwards by the whole plan. Returns one row per run.
     """
     from . import config
     from .engine import checkpoint as ckpt
     from .engine.trainer import train
 
-    plan = [("supervised", "all", s) for s in seeds] + [(m, b, s) for b in budgets for m in methods for s in seeds]
+    reference = [("supervised", "all", s) for s in seeds] if "supervised" in methods else []
+    plan = reference + [(m, b, s) for b in budgets for m in methods for s in seeds]
     rows = []
     for method, budget, seed in plan:
         run_dir = out / budget / method / f"seed{seed}"

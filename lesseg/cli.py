@@ -160,6 +160,7 @@ def cmd_data(args) -> int:
 
 def cmd_bench(args) -> int:
     from . import bench, config
+    from .data.formats import ShapesSource
 
     if args.kind == "speed":
         if not args.config:
@@ -176,8 +177,6 @@ def cmd_bench(args) -> int:
     methods = tuple(args.methods.split(",")) if args.methods else bench.SEMI_METHODS
     seeds = tuple(range(1 if args.quick else args.seeds))
     budgets = tuple(args.budgets.split(",")) if args.budgets else ("1-16",) if args.quick else ("1-16", "1-8")
-    from .data.formats import ShapesSource
-
     for b in budgets:
         if b not in ShapesSource.partitions:
             raise LessegError(f"unknown label budget {b!r}; shapes has {', '.join(ShapesSource.partitions)}")
@@ -187,16 +186,18 @@ def cmd_bench(args) -> int:
     rows = bench.bench_semi(out, methods, budgets, seeds, quick + list(args.overrides), args.device)
     table = bench.summarize_semi(rows)
     bench.print_semi_table(table)
-    print("\ncost per step (1/16 configs, same batch): method step vs the network passes it needs")
     costs = []
-    for m in [m for m in methods if m != "self_training"]:  # its step is two supervised passes; its cost is
-        cfg = config.load(f"shapes/{m}.yaml", [f"out={out / 'overhead' / m}", "data.check=false",
-                                                "train.progress=false", f"train.device={args.device}"])
+    # self_training's step is a supervised step; its extra cost is stage 1 + pseudo-labelling (wall time above)
+    measured = [] if args.no_cost else [m for m in methods if m != "self_training"]
+    if measured:
+        print("\ncost per step (1/16 configs, same batch): method step vs the network passes it needs")
+    for m in measured:
+        cfg = config.load(f"shapes/{m}.yaml", list(args.overrides) + [
+            f"out={out / 'overhead' / m}", "data.check=false", "train.progress=false", f"train.device={args.device}"])
         c = bench.bench_overhead(cfg, iters=3 if args.quick else args.iters)
         costs.append(c)
         print(f"  {m:<14s} step {c['step_s']:.3f} s, passes {c['passes_s']:.3f} s, "
               f"method-specific +{100 * c['overhead']:.1f}%")
-    print("  self_training: the step is supervised; its extra cost is stage 1 + pseudo-labelling (wall time above)")
     (out / "summary.json").write_text(json.dumps({"runs": rows, "table": table, "cost": costs}, indent=2))
     print(json.dumps({"table": table, "cost": costs}))
     return 0
@@ -284,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seeds", type=int, default=2, help="semi: number of seeds")
     sp.add_argument("--methods", help="semi: comma-separated subset")
     sp.add_argument("--budgets", help="semi: comma-separated label budgets (default 1-16,1-8; also 1-4, 1-2)")
+    sp.add_argument("--no-cost", action="store_true",
+                    help="semi: skip the cost-per-step measurement (e.g. while other runs load the machine)")
     sp.add_argument("--out", help="semi: run folder (finished runs are reused)")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_bench)

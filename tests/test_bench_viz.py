@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,3 +53,23 @@ def test_bench_semi_refuses_an_unknown_budget_or_method_before_training(flag, va
     rc, out, err = run_cli(capsys, "bench", "semi", flag, value, "--out", tmp_path / "bench")
     assert rc == 2 and culprit in err and out == ""
     assert not (tmp_path / "bench").exists()  # nothing trained
+
+
+def test_bench_semi_plan_adds_the_all_labels_reference_only_with_supervised(tmp_path, monkeypatch):
+    from lesseg import bench
+    from lesseg.engine import trainer
+
+    trained = []
+
+    def fake_train(cfg):
+        trained.append((cfg.method.name, cfg.data.streams.labeled.split, cfg.train.seed))
+        Path(cfg.out).mkdir(parents=True)
+        return {"miou": 0.5}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    rows = bench.bench_semi(tmp_path, ("cps",), ("1-16",), (0, 1))
+    assert trained == [("cps", "labeled_1-16", 0), ("cps", "labeled_1-16", 1)]
+    trained.clear()
+    bench.bench_semi(tmp_path / "b", ("supervised", "u2pl"), ("1-8",), (0,))
+    assert trained == [("supervised", "train", 0), ("supervised", "labeled_1-8", 0), ("u2pl", "labeled_1-8", 0)]
+    assert [r["budget"] for r in rows] == ["1-16", "1-16"]
