@@ -127,6 +127,7 @@ def _data_splits(cfg, only: str | None) -> list[tuple[str, object, bool]]:
 
 def cmd_data(args) -> int:
     from .data import scan
+    from .data.check import label_warning
 
     cfg = _load_cfg(args)
     if args.action == "stats":
@@ -137,6 +138,9 @@ def cmd_data(args) -> int:
             raise LessegError(f"{len(problems)} bad file(s), run `lesseg data check`; first: {problems[0]}")
         total = int(counts.sum())
         print(f"{split}: {len(samples)} images, {total} labeled pixels", file=sys.stderr)
+        warning = label_warning(src, counts, split)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         for name, c in zip(src.classes, counts.tolist()):
             print(f"  {name:>16s} {c:>12d}  {100 * c / max(total, 1):6.2f}%", file=sys.stderr)
         print(json.dumps({"split": split, "images": len(samples),
@@ -150,9 +154,12 @@ def cmd_data(args) -> int:
             print(f"{split}: {e}")
             bad += 1
             continue
-        problems, _ = scan(src, samples, labeled, progress=True, desc=f"checking {split}")
+        problems, counts = scan(src, samples, labeled, progress=True, desc=f"checking {split}")
         for p in problems:
             print(p)
+        warning = label_warning(src, counts, split) if labeled else None
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"{split}: {len(samples)} images, {len(problems)} problem(s)", file=sys.stderr)
         bad += len(problems)
     return 1 if bad else 0

@@ -7,6 +7,7 @@ no traceback, and without taking a training step. A checkpoint crafted to run co
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import warnings
@@ -174,18 +175,30 @@ def test_binary_0_255_masks_with_binary_mask_option_read_255_as_class_1_and_trai
 
 
 def test_binary_0_255_masks_without_binary_mask_option_read_255_as_ignore_so_class_1_has_no_pixels(
-    tmp_path, capsys
+    tmp_path, capsys, caplog
 ):
     """Documented behaviour: 255 is the ignore label, so 0/255 masks pass the checks but teach only class 0.
-    ``lesseg data stats`` shows it (0 pixels of class 1); values other than 0, 1 and 255 are errors that
-    suggest data.options.binary_mask=true."""
+    ``lesseg data stats``, ``data check`` and training warn that every labeled pixel is background and name
+    data.options.binary_mask=true; values other than 0, 1 and 255 are errors that suggest it too."""
     tree = folder_tree(tmp_path, BINARY_SETS, BINARY_CLASSES, binary=True)
     cfg_path = folder_config(tmp_path, tree.root)
     rc, out, err = run_cli(capsys, "data", "stats", cfg_path)
     assert rc == 0, err
     assert last_json(out)["pixels"] == {"background": 768, "object": 0}
+    assert "every labeled pixel of" in err and "binary_mask=true" in err
     rc, out, err = run_cli(capsys, "data", "check", cfg_path)
     assert rc == 0, out + err
+    assert "warning: every labeled pixel of" in err and "binary_mask=true" in err
+    with caplog.at_level(logging.WARNING, logger="lesseg.data.check"):
+        rc, _, err = run_cli(capsys, "train", cfg_path)
+    assert rc == 0, err
+    assert any("binary_mask=true" in r.getMessage() and "'labeled'" in r.getMessage() for r in caplog.records)
+
+
+def test_masks_with_foreground_give_no_background_only_warning(tmp_path, capsys):
+    tree = folder_tree(tmp_path, BINARY_SETS, BINARY_CLASSES, binary=True)
+    rc, _, err = run_cli(capsys, "data", "check", folder_config(tmp_path, tree.root, options={"binary_mask": True}))
+    assert rc == 0 and "warning" not in err, err
 
 
 class RunsCode:

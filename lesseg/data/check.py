@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -9,6 +10,8 @@ from tqdm import tqdm
 
 from ..errors import DataError
 from .base import IGNORE, Sample, SegSource
+
+log = logging.getLogger(__name__)
 
 
 def _check_one(source: SegSource, s: Sample, labeled: bool) -> tuple[str | None, np.ndarray | None]:
@@ -37,10 +40,24 @@ def scan(source: SegSource, samples: list[Sample], labeled: bool = True, progres
     return problems, counts
 
 
+def label_warning(source: SegSource, counts: np.ndarray, what: str) -> str | None:
+    """A warning when the labeled pixels of a split are all of class 0: nothing else can be learned from it.
+
+    The usual cause is a 0/255 binary mask read without ``binary_mask``: 255 is the ignore label.
+    """
+    if source.num_classes < 2 or counts.sum() == 0 or counts[1:].sum() > 0:
+        return None
+    return (f"every labeled pixel of {what} is class 0 ({source.classes[0]}); 255 is the ignore label, so if "
+            "your masks mark the foreground with 255 (0/255 binary masks), set data.options.binary_mask=true")
+
+
 def require_clean(source: SegSource, samples: list[Sample], labeled: bool, what: str, progress: bool) -> None:
     """Raise one DataError listing every bad file of a split (before any training step is spent)."""
-    problems, _ = scan(source, samples, labeled, progress, desc=f"checking {what}")
+    problems, counts = scan(source, samples, labeled, progress, desc=f"checking {what}")
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise DataError(f"{len(problems)} bad file(s) in {what}:\n  {shown}{more}")
+    warning = label_warning(source, counts, what)
+    if warning:
+        log.warning(warning)
