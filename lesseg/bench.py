@@ -116,6 +116,20 @@ def _mean_rate(metrics: Path) -> float | None:
     return sum(rates) / len(rates) if rates else None
 
 
+def _numbers(path: Path) -> list[float | None]:
+    """The whitespace-separated numbers of a small file, None for each that is not a finite number."""
+    import math
+
+    values = []
+    for tok in path.read_text().split() if path.is_file() else []:
+        try:
+            v = float(tok)
+        except ValueError:
+            v = math.nan
+        values.append(v if math.isfinite(v) else None)
+    return values
+
+
 def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tuple[str, ...] = ("1-16", "1-8"),
                seeds: tuple[int, ...] = (0, 1), extra: list[str] = (), device: str = "auto") -> list[dict]:
     """Train every method at every budget and seed on shapes; with ``supervised`` among the methods, also the
@@ -144,11 +158,10 @@ def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tupl
             t0 = time.perf_counter()
             result = train(cfg)
             (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n{_peak_rss_mib()}\n")
-        wall, peak = ((run_dir / "wall_s.txt").read_text().split() + ["nan", "nan"])[:2]
+        wall, peak = (_numbers(run_dir / "wall_s.txt") + [None, None])[:2]  # None: not recorded
         rate = _mean_rate(run_dir / "metrics.jsonl")
         rows.append({"method": method, "budget": budget, "seed": seed, "miou": result["miou"],
-                     "s_per_iter": 1 / rate if rate else None, "wall_s": float(wall),
-                     "peak_mib": float(peak) if peak != "None" else None})
+                     "s_per_iter": 1 / rate if rate else None, "wall_s": wall, "peak_mib": peak})
     return rows
 
 
