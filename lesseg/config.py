@@ -39,6 +39,8 @@ class AugConfig:
     scale: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale range
     base_size: int | None = None  # resize so the long side is this before random scaling; None: native
     hflip: bool = True
+    vflip: bool = False  # for data without an up/down (aerial, microscopy, shapes)
+    rotate: float = 0.0  # random rotation in [-rotate, rotate] degrees (corners: image 0, mask ignore)
     color_jitter: float = 0.5  # strong view: brightness/contrast/saturation strength (hue = strength/2)
     color_jitter_p: float = 0.8
     grayscale_p: float = 0.2

@@ -4,6 +4,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from lesseg.data.base import Sample, SegSource
@@ -30,8 +31,8 @@ class Blocks(SegSource):
 
 
 def aug(**kw):
-    base = dict(scale=[0.5, 2.0], base_size=None, hflip=True, color_jitter=0.5, color_jitter_p=0.8,
-                grayscale_p=0.2, blur_p=0.5)
+    base = dict(scale=[0.5, 2.0], base_size=None, hflip=True, vflip=False, rotate=0.0, color_jitter=0.5,
+                color_jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -40,24 +41,34 @@ def dataset(a, strong=False):
                       strong=strong, crop_size=[32, 32], aug=a, mean=[0.0] * 3, std=[1.0] * 3)
 
 
-def test_image_and_mask_stay_aligned_under_scale_crop_pad_flip():
-    ds = dataset(aug())
+@pytest.mark.parametrize("extra", [{}, {"rotate": 40.0, "vflip": True}], ids=["scale_crop_flip", "with_rotation"])
+def test_image_and_mask_stay_aligned_under_scale_crop_pad_flip(extra):
+    ds = dataset(aug(**extra))
     for seed in range(30):
         item = ds[(0, seed)]
         img, mask = item["image"][0], item["mask"]  # H,W ; values 0..1
         assert img.shape == mask.shape == (32, 32)
         pad = mask == 255
-        assert torch.all(img[pad] == 0)  # padding: image 0, mask ignore
-        # interior pixels (whole 3x3 neighbourhood of one class): the colour says the class
+        if not extra:
+            assert torch.all(img[pad] == 0)  # padding: image 0, mask ignore
+        else:  # bilinear rotation blends the image into the fill along the edge: check away from it
+            deep = pad.clone()
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    deep &= torch.roll(pad, (dy, dx), (0, 1))
+            assert torch.all(img[deep] == 0)
+        # interior pixels (whole neighbourhood of one class): the colour says the class. Bilinear scaling
+        # then bilinear rotation blend colours over a wider band along edges than scaling alone.
+        r = 2 if extra else 1
         m = mask.clone()
         m[pad] = 254
         same = torch.ones_like(m, dtype=torch.bool)
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
                 same &= m == torch.roll(m, (dy, dx), (0, 1))
         inner = same & ~pad
-        inner[[0, -1], :] = False
-        inner[:, [0, -1]] = False
+        inner[:r, :] = inner[-r:, :] = False
+        inner[:, :r] = inner[:, -r:] = False
         assert inner.any()
         assert torch.allclose(img[inner] * 255, mask[inner].float() * 60, atol=1.5), seed
 
@@ -70,3 +81,24 @@ def test_strong_view_shares_the_weak_geometry_and_seed_fixes_everything():
     a, b, c = ds[(0, 3)], ds[(0, 3)], ds[(0, 4)]
     assert all(torch.equal(a[k], b[k]) for k in ("image", "image_strong", "mask"))  # pure function of seed
     assert not torch.equal(a["mask"], c["mask"]) or not torch.equal(a["image"], c["image"])
+
+
+def _is_axis_aligned_crop(mask: torch.Tensor, full: np.ndarray) -> bool:
+    h, w = mask.shape
+    m = mask.numpy()
+    return any(np.array_equal(m, full[y:y + h, x:x + w])
+               for y in range(full.shape[0] - h + 1) for x in range(full.shape[1] - w + 1))
+
+
+@pytest.mark.parametrize("rotate", [0.0, 45.0])
+def test_rotation_turns_the_mask_with_nearest_labels(rotate):
+    """Without rotation every crop is a window of the original mask; with it almost none is, and no label
+    other than the 4 classes and ignore appears (nearest interpolation, ignore corners)."""
+    ds = dataset(aug(scale=[1.0, 1.0], hflip=False, rotate=rotate))
+    full = Blocks().mask
+    windows = 0
+    for seed in range(20):
+        mask = ds[(0, seed)]["mask"]
+        assert set(mask.unique().tolist()) <= {0, 1, 2, 3, 255}
+        windows += _is_axis_aligned_crop(mask, full)
+    assert (windows == 20) if rotate == 0 else (windows <= 2), windows

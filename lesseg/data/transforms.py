@@ -57,18 +57,21 @@ class ResizeLong(v2.Transform):
 
 
 def weak_geometry(aug, crop_size: list[int]) -> v2.Compose:
-    """Random scale, crop (image padded with 0, mask with 255) and horizontal flip."""
+    """Random scale, rotation, crop (image padded with 0, mask with 255) and flips."""
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}
     ops: list = []
     if aug.base_size:
         ops.append(ResizeLong(aug.base_size))
     lo, hi = aug.scale
     if (lo, hi) != (1.0, 1.0):
         ops.append(RandomScale(lo, hi))
-    ops.append(
-        v2.RandomCrop(list(crop_size), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE})
-    )
+    if aug.rotate:  # masks are rotated with nearest interpolation by torchvision
+        ops.append(v2.RandomRotation(aug.rotate, interpolation=v2.InterpolationMode.BILINEAR, fill=fill))
+    ops.append(v2.RandomCrop(list(crop_size), pad_if_needed=True, fill=fill))
     if aug.hflip:
         ops.append(v2.RandomHorizontalFlip())
+    if aug.vflip:
+        ops.append(v2.RandomVerticalFlip())
     return v2.Compose(ops)
 
 
