@@ -182,7 +182,7 @@ def summarize_semi(rows: list[dict]) -> list[dict]:
         table.append({
             "method": method, "budget": budget, "seeds": len(rs), "miou": m,
             "spread": statistics.pstdev([r["miou"] for r in rs]) if len(rs) > 1 else 0.0,
-            "gain": m - sup_m if budget != "all" else None,
+            "gain": m - sup_m if budget != "all" and sup else None,  # None: no SupOnly run at this budget
             "gap_closed": (m - sup_m) / gap if budget != "all" and gap > 0 else None,
             "s_per_iter": statistics.mean(r["s_per_iter"] for r in rs if r["s_per_iter"]) if any(
                 r["s_per_iter"] for r in rs) else None,

@@ -23,6 +23,8 @@ def test_semi_summary_gap_closed_and_spread():
     assert u["gain"] == pytest.approx(0.16)  # vs SupOnly mean 0.55
     assert u["gap_closed"] == pytest.approx(0.16 / 0.25)  # gap to the full reference 0.80
     assert u["peak_mib"] == 210 and table[("supervised", "all")]["gap_closed"] is None
+    alone = summarize_semi([r for r in rows if r["method"] == "u2pl"])  # no SupOnly: no gain, no NaN
+    assert alone[0]["gain"] is None and alone[0]["gap_closed"] is None
 
 
 def test_viz_writes_entropy_partition_and_curves(tiny_cfg, tmp_path):
