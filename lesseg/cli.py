@@ -190,9 +190,13 @@ def cmd_bench(args) -> int:
     for m in methods:
         if m not in bench.SEMI_METHODS:
             raise LessegError(f"unknown method {m!r} for bench semi; known: {', '.join(bench.SEMI_METHODS)}")
-    rows = bench.bench_semi(out, methods, budgets, seeds, quick + list(args.overrides), args.device)
+    if args.cost_only and args.no_cost:
+        raise LessegError("--cost-only and --no-cost exclude each other")
+    rows = [] if args.cost_only else bench.bench_semi(out, methods, budgets, seeds, quick + list(args.overrides),
+                                                      args.device)
     table = bench.summarize_semi(rows)
-    bench.print_semi_table(table)
+    if rows:
+        bench.print_semi_table(table)
     costs = []
     # self_training's step is a supervised step; its extra cost is stage 1 + pseudo-labelling (wall time above)
     measured = [] if args.no_cost else [m for m in methods if m != "self_training"]
@@ -205,7 +209,9 @@ def cmd_bench(args) -> int:
         costs.append(c)
         print(f"  {m:<14s} step {c['step_s']:.3f} s, passes {c['passes_s']:.3f} s, "
               f"method-specific +{100 * c['overhead']:.1f}%")
-    (out / "summary.json").write_text(json.dumps({"runs": rows, "table": table, "cost": costs}, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    name = "cost.json" if args.cost_only else "summary.json"
+    (out / name).write_text(json.dumps({"runs": rows, "table": table, "cost": costs}, indent=2))
     print(json.dumps({"table": table, "cost": costs}))
     return 0
 
@@ -294,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--budgets", help="semi: comma-separated label budgets (default 1-16,1-8; also 1-4, 1-2)")
     sp.add_argument("--no-cost", action="store_true",
                     help="semi: skip the cost-per-step measurement (e.g. while other runs load the machine)")
+    sp.add_argument("--cost-only", action="store_true",
+                    help="semi: only the cost-per-step measurement of --methods, no training (an idle machine)")
     sp.add_argument("--out", help="semi: run folder (finished runs are reused)")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_bench)

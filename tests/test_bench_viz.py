@@ -75,3 +75,19 @@ def test_bench_semi_plan_adds_the_all_labels_reference_only_with_supervised(tmp_
     bench.bench_semi(tmp_path / "b", ("supervised", "u2pl"), ("1-8",), (0,))
     assert trained == [("supervised", "train", 0), ("supervised", "labeled_1-8", 0), ("u2pl", "labeled_1-8", 0)]
     assert [r["budget"] for r in rows] == ["1-16", "1-16"]
+
+
+def test_bench_semi_cost_only_measures_without_training(shapes_root, tmp_path, capsys):
+    from test_cli import run_cli
+
+    tiny = [f"data.root={shapes_root}", "data.options={n_train: 32, n_val: 15, size: 32}", "data.crop_size=[32,32]",
+            "data.workers=0", "model.encoder=test_resnet", "model.decoder_channels=16", "model.rep_dim=16",
+            "data.streams.labeled.batch_size=2", "data.streams.unlabeled.batch_size=2",
+            "method.num_queries=4", "method.num_negatives=4", "method.bank_size=16", "method.bank_size_bg=16"]
+    rc, out, err = run_cli(capsys, "bench", "semi", "--cost-only", "--methods", "u2pl", "--iters", "2",
+                           "--out", tmp_path / "b", *tiny)
+    assert rc == 0, err
+    cost = json.loads((tmp_path / "b" / "cost.json").read_text())["cost"]
+    assert [c["method"] for c in cost] == ["u2pl"] and cost[0]["teachers"] == 1 and cost[0]["nets"] == 1
+    assert cost[0]["step_s"] > 0 and cost[0]["passes_s"] > 0 and "method-specific" in out
+    assert not (tmp_path / "b" / "1-16").exists() and not (tmp_path / "b" / "all").exists()  # nothing trained
