@@ -79,6 +79,28 @@ def bench_speed(cfg: DictConfig, iters: int = 20, warmup: int = 3) -> dict:
     }
 
 
+def profile_steps(cfg: DictConfig, iters: int = 5, warmup: int = 3, rows: int = 25) -> str:
+    """torch.profiler table (self time per op, largest first) of ``iters`` training steps on one batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = Trainer(cfg)
+    loaders = trainer.train_loaders()
+    batch = {k: to_device(next(it), trainer.device) for k, it in loaders.items()}
+    trainer.method.train()
+    trainer.step = trainer.max_iters // 2  # past supervised warm-ups and ramp-ups
+    for _ in range(warmup):
+        trainer.train_step(batch)
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            trainer.train_step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def print_speed_table(rows: list[dict]) -> None:
     print(f"\n{'method':<12s} {'encoder':<12s} {'head':<14s} {'crop':>9s} {'batch':<22s} {'amp':<6s} "
           f"{'s/step':>7s} {'img/s':>7s} {'peak MiB':>9s}")

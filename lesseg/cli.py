@@ -173,6 +173,9 @@ def cmd_bench(args) -> int:
         if not args.config:
             raise LessegError("bench speed needs a CONFIG")
         cfg = _load_cfg(args, ["data.check=false", "train.progress=false"])
+        if args.profile:
+            print(bench.profile_steps(cfg, iters=args.iters, warmup=args.warmup))
+            return 0
         row = bench.bench_speed(cfg, iters=args.iters, warmup=args.warmup)
         bench.print_speed_table([row])
         print(json.dumps(row))
@@ -294,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="key=value overrides")
     sp.add_argument("--iters", type=int, default=20, help="timed steps")
     sp.add_argument("--warmup", type=int, default=3)
+    sp.add_argument("--profile", action="store_true",
+                    help="speed: print torch.profiler's per-op table of --iters steps instead of the timing")
     sp.add_argument("--quick", action="store_true", help="semi: a short smoke run (1 seed, 1/16, 30 steps)")
     sp.add_argument("--seeds", type=int, default=2, help="semi: number of seeds")
     sp.add_argument("--methods", help="semi: comma-separated subset")

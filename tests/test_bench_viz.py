@@ -91,3 +91,19 @@ def test_bench_semi_cost_only_measures_without_training(shapes_root, tmp_path, c
     assert [c["method"] for c in cost] == ["u2pl"] and cost[0]["teachers"] == 1 and cost[0]["nets"] == 1
     assert cost[0]["step_s"] > 0 and cost[0]["passes_s"] > 0 and "method-specific" in out
     assert not (tmp_path / "b" / "1-16").exists() and not (tmp_path / "b" / "all").exists()  # nothing trained
+
+
+def test_bench_speed_prints_a_row_and_profile_prints_the_op_table(tiny_cfg, tmp_path, capsys):
+    from test_cli import run_cli
+
+    from lesseg import config
+
+    path = tmp_path / "tiny.yaml"
+    config.save(tiny_cfg(), path)
+    rc, out, err = run_cli(capsys, "bench", "speed", path, "--iters", "2", "--warmup", "1")
+    assert rc == 0, err
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["step_s"] > 0 and row["images_per_s"] > 0 and row["batch"] == {"labeled": 4}
+    rc, out, err = run_cli(capsys, "bench", "speed", path, "--profile", "--iters", "2", "--warmup", "1")
+    assert rc == 0, err
+    assert "aten::convolution_backward" in out and "Self CPU time total" in out
