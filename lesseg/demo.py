@@ -20,6 +20,7 @@ from .engine import checkpoint as ckpt
 from .engine.evaluate import predict_probs
 from .engine.inference import load_checkpoint_net
 from .engine.trainer import train
+from .models import class_map
 from .viz import color_array, grid_figure
 
 
@@ -104,7 +105,8 @@ def _figure(rows: list[dict], path: Path, n: int = 4) -> Path:
         rgb = ((item["image"].permute(1, 2, 0).numpy() * std + mean).clip(0, 1) * 255).astype(np.uint8)
         row = [rgb, color_array(item["mask"].numpy(), info.num_classes)]
         for _, net, c, inf in nets:
-            pred = predict_probs(net, image, c.eval, list(c.data.crop_size), inf.num_classes).argmax(1)[0]
+            pred = predict_probs(net, image, c.eval, list(c.data.crop_size), inf.num_classes)
+            pred = class_map(pred)[0]
             row.append(color_array(pred.numpy(), inf.num_classes))
         grid.append(row)
     titles = ["input", "ground truth"] + [f"{name}\n{100 * r['miou']:.1f}" for (name, *_), r in zip(nets, rows)]

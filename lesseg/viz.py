@@ -123,6 +123,7 @@ def entropy_figure(checkpoint: str | Path, path: str | Path, n: int = 6) -> Path
     from .engine.inference import image_tensor, load_checkpoint_net
     from .methods.common import entropy
     from .methods.u2pl import entropy_split
+    from .models import class_map
 
     net, cfg, info, state = load_checkpoint_net(checkpoint)
     stream = cfg.data.streams.get("unlabeled")
@@ -143,7 +144,7 @@ def entropy_figure(checkpoint: str | Path, path: str | Path, n: int = 6) -> Path
             part = np.full((*ent.shape[-2:], 3), 128, np.uint8)  # grey: neither (between the two percentiles)
             part[reliable[0].numpy()] = (40, 170, 60)
             part[unreliable[0].numpy()] = (210, 40, 40)
-            rows.append([image, color_array(logits.argmax(1)[0].numpy(), info.num_classes),
+            rows.append([image, color_array(class_map(logits)[0].numpy(), info.num_classes),
                          heat(ent[0].numpy(), vmax=float(np.log(info.num_classes))), part])
     titles = ["unlabeled image", "prediction", "entropy (0..ln C)",
               f"reliable (green) / unreliable (red)\nalpha_t = {alpha:.1f}%"]

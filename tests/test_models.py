@@ -316,3 +316,13 @@ def test_unusable_checkpoint_is_a_config_error(tmp_path: Path, content: Any, mes
         load_encoder_weights(create_encoder(TINY, 16), path)
     assert str(path) in str(info.value)
     assert EXECUTED == []
+
+
+def test_class_map_is_argmax_over_classes_with_the_first_maximum_on_ties():
+    from lesseg.models import class_map
+
+    x = torch.randn(3, 5, 7, 9)
+    x[0, :, 0, 0] = 1.0  # a full tie: class 0
+    x[1, 2:4, 1, 1] = 100.0  # tie between classes 2 and 3: class 2
+    assert torch.equal(class_map(x), x.argmax(1))
+    assert class_map(x)[0, 0, 0] == 0 and class_map(x)[1, 1, 1] == 2

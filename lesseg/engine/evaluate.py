@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .. import dist
 from ..data.base import IGNORE
+from ..models import class_map
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -115,7 +116,7 @@ def evaluate(net, loader, num_classes: int, cfg, crop: list[int], device: torch.
             image, mask = center_crop(image, crop), center_crop(mask, crop)
         with autocast:
             probs = predict_probs(net, image, cfg, crop, num_classes)
-        conf += confusion_matrix(probs.argmax(1), mask, num_classes)
+        conf += confusion_matrix(class_map(probs), mask, num_classes)
     dist.all_reduce_sum(conf)
     net.train(was_training)
     result = iou_from_confusion(conf.cpu(), class_names)

@@ -15,6 +15,7 @@ from ..data.base import read_rgb
 from ..data.transforms import normalize
 from ..errors import ConfigError, LessegError
 from ..methods import RunInfo, build_method
+from ..models import class_map
 from ..viz import colorize, overlay
 from . import checkpoint as ckpt
 from .evaluate import predict_probs
@@ -71,7 +72,7 @@ def predict_files(net, cfg: DictConfig, info: RunInfo, inputs: list[Path], out: 
         image = read_rgb(path)
         probs = predict_probs(net, image_tensor(image, cfg).to(device), cfg.eval, list(cfg.data.crop_size),
                               info.num_classes)
-        pred = probs.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        pred = class_map(probs)[0].to(torch.uint8).cpu().numpy()
         target = out / f"{path.stem}.png"
         colorize(pred, info.num_classes).save(target)
         if with_overlay:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models import build_model
+from ..models import build_model, class_map
 from .base import METHODS, Method, RunInfo
 from .common import IGNORE, ce_loss, split_outputs
 from .mixing import box_mask_cps, mix_batch
@@ -31,7 +31,7 @@ class CPSConfig(SupervisedConfig):
 
 def hard_labels(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """One-hot pseudo-labels as class indices, 255 where invalid; never carries gradient. B,C,H,W -> B,H,W"""
-    return scores.detach().argmax(1).masked_fill(~valid, IGNORE)
+    return class_map(scores.detach()).masked_fill(~valid, IGNORE)
 
 
 def cps_loss(

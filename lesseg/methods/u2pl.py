@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .. import dist
 from ..errors import ConfigError
-from ..models import build_model
+from ..models import build_model, class_map
 from .base import METHODS, Method, RunInfo
 from .common import IGNORE, ce_loss, ema_update, entropy, make_teacher
 from .mixing import box_mask_one, classmix_mask, cutout, mix, mix_batch, partner
@@ -352,7 +352,7 @@ class U2PL(Method):
         with torch.no_grad():  # 1-2: teacher on the weak views, its unlabeled outputs mixed like the inputs
             t_out = self.teacher(torch.cat([x_l, unl["image"]]))
             logits_t, rep_t = t_out["logits"].float(), t_out["rep"].float()
-            pseudo = logits_t[n_l:].argmax(1).masked_fill(~unl["valid"], IGNORE)  # B,H,W
+            pseudo = class_map(logits_t[n_l:]).masked_fill(~unl["valid"], IGNORE)  # B,H,W
             x_u, logits_u, rep_u, pseudo = self._mix(unl["image_strong"], logits_t[n_l:], rep_t[n_l:], pseudo)
             valid = pseudo != IGNORE
             reliable, unreliable = entropy_split(entropy(logits_u), valid, alpha)

@@ -54,6 +54,15 @@ def _deeplabv2(cfg: ModelConfig, channels: list[int], reductions: list[int], num
     return DeepLabV2Head(channels[-1], num_classes)
 
 
+def class_map(scores: Tensor) -> Tensor:
+    """Per-pixel class of B,C,H,W scores (logits or probabilities) -> B,H,W, the first maximum on ties.
+
+    ``max(1).indices`` rather than ``argmax(1)``: the same result, but torch's CPU argmax over a dimension
+    that is not the innermost is about 12x slower (10.5 vs 0.9 ms for 16x7x64x64).
+    """
+    return scores.max(1).indices
+
+
 def _upsample(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
