@@ -270,7 +270,8 @@ class FolderSource(FileSource):
     def image_path(self, name: str) -> Path:
         candidates = [self.root / "images" / f"{name}{suffix}" for suffix in IMAGE_SUFFIXES]
         # when none exists, the path named in the missing-file error lists every suffix looked for
-        return _first_existing(candidates) or self.root / "images" / f"{name}.{{{','.join(s[1:] for s in IMAGE_SUFFIXES)}}}"
+        suffixes = ",".join(s[1:] for s in IMAGE_SUFFIXES)
+        return _first_existing(candidates) or self.root / "images" / f"{name}.{{{suffixes}}}"
 
     def find_mask(self, name: str, image: Path) -> Path | None:
         return _first_existing([self.root / "masks" / f"{name}.png"])
