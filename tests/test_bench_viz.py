@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,19 @@ def test_bench_speed_prints_a_row_and_profile_prints_the_op_table(tiny_cfg, tmp_
     rc, out, err = run_cli(capsys, "bench", "speed", path, "--profile", "--iters", "2", "--warmup", "1")
     assert rc == 0, err
     assert "aten::convolution_backward" in out and "Self CPU time total" in out
+
+
+def test_fg_identity_script_agrees_with_evaluate(tiny_cfg, tmp_path):
+    import importlib.util
+
+    from lesseg.engine.trainer import train
+
+    result = train(tiny_cfg(["train.iters=2"]))
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fg_identity.py"
+    spec = importlib.util.spec_from_file_location("fg_identity", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.diagnose(str(tmp_path / "run" / "last.pt"), "val")
+    assert r["miou"] == pytest.approx(result["miou"])  # same predictions, same matrix as training's eval
+    assert 0.0 <= r["fg_iou"] <= 1.0 and r["chance"] == pytest.approx(1 / 6)
+    assert math.isnan(r["right_class"]) or 0.0 <= r["right_class"] <= 1.0  # NaN: no pixel called fg
