@@ -35,17 +35,25 @@ def _peak_rss_mib() -> float | None:
     return None
 
 
+def _steady_trainer(cfg: DictConfig, n_batches: int = 1) -> tuple[Trainer, list[dict]]:
+    """A Trainer in train mode placed mid-schedule (past supervised warm-ups and ramp-ups, so a method's
+    full step is measured) and ``n_batches`` batches already on its device."""
+    trainer = Trainer(cfg)
+    loaders = trainer.train_loaders()
+    batches = [{k: to_device(next(it), trainer.device) for k, it in loaders.items()} for _ in range(n_batches)]
+    trainer.method.train()
+    trainer.step = trainer.max_iters // 2
+    return trainer, batches
+
+
 def bench_speed(cfg: DictConfig, iters: int = 20, warmup: int = 3) -> dict:
     """Time ``iters`` optimizer steps (after ``warmup``) with data already in memory.
 
     Returns steps/s, images/s (all streams' images of a step, summed over processes) and peak memory:
     CUDA allocator peak on GPU, peak resident set size of the process on CPU.
     """
-    trainer = Trainer(cfg)
-    loaders = trainer.train_loaders()
-    batches = [{k: to_device(next(it), trainer.device) for k, it in loaders.items()} for _ in range(2)]
+    trainer, batches = _steady_trainer(cfg, 2)
     images = sum(b["image"].shape[0] for b in batches[0].values()) * trainer.world
-    trainer.method.train()
     cuda = trainer.device.type == "cuda"
     for i in range(warmup):
         trainer.train_step(batches[i % 2])
@@ -83,11 +91,7 @@ def profile_steps(cfg: DictConfig, iters: int = 5, warmup: int = 3, rows: int = 
     """torch.profiler table (self time per op, largest first) of ``iters`` training steps on one batch."""
     from torch.profiler import ProfilerActivity, profile
 
-    trainer = Trainer(cfg)
-    loaders = trainer.train_loaders()
-    batch = {k: to_device(next(it), trainer.device) for k, it in loaders.items()}
-    trainer.method.train()
-    trainer.step = trainer.max_iters // 2  # past supervised warm-ups and ramp-ups
+    trainer, (batch,) = _steady_trainer(cfg)
     for _ in range(warmup):
         trainer.train_step(batch)
     cuda = trainer.device.type == "cuda"
@@ -237,12 +241,8 @@ def bench_overhead(cfg: DictConfig, iters: int = 10, warmup: int = 2) -> dict:
     """
     from .models import Segmentor
 
-    trainer = Trainer(cfg)
-    loaders = trainer.train_loaders()
-    batch = {k: to_device(next(it), trainer.device) for k, it in loaders.items()}
+    trainer, (batch,) = _steady_trainer(cfg)
     method = trainer.method
-    method.train()
-    trainer.step = trainer.max_iters // 2  # past supervised warm-ups and ramp-ups
     trainable = {id(n) for n in method.trainable_nets().values()}
     teachers = [m for m in method.children() if isinstance(m, Segmentor) and id(m) not in trainable]
     images = torch.cat([b["image"] for b in batch.values()])

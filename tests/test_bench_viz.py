@@ -94,17 +94,27 @@ def test_bench_semi_cost_only_measures_without_training(shapes_root, tmp_path, c
     assert not (tmp_path / "b" / "1-16").exists() and not (tmp_path / "b" / "all").exists()  # nothing trained
 
 
-def test_bench_speed_prints_a_row_and_profile_prints_the_op_table(tiny_cfg, tmp_path, capsys):
+def test_bench_speed_prints_a_row_and_profile_prints_the_op_table(tiny_cfg, tmp_path, capsys, monkeypatch):
     from test_cli import run_cli
 
     from lesseg import config
+    from lesseg.engine.trainer import Trainer
 
     path = tmp_path / "tiny.yaml"
-    config.save(tiny_cfg(), path)
+    config.save(tiny_cfg(["train.iters=100"]), path)
+    steps = []
+    original = Trainer.train_step
+
+    def recording(self, batch):
+        steps.append(self.step)
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", recording)
     rc, out, err = run_cli(capsys, "bench", "speed", path, "--iters", "2", "--warmup", "1")
     assert rc == 0, err
     row = json.loads(out.strip().splitlines()[-1])
     assert row["step_s"] > 0 and row["images_per_s"] > 0 and row["batch"] == {"labeled": 4}
+    assert steps == [50, 51, 52]  # timed mid-schedule: past any supervised warm-up of a method
     rc, out, err = run_cli(capsys, "bench", "speed", path, "--profile", "--iters", "2", "--warmup", "1")
     assert rc == 0, err
     assert "aten::convolution_backward" in out and "Self CPU time total" in out
