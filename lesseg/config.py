@@ -29,6 +29,9 @@ class StreamConfig:
     batch_size: int = 8  # per process
     labeled: bool = True  # read masks; False gives only a `valid` map (padding excluded)
     strong: bool = False  # also return a strongly augmented copy sharing the weak view's geometry
+    # unlabeled streams of benchmark data whose masks exist: also read them as `true_mask`, only to log the
+    # pseudo-labels' quality during training (pl_acc, pl_miou, ...); no method trains on them
+    true_masks: bool = False
     dataset: str | None = None  # None: data.dataset (a stream may come from another dataset, e.g. DA)
     root: str | None = None  # None: data.root
     options: dict[str, Any] | None = None  # None: data.options

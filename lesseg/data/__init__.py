@@ -66,8 +66,9 @@ def build_streams(data: DictConfig, names: tuple[str, ...], strong: tuple[str, .
         if not samples:
             raise DataError(f"stream {name!r}: split {sc.split!r} of {src.root} is empty")
         if check:
-            require_clean(src, samples, sc.labeled, f"stream {name!r} ({sc.split})", progress)
+            require_clean(src, samples, sc.labeled or sc.true_masks, f"stream {name!r} ({sc.split})", progress)
         ds = SegDataset(src, samples, train=True, labeled=sc.labeled, strong=sc.strong or name in strong,
+                        true_masks=sc.true_masks and not sc.labeled,
                         crop_size=list(data.crop_size), aug=data.aug, mean=list(data.mean), std=list(data.std))
         streams[name] = Stream(name, ds, sc.batch_size)
     return streams

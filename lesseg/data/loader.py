@@ -26,7 +26,8 @@ class SegDataset(Dataset):
 
     Train items are indexed by ``(index, aug_seed)``; eval items by ``index`` (no augmentation).
     Keys: ``image`` (3,H,W float), ``mask`` (H,W long, labeled only), ``valid`` (H,W bool, unlabeled train
-    only: False on padding), ``image_strong`` (strong view), ``tags`` (C multi-hot, when every sample has
+    only: False on padding), ``true_mask`` (H,W long, unlabeled train with ``true_masks``: the hidden mask,
+    for diagnostics only), ``image_strong`` (strong view), ``tags`` (C multi-hot, when every sample has
     tags), ``index``, ``name``.
     """
 
@@ -38,6 +39,7 @@ class SegDataset(Dataset):
         train: bool,
         labeled: bool,
         strong: bool = False,
+        true_masks: bool = False,
         crop_size: list[int] | None = None,
         aug=None,
         mean: list[float],
@@ -45,12 +47,18 @@ class SegDataset(Dataset):
     ) -> None:
         self.source, self.samples = source, samples
         self.train, self.labeled, self.strong = train, labeled, strong
-        if labeled:
+        self.true_masks = true_masks and train and not labeled
+        if labeled or self.true_masks:
             missing = [s.image for s in samples if s.mask is None]
-            if missing:
+            if missing and labeled:
                 raise ConfigError(
                     f"{len(missing)} image(s) of a labeled stream have no mask, e.g. {missing[0]}; "
                     "list them in an unlabeled stream or provide their masks"
+                )
+            if missing:
+                raise ConfigError(
+                    f"true_masks: {len(missing)} image(s) of an unlabeled stream have no mask, e.g. "
+                    f"{missing[0]}; set true_masks=false (it only serves pseudo-label diagnostics)"
                 )
         self.with_tags = bool(samples) and all(s.tags is not None for s in samples)
         self.geometry = weak_geometry(aug, crop_size) if train else None
@@ -64,7 +72,7 @@ class SegDataset(Dataset):
         """Decoded image (H,W,3 uint8) and mask (H,W uint8 train ids, or None when unlabeled)."""
         s = self.samples[i]
         image = self.source.read_image(s.image)
-        if not self.labeled:
+        if not (self.labeled or self.true_masks):
             return image, None
         mask = self.source.read_mask(s.mask)
         return self.source.align(image, mask, s)
@@ -73,7 +81,11 @@ class SegDataset(Dataset):
         i, seed = key if isinstance(key, tuple) else (key, None)
         image, mask = self.load(i)
         img = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
-        m = tv_tensors.Mask(torch.from_numpy(mask if mask is not None else np.zeros(image.shape[:2], np.uint8)))
+        pad = np.zeros(image.shape[:2], np.uint8)  # unlabeled: 255 after the geometry marks padding
+        if self.true_masks:  # channel 0 finds the padding, channel 1 is the hidden mask
+            m = tv_tensors.Mask(torch.from_numpy(np.stack([pad, mask])))
+        else:
+            m = tv_tensors.Mask(torch.from_numpy(mask if mask is not None else pad))
         item: dict = {"index": i, "name": self.samples[i].name}
         if self.train:
             with torch.random.fork_rng(devices=[]):
@@ -85,6 +97,8 @@ class SegDataset(Dataset):
         m = m.as_subclass(torch.Tensor).long()
         if self.labeled:
             item["mask"] = m
+        elif self.true_masks:
+            item["valid"], item["true_mask"] = m[0] != IGNORE, m[1]
         elif self.train:
             item["valid"] = m != IGNORE
         if self.with_tags:

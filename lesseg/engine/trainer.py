@@ -222,7 +222,8 @@ class Trainer:
         """Train from ``self.step`` to ``max_iters``; returns the final evaluation."""
         t = self.cfg.train
         iters = self.train_loaders()
-        sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}  # per logged term, over the steps since the last log line
+        counts: dict[str, int] = {}
         bad_step = torch.tensor(-1, device=self.device)
         bad_terms: torch.Tensor | None = None
         names: list[str] = []
@@ -235,6 +236,9 @@ class Trainer:
             step = self.step
             batch = {name: to_device(next(it), self.device) for name, it in iters.items()}
             losses = self.train_step(batch)
+            if list(losses) != names and bad_terms is not None:  # the terms changed (a method's new phase)
+                self._check_finite(bad_step, bad_terms, names)
+                bad_terms = None
             names = list(losses)
             vals = torch.stack([v.detach().float() for v in losses.values()])
             finite = torch.isfinite(vals)
@@ -243,6 +247,7 @@ class Trainer:
             bad_terms = ~finite if bad_terms is None else torch.where(first, ~finite, bad_terms)
             for k, v in zip(names, vals):
                 sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
             n_log += 1
             bar.update(1)
 
@@ -251,9 +256,9 @@ class Trainer:
             do_ckpt = do_eval or (t.ckpt_every > 0 and self.step % t.ckpt_every == 0)
             if self.step % t.log_every == 0 or do_ckpt:
                 self._check_finite(bad_step, bad_terms, names)
-                means = {k: float(v) / n_log for k, v in sums.items()}
+                means = {k: float(v) / counts[k] for k, v in sums.items()}
                 rate = n_log / (time.perf_counter() - t_log)
-                sums, t_log, n_log = {}, time.perf_counter(), 0
+                sums, counts, t_log, n_log = {}, {}, time.perf_counter(), 0
                 bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
                 self._log({"event": "train", "step": self.step, **means,
                            "lr": self.optimizer.param_groups[0]["lr"], "it_per_s": rate})

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import class_map
+
 IGNORE = 255
 
 
@@ -44,6 +46,11 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p + 1e-10)).sum(dim=1)
 
 
+def hard_labels(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """One-hot pseudo-labels as class indices, 255 where invalid; never carries gradient. B,C,H,W -> B,H,W"""
+    return class_map(scores.detach()).masked_fill(~valid, IGNORE)
+
+
 def make_teacher(student: nn.Module) -> nn.Module:
     """A frozen copy of the student (never receives gradients, never wrapped in DDP)."""
     teacher = copy.deepcopy(student)
@@ -76,3 +83,35 @@ def split_outputs(
     backward, and BatchNorm statistics over the whole batch.
     """
     return {k: v[:n] for k, v in out.items()}, {k: v[n:] for k, v in out.items()}
+
+
+def pseudo_label_quality(
+    pseudo: torch.Tensor, batch: dict[str, torch.Tensor], num_classes: int, prefix: str = "pl"
+) -> dict[str, torch.Tensor]:
+    """How good pseudo-labels are, against the unlabeled stream's hidden masks (``true_masks``); else ``{}``.
+
+    ``pseudo`` B,H,W class ids on the unlabeled images as the stream gives them (before mixing), 255 where
+    none. Scores pixels where both are valid: ``<prefix>_acc`` (pixel accuracy), ``<prefix>_miou`` (mIoU of
+    the batch over the classes present in either map), ``<prefix>_c0`` and ``true_c0`` (share of class 0,
+    the background of VOC and shapes: a method drifting to background shows ``pl_c0`` rising above
+    ``true_c0``). 0-dim float tensors computed on the device (no host sync).
+    """
+    true = batch.get("true_mask")
+    if true is None:
+        return {}
+    both = (pseudo != IGNORE) & (true != IGNORE)
+    n = both.sum().clamp_min(1).float()
+    c2 = num_classes * num_classes  # fixed-size confusion matrix, its last bin collects the unscored pixels
+    codes = torch.where(both, true.clamp_max(num_classes - 1) * num_classes + pseudo.clamp_max(num_classes - 1), c2)
+    conf = torch.zeros(c2 + 1, device=pseudo.device).index_add_(0, codes.flatten(), both.flatten().float())
+    conf = conf[:c2].view(num_classes, num_classes)
+    hits, rows, cols = conf.diagonal(), conf.sum(1), conf.sum(0)
+    union = rows + cols - hits
+    present = union > 0
+    iou = hits / union.clamp_min(1)
+    return {
+        f"{prefix}_acc": hits.sum() / n,
+        f"{prefix}_miou": torch.where(present, iou, 0.0).sum() / present.sum().clamp_min(1),
+        f"{prefix}_c0": cols[0] / n,
+        "true_c0": rows[0] / n,
+    }

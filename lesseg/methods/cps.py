@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models import build_model, class_map
+from ..models import build_model
 from .base import METHODS, Method, RunInfo
-from .common import IGNORE, ce_loss, split_outputs
+from .common import IGNORE, ce_loss, hard_labels, pseudo_label_quality, split_outputs
 from .mixing import box_mask_cps, mix_batch
 from .supervised import SupervisedConfig, sup_loss
 
@@ -27,11 +27,6 @@ class CPSConfig(SupervisedConfig):
     name: str = "cps"
     cps_weight: float = 1.5  # lambda (paper: VOC 1.5, 1.0 with CutMix; Cityscapes 6, 5 with CutMix)
     cutmix: bool = False  # cross term on CutMix-ed unlabeled images (pseudo-labels mixed with the box mask)
-
-
-def hard_labels(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """One-hot pseudo-labels as class indices, 255 where invalid; never carries gradient. B,C,H,W -> B,H,W"""
-    return class_map(scores.detach()).masked_fill(~valid, IGNORE)
 
 
 def cps_loss(
@@ -70,7 +65,7 @@ class CPS(Method):
     @torch.no_grad()
     def mixed_pseudo_labels(self, unl: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Mixed images and each network's pseudo-labels of the mixed images, from its predictions on the
-        source images mixed with the box mask; and the mixed valid map."""
+        source images mixed with the box mask; the mixed valid map; net1's pseudo-labels before mixing."""
         x = unl["image"]  # B,3,H,W
         b, _, h, w = x.shape
         m = box_mask_cps(b, h, w, x.device)  # B,1,H,W
@@ -78,13 +73,14 @@ class CPS(Method):
         p2 = self.net2(x)["logits"].float().softmax(1)
         mixed = mix_batch({"image": x, "p1": p1, "p2": p2, "valid": unl["valid"]}, m)
         valid = mixed["valid"]
-        return mixed["image"], hard_labels(mixed["p1"], valid), hard_labels(mixed["p2"], valid), valid
+        y1, y2 = hard_labels(mixed["p1"], valid), hard_labels(mixed["p2"], valid)
+        return mixed["image"], y1, y2, valid, hard_labels(p1, unl["valid"])
 
     def training_step(self, batch, step):
         lab, unl = batch["labeled"], batch["unlabeled"]
         n = lab["image"].shape[0]
         if self.cfg.cutmix:
-            x_u, y1_u, y2_u, valid_u = self.mixed_pseudo_labels(unl)
+            x_u, y1_u, y2_u, valid_u, raw1 = self.mixed_pseudo_labels(unl)
         else:
             x_u, valid_u = unl["image"], unl["valid"]
         x = torch.cat([lab["image"], x_u])  # N+B,3,H,W: one forward per network and step
@@ -98,10 +94,12 @@ class CPS(Method):
             y1, y2 = hard_labels(out1["logits"], valid), hard_labels(out2["logits"], valid)
             loss_cps = cps_loss(out1["logits"], out2["logits"], y1, y2)
             y1_u, y2_u = y1[n:], y2[n:]
+            raw1 = y1_u
         loss = loss_sup + self.cfg.cps_weight * loss_cps
         return {
             "loss": loss,
             "loss_sup": loss_sup,
             "loss_cps": loss_cps,
             "overlap": prediction_overlap(y1_u, y2_u, valid_u),
+            **pseudo_label_quality(raw1, unl, self.info.num_classes),  # net1's, the evaluated network
         }

@@ -29,11 +29,11 @@ class CutMixSeg(MeanTeacher):
     strong_streams = ()
 
     def unlabeled_views(
-        self, unl: dict[str, torch.Tensor]
+        self, unl: dict[str, torch.Tensor], probs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mixed images, mixed teacher probabilities and mixed valid map (one box mask for all three)."""
         x = unl["image"]  # B,3,H,W
         b, _, h, w = x.shape
         m = box_mask_cps(b, h, w, x.device)  # B,1,H,W
-        mixed = mix_batch({"image": x, "prob": self.teacher_probs(x), "valid": unl["valid"]}, m)
+        mixed = mix_batch({"image": x, "prob": probs, "valid": unl["valid"]}, m)
         return mixed["image"], mixed["prob"], mixed["valid"]

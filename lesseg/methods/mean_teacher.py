@@ -17,7 +17,15 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import build_model
 from .base import METHODS, Method, RunInfo
-from .common import IGNORE, ce_loss, ema_update, make_teacher, split_outputs
+from .common import (
+    IGNORE,
+    ce_loss,
+    ema_update,
+    hard_labels,
+    make_teacher,
+    pseudo_label_quality,
+    split_outputs,
+)  # fmt: skip
 from .supervised import SupervisedConfig, sup_loss
 
 CONSISTENCY = ("mse", "ce")
@@ -88,10 +96,11 @@ class MeanTeacher(Method):
         return self.teacher(image)["logits"].float().softmax(1)
 
     def unlabeled_views(
-        self, unl: dict[str, torch.Tensor]
+        self, unl: dict[str, torch.Tensor], probs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Student input, teacher target probabilities and valid map: strong view vs. teacher on the weak view."""
-        return unl["image_strong"], self.teacher_probs(unl["image"]), unl["valid"]
+        """Student input, teacher target probabilities and valid map from the teacher's ``probs`` on the weak
+        view: here the strong view against ``probs``."""
+        return unl["image_strong"], probs, unl["valid"]
 
     def consistency_loss(
         self, logits: torch.Tensor, target_probs: torch.Tensor, valid: torch.Tensor
@@ -102,13 +111,15 @@ class MeanTeacher(Method):
 
     def training_step(self, batch, step):
         lab, unl = batch["labeled"], batch["unlabeled"]
-        x_u, target_probs, valid = self.unlabeled_views(unl)
+        probs = self.teacher_probs(unl["image"])
+        x_u, target_probs, valid = self.unlabeled_views(unl, probs)
         out_l, out_u = split_outputs(self.net(torch.cat([lab["image"], x_u])), lab["image"].shape[0])
         loss_sup = sup_loss(out_l, lab["mask"], self.cfg)
         loss_cons = self.consistency_loss(out_u["logits"], target_probs, valid)
         weight = self.cfg.cons_weight * sigmoid_rampup(step, self.rampup_steps)
         loss = loss_sup + weight * loss_cons
-        return {"loss": loss, "loss_sup": loss_sup, "loss_cons": loss_cons}
+        quality = pseudo_label_quality(hard_labels(probs, unl["valid"]), unl, self.info.num_classes)
+        return {"loss": loss, "loss_sup": loss_sup, "loss_cons": loss_cons, **quality}
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

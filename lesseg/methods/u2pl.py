@@ -25,9 +25,9 @@ from torch import Tensor, nn
 
 from .. import dist
 from ..errors import ConfigError
-from ..models import build_model, class_map
+from ..models import build_model
 from .base import METHODS, Method, RunInfo
-from .common import IGNORE, ce_loss, ema_update, entropy, make_teacher
+from .common import IGNORE, ce_loss, ema_update, entropy, hard_labels, make_teacher, pseudo_label_quality
 from .mixing import box_mask_one, classmix_mask, cutout, mix, mix_batch, partner
 from .supervised import SupervisedConfig, sup_loss
 
@@ -271,6 +271,12 @@ def _by_class(m: Tensor) -> Tensor:
     return m.transpose(0, 1).reshape(m.shape[1], -1)
 
 
+def _accuracy(pseudo: Tensor, true: Tensor, where: Tensor) -> Tensor:
+    """Share of the pixels in ``where`` (with a valid true label) whose pseudo-label is right; 0-dim."""
+    scored = where & (true != IGNORE)
+    return (scored & (pseudo == true)).sum() / scored.sum().clamp_min(1)
+
+
 def _nearest(x: Tensor, size: Sequence[int]) -> Tensor:
     """Nearest resizing of a B,H,W or B,C,H,W map of any dtype to ``size``."""
     y = F.interpolate(x.unsqueeze(1).float() if x.dim() == 3 else x.float(), size=tuple(size), mode="nearest")
@@ -321,20 +327,23 @@ class U2PL(Method):
         epochs = self.info.max_iters / self.info.iters_per_epoch
         return self.cfg.drop_percent * (1.0 - (step // self.info.iters_per_epoch) / epochs)
 
-    def _mix(self, x_s: Tensor, logits_t: Tensor, rep_t: Tensor, pseudo: Tensor):
-        """Mix (or cut out) the strong view, the teacher outputs and the pseudo-labels with one mask."""
+    def _mix(self, x_s: Tensor, logits_t: Tensor, rep_t: Tensor, pseudo: Tensor, true: Tensor | None):
+        """Mix (or cut out) the strong view, the teacher outputs, the pseudo-labels and the hidden masks
+        (``true``, diagnostics only; may be None) with one mask."""
         mode = self.cfg.mixing
         if mode == "none":
-            return x_s, logits_t, rep_t, pseudo
+            return x_s, logits_t, rep_t, pseudo, true
         b, _, h, w = x_s.shape
         mask = classmix_mask(pseudo) if mode == "classmix" else box_mask_one(b, h, w, x_s.device)
         mask = mask * (torch.rand(1, device=x_s.device) < self.cfg.mix_prob)  # whole batch or nothing
         if mode == "cutout":
             x_s, pseudo = cutout(x_s, pseudo, mask)
-            return x_s, logits_t, rep_t, pseudo
+            return x_s, logits_t, rep_t, pseudo, true
         m = mix_batch({"x": x_s, "logits": logits_t, "pseudo": pseudo}, mask)
         rep_t = mix(rep_t, partner(rep_t), _nearest(mask, rep_t.shape[-2:]))
-        return m["x"], m["logits"], rep_t, m["pseudo"]
+        if true is not None:
+            true = mix(true, partner(true), mask)
+        return m["x"], m["logits"], rep_t, m["pseudo"], true
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], step: int) -> dict[str, Tensor]:
         lab, unl = batch["labeled"], batch["unlabeled"]
@@ -344,7 +353,7 @@ class U2PL(Method):
         if step < self.sup_only_steps:  # supervised warm-up; 0 * rep keeps the rep head in the DDP graph
             out = self.student(x_l)
             zero = out["logits"].new_zeros((), dtype=torch.float32)
-            return self._terms(sup_loss(out, y_l, self.cfg), zero, 0.0 * out["rep"].sum(), alpha, zero, zero)
+            return self._terms(sup_loss(out, y_l, self.cfg), zero, 0.0 * out["rep"].sum(), alpha, zero, zero, {})
         if step == self.sup_only_steps:
             self.teacher.load_state_dict(getattr(self.student, "module", self.student).state_dict())
             self.semi_started.fill_(True)
@@ -352,10 +361,16 @@ class U2PL(Method):
         with torch.no_grad():  # 1-2: teacher on the weak views, its unlabeled outputs mixed like the inputs
             t_out = self.teacher(torch.cat([x_l, unl["image"]]))
             logits_t, rep_t = t_out["logits"].float(), t_out["rep"].float()
-            pseudo = class_map(logits_t[n_l:]).masked_fill(~unl["valid"], IGNORE)  # B,H,W
-            x_u, logits_u, rep_u, pseudo = self._mix(unl["image_strong"], logits_t[n_l:], rep_t[n_l:], pseudo)
+            pseudo = hard_labels(logits_t[n_l:], unl["valid"])  # B,H,W
+            quality = pseudo_label_quality(pseudo, unl, self.info.num_classes)
+            x_u, logits_u, rep_u, pseudo, true = self._mix(
+                unl["image_strong"], logits_t[n_l:], rep_t[n_l:], pseudo, unl.get("true_mask")
+            )
             valid = pseudo != IGNORE
             reliable, unreliable = entropy_split(entropy(logits_u), valid, alpha)
+            if true is not None:  # the paper's premise: reliable pseudo-labels are right more often
+                quality |= {"rel_acc": _accuracy(pseudo, true, reliable),
+                            "unrel_acc": _accuracy(pseudo, true, unreliable)}  # fmt: skip
 
         out = self.student(torch.cat([x_l, x_u]))  # 3
         loss_sup = sup_loss({k: v[:n_l] for k, v in out.items()}, y_l, self.cfg)  # 4
@@ -363,7 +378,7 @@ class U2PL(Method):
         kept = (valid & ~unreliable).sum() / valid.sum().clamp_min(1)
         if not self.cfg.contrastive:
             return self._terms(
-                loss_sup, loss_unsup, 0.0 * out["rep"].sum(), alpha, kept, torch.zeros_like(kept)
+                loss_sup, loss_unsup, 0.0 * out["rep"].sum(), alpha, kept, torch.zeros_like(kept), quality
             )
         size = out["rep"].shape[-2:]  # 6
         with torch.no_grad():
@@ -376,7 +391,7 @@ class U2PL(Method):
             temperature=self.cfg.temperature, delta_p=self.cfg.delta_p,
             low_rank=self.low_rank, high_rank=self.high_rank,
         )  # fmt: skip
-        return self._terms(loss_sup, loss_unsup, loss_contra, alpha, kept, n_used.float())
+        return self._terms(loss_sup, loss_unsup, loss_contra, alpha, kept, n_used.float(), quality)
 
     def _terms(
         self,
@@ -386,14 +401,16 @@ class U2PL(Method):
         alpha: float,
         kept: Tensor,
         n_used: Tensor,
+        quality: dict[str, Tensor],
     ) -> dict[str, Tensor]:
-        """7: the weighted total, the terms (attached, unweighted) and diagnostics, all 0-dim tensors."""
+        """7: the weighted total, the terms (attached, unweighted) and diagnostics, all 0-dim tensors
+        (``quality``: pseudo-label scores against hidden masks, when the stream has them)."""
         c = self.cfg
         return {
             "loss": loss_sup + c.unsup_weight * loss_unsup + c.contra_weight * loss_contra,
             "loss_sup": loss_sup, "loss_unsup": loss_unsup, "loss_contra": loss_contra,
             "drop_percent": torch.full((), alpha, device=loss_sup.device), "reliable_frac": kept,
-            "contra_classes": n_used,
+            "contra_classes": n_used, **quality,
         }  # fmt: skip
 
     @torch.no_grad()
