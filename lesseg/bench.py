@@ -129,8 +129,8 @@ def _semi_overrides(cfg_name: str, budget: str) -> list[str]:
     if budget == "all":
         return ["data.streams.labeled.split=train"]
     out = [f"data.streams.labeled.split=labeled_{budget}"]
-    if "unlabeled" in base.data.streams:
-        out.append(f"data.streams.unlabeled.split=unlabeled_{budget}")
+    if "unlabeled" in base.data.streams:  # shapes has every mask: log the pseudo-labels' quality
+        out += [f"data.streams.unlabeled.split=unlabeled_{budget}", "data.streams.unlabeled.true_masks=true"]
     return out
 
 
@@ -156,19 +156,50 @@ def _numbers(path: Path) -> list[float | None]:
     return values
 
 
+def _finished_or_train(cfg: DictConfig, run_dir: Path, title: str) -> dict:
+    """The final evaluation of a finished run in ``run_dir``, else train it (recording wall time and peak RSS)."""
+    from .engine import checkpoint as ckpt
+    from .engine.trainer import train
+
+    result = ckpt.finished_eval(run_dir)
+    if result is None:
+        print(f"== {title}", flush=True)
+        _reset_peak_rss()
+        t0 = time.perf_counter()
+        result = train(cfg)
+        (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n{_peak_rss_mib()}\n")
+    return result
+
+
+def pretrain_synthetic(out: Path, extra: list[str] = (), device: str = "auto") -> Path:
+    """Train (or reuse) ``shapes/pretrain_synthetic.yaml`` in ``out/pretrain``; returns its checkpoint, whose
+    evaluated network's encoder ``model.pretrained`` loads. ``extra`` overrides apply (model.* must match the
+    runs that start from it)."""
+    from . import config
+
+    run_dir = out / "pretrain"
+    cfg = config.load("shapes/pretrain_synthetic.yaml", list(extra) + [
+        f"out={run_dir}", f"train.device={device}", "train.progress=false"])
+    result = _finished_or_train(cfg, run_dir, "supervised pretraining on synthetic shapes")
+    print(f"pretrained encoder: {run_dir / 'last.pt'} (synthetic val mIoU {100 * result['miou']:.2f})", flush=True)
+    return run_dir / "last.pt"
+
+
 def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tuple[str, ...] = ("1-16", "1-8"),
-               seeds: tuple[int, ...] = (0, 1), extra: list[str] = (), device: str = "auto") -> list[dict]:
+               seeds: tuple[int, ...] = (0, 1), extra: list[str] = (), device: str = "auto",
+               pretrain: bool = False) -> list[dict]:
     """Train every method at every budget and seed on shapes; with ``supervised`` among the methods, also the
-    supervised reference on all labels.
+    supervised reference on all labels. ``pretrain``: every run starts from the encoder of a supervised run
+    on the synthetic shapes domain (trained first, once), as the papers' runs start from ImageNet.
 
     Finished runs are reused (delete ``out`` to start over), so the plan can be split over processes by method
     (e.g. ``cps`` in one, ``supervised,u2pl`` in another, each with a run folder per method) and summarised
     afterwards by the whole plan. Returns one row per run.
     """
     from . import config
-    from .engine import checkpoint as ckpt
-    from .engine.trainer import train
 
+    if pretrain:
+        extra = [*extra, f"model.pretrained={pretrain_synthetic(out, extra, device)}"]
     reference = [("supervised", "all", s) for s in seeds] if "supervised" in methods else []
     plan = reference + [(m, b, s) for b in budgets for m in methods for s in seeds]
     rows = []
@@ -177,13 +208,7 @@ def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tupl
         cfg_name = f"shapes/{method}.yaml"
         cfg = config.load(cfg_name, _semi_overrides(cfg_name, budget) + list(extra) +
                           [f"train.seed={seed}", f"out={run_dir}", f"train.device={device}", "train.progress=false"])
-        result = ckpt.finished_eval(run_dir)
-        if result is None:
-            print(f"== {method} {budget} seed {seed}", flush=True)
-            _reset_peak_rss()
-            t0 = time.perf_counter()
-            result = train(cfg)
-            (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n{_peak_rss_mib()}\n")
+        result = _finished_or_train(cfg, run_dir, f"{method} {budget} seed {seed}")
         wall, peak = (_numbers(run_dir / "wall_s.txt") + [None, None])[:2]  # None: not recorded
         rate = _mean_rate(run_dir / "metrics.jsonl")
         rows.append({"method": method, "budget": budget, "seed": seed, "miou": result["miou"],

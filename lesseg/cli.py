@@ -182,7 +182,8 @@ def cmd_bench(args) -> int:
         return 0
     if args.config:  # `lesseg bench semi k=v ...`: no config, only overrides
         args.overrides = [args.config, *args.overrides]
-    out = Path(args.out or ("runs/bench_semi_quick" if args.quick else "runs/bench_semi"))
+    out = Path(args.out or ("runs/bench_semi_quick" if args.quick else "runs/bench_semi")
+               + ("_pretrained" if args.pretrain and not args.out else ""))
     quick = ["train.iters=30", "train.eval_every=0", "train.log_every=10"] if args.quick else []
     methods = tuple(args.methods.split(",")) if args.methods else bench.SEMI_METHODS
     seeds = tuple(range(1 if args.quick else args.seeds))
@@ -196,7 +197,7 @@ def cmd_bench(args) -> int:
     if args.cost_only and args.no_cost:
         raise LessegError("--cost-only and --no-cost exclude each other")
     rows = [] if args.cost_only else bench.bench_semi(out, methods, budgets, seeds, quick + list(args.overrides),
-                                                      args.device)
+                                                      args.device, pretrain=args.pretrain)
     table = bench.summarize_semi(rows)
     if rows:
         bench.print_semi_table(table)
@@ -308,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cost-only", action="store_true",
                     help="semi: only the cost-per-step measurement of --methods, no training (an idle machine)")
     sp.add_argument("--out", help="semi: run folder (finished runs are reused)")
+    sp.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=False,
+                    help="semi: start every run from an encoder pretrained on synthetic shapes (trained first)")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_bench)
 

@@ -78,6 +78,27 @@ def test_bench_semi_plan_adds_the_all_labels_reference_only_with_supervised(tmp_
     assert [r["budget"] for r in rows] == ["1-16", "1-16"]
 
 
+def test_bench_semi_pretrain_trains_on_synthetic_once_and_every_run_starts_from_it(tmp_path, monkeypatch):
+    from lesseg import bench
+    from lesseg.engine import trainer
+
+    trained = []
+
+    def fake_train(cfg):
+        trained.append(cfg)
+        Path(cfg.out).mkdir(parents=True)
+        return {"miou": 0.5}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    bench.bench_semi(tmp_path, ("supervised", "u2pl"), ("1-16",), (0,), pretrain=True)
+    pre, *runs = trained
+    assert pre.data.options.domain == "synthetic" and pre.model.pretrained is None and pre.out == str(tmp_path / "pretrain")
+    assert [c.method.name for c in runs] == ["supervised", "supervised", "u2pl"]
+    assert all(c.model.pretrained == str(tmp_path / "pretrain" / "last.pt") for c in runs)
+    assert all(c.data.options is None or c.data.options.get("domain", "real") == "real" for c in runs)
+    assert runs[-1].data.streams.unlabeled.true_masks  # the pseudo-label diagnostics are logged
+
+
 def test_bench_semi_cost_only_measures_without_training(shapes_root, tmp_path, capsys):
     from test_cli import run_cli
 

@@ -5,9 +5,10 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lesseg.engine import checkpoint as ckpt
-from lesseg.engine.trainer import NonFiniteLoss, Trainer
+from lesseg.engine.trainer import NonFiniteLoss, Trainer, train
 from lesseg.errors import ConfigError
 
 
@@ -117,3 +118,24 @@ def test_two_process_torchrun_training_and_reduced_eval_equal_single_process(tin
     a = json.loads(single.stdout.strip().splitlines()[-1])
     b = json.loads(double.stdout.strip().splitlines()[-1])
     assert a["miou"] == pytest.approx(b["miou"], abs=1e-12) and a["iou"] == b["iou"]
+
+
+def test_pretrained_from_a_lesseg_checkpoint_takes_its_evaluated_networks_encoder(tiny_cfg, tmp_path):
+    """Pretrain with one config, then start another from its checkpoint: U2PL evaluates (and so hands
+    on) its EMA teacher once the semi-supervised phase has begun, not the student."""
+    from lesseg.models import build_model
+
+    cfg = tiny_cfg(
+        method={"name": "u2pl", "sup_only_epochs": 0, "num_queries": 4, "num_negatives": 4, "bank_size": 32},
+        data={"streams": {"labeled": {"split": "train", "batch_size": 4},
+                          "unlabeled": {"split": "train", "batch_size": 4, "labeled": False}}},
+        train={"iters": 3, "eval_every": 0},
+    )  # fmt: skip
+    train(cfg)
+    state = torch.load(f"{cfg.out}/last.pt", weights_only=True)
+    assert state["eval_net"] == "teacher"
+    model_cfg = OmegaConf.merge(cfg.model, {"pretrained": f"{cfg.out}/last.pt"})
+    enc = build_model(model_cfg, 7).encoder.state_dict()
+    for key, value in enc.items():
+        assert torch.equal(value, state["method"][f"teacher.encoder.{key}"]), key
+    assert not torch.equal(enc["conv1.0.weight"], state["method"]["student.encoder.conv1.0.weight"])

@@ -136,7 +136,13 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
             "config": OmegaConf.to_container(self.cfg),
             "info": dataclasses.asdict(self.info),
+            "eval_net": self.eval_net_name(),  # whose weights model.pretrained takes from this checkpoint
         }
+
+    def eval_net_name(self) -> str:
+        """The method attribute holding the evaluated network (``net``, ``teacher``, ``net1``, ...)."""
+        net = self.method.eval_net()
+        return next(name for name, child in self.method.named_children() if child is net)
 
     def save(self, name: str, extra: dict | None = None) -> None:
         if self.main:

@@ -1,7 +1,9 @@
 """Load local pretrained weights into a timm `features_only` encoder without executing code from the file.
 
 Accepts torchvision- and timm-style checkpoints (for ResNets the names agree; the `fc.` classifier is simply
-not used), plain or wrapped in a `state_dict`/`model` entry, with `module.`/`backbone.`/`encoder.` prefixes.
+not used), plain or wrapped in a `state_dict`/`model` entry, with `module.`/`backbone.`/`encoder.` prefixes,
+and lesseg's own training checkpoints (the encoder of the network they evaluate: pretrain on one dataset,
+e.g. a synthetic domain, then train on another).
 timm's feature wrapper renames first-level Sequential children (`stages.0.x` becomes `stages_0.x`); names
 are matched through that renaming.
 """
@@ -98,7 +100,16 @@ def _read(path: Path) -> Any:
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
-    """Descend into `state_dict`/`model` containers and keep the tensor entries."""
+    """Descend into `state_dict`/`model` containers and keep the tensor entries; of a lesseg training
+    checkpoint, the weights of the network it evaluates (e.g. the EMA teacher)."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("method"), Mapping) and "config" in obj:
+        name = obj.get("eval_net")
+        if not isinstance(name, str):
+            raise ConfigError(
+                f"pretrained checkpoint {path} is a lesseg checkpoint from before checkpoints named their "
+                "evaluated network; extract its encoder weights into a file of their own"
+            )
+        obj = {k[len(name) + 1 :]: v for k, v in obj["method"].items() if k.startswith(name + ".")}
     while isinstance(obj, Mapping) and any(isinstance(obj.get(k), Mapping) for k in CONTAINER_KEYS):
         obj = next(obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping))
     state = {k: v for k, v in obj.items() if isinstance(v, Tensor)} if isinstance(obj, Mapping) else {}
