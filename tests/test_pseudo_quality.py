@@ -2,9 +2,11 @@
 pseudo-labelling method logs against them (pl_acc, pl_miou, pl_c0/true_c0; U2PL's rel_acc/unrel_acc)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from test_contract import C, build, make_batch, method_defaults
 
 from lesseg.data import build_streams
 from lesseg.data.base import Sample
@@ -12,8 +14,6 @@ from lesseg.data.loader import SegDataset
 from lesseg.engine.trainer import train
 from lesseg.errors import ConfigError
 from lesseg.methods.common import pseudo_label_quality
-
-from test_contract import C, build, make_batch, method_defaults
 
 
 def test_quality_scores_by_hand():
@@ -114,7 +114,7 @@ def test_training_logs_pseudo_label_quality_after_the_warm_up(tiny_cfg):
         train={"iters": 12, "log_every": 4, "eval_every": 0},
     )  # fmt: skip
     train(cfg)
-    records = [json.loads(line) for line in open(f"{cfg.out}/metrics.jsonl")]
+    records = [json.loads(line) for line in Path(cfg.out, "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if r["event"] == "train"]
     assert "pl_acc" not in logged[0] and "loss_sup" in logged[0]  # steps 1-4: warm-up (8 batches/epoch)
     assert all(0 <= r["pl_acc"] <= 1 and 0 <= r["rel_acc"] <= 1 for r in logged[2:])
