@@ -134,12 +134,21 @@ def _semi_overrides(cfg_name: str, budget: str) -> list[str]:
     return out
 
 
-def _mean_rate(metrics: Path) -> float | None:
+def _train_records(metrics: Path) -> list[dict]:
     import json
 
-    rates = [json.loads(x).get("it_per_s") for x in metrics.read_text().splitlines()] if metrics.is_file() else []
-    rates = [r for r in rates if r]
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    return [r for r in map(json.loads, lines) if r.get("event") == "train"]
+
+
+def _mean_rate(records: list[dict]) -> float | None:
+    rates = [r["it_per_s"] for r in records if r.get("it_per_s")]
     return sum(rates) / len(rates) if rates else None
+
+
+def _last(records: list[dict], key: str) -> float | None:
+    """The last logged value of ``key`` (e.g. pl_miou: the pseudo-labels' quality at the end), or None."""
+    return next((r[key] for r in reversed(records) if key in r), None)
 
 
 def _numbers(path: Path) -> list[float | None]:
@@ -210,9 +219,12 @@ def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tupl
                           [f"train.seed={seed}", f"out={run_dir}", f"train.device={device}", "train.progress=false"])
         result = _finished_or_train(cfg, run_dir, f"{method} {budget} seed {seed}")
         wall, peak = (_numbers(run_dir / "wall_s.txt") + [None, None])[:2]  # None: not recorded
-        rate = _mean_rate(run_dir / "metrics.jsonl")
+        records = _train_records(run_dir / "metrics.jsonl")
+        rate = _mean_rate(records)
         rows.append({"method": method, "budget": budget, "seed": seed, "miou": result["miou"],
-                     "s_per_iter": 1 / rate if rate else None, "wall_s": wall, "peak_mib": peak})
+                     "s_per_iter": 1 / rate if rate else None, "wall_s": wall, "peak_mib": peak,
+                     "pl_miou": _last(records, "pl_miou"), "pl_c0": _last(records, "pl_c0"),
+                     "true_c0": _last(records, "true_c0")})
     return rows
 
 
@@ -238,20 +250,31 @@ def summarize_semi(rows: list[dict]) -> list[dict]:
             "s_per_iter": statistics.mean(r["s_per_iter"] for r in rs if r["s_per_iter"]) if any(
                 r["s_per_iter"] for r in rs) else None,
             "peak_mib": max((r["peak_mib"] for r in rs if r["peak_mib"]), default=None),
+            **{k: _mean_or_none([r.get(k) for r in rs]) for k in ("pl_miou", "pl_c0", "true_c0")},
         })
     return table
 
 
+def _mean_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def print_semi_table(table: list[dict]) -> None:
+    """One row per method and budget; the last columns are the pseudo-labels at the end of training (mIoU
+    against the unlabeled images' masks; share of class 0 in them / in the masks)."""
     print(f"\n{'method':<14s} {'labels':>6s} {'seeds':>5s} {'mIoU':>7s} {'+-':>5s} {'vs sup':>7s} "
-          f"{'gap closed':>10s} {'s/iter':>7s} {'peak MiB':>9s}")
+          f"{'gap closed':>10s} {'s/iter':>7s} {'peak MiB':>9s} {'PL mIoU':>7s} {'PL c0/true':>10s}")
     for r in table:
         gain = f"{100 * r['gain']:+7.2f}" if r["gain"] is not None else f"{'':>7s}"
         gap = f"{100 * r['gap_closed']:9.0f}%" if r["gap_closed"] is not None else f"{'':>10s}"
         spi = f"{r['s_per_iter']:7.3f}" if r["s_per_iter"] else f"{'?':>7s}"
         peak = f"{r['peak_mib']:9.0f}" if r["peak_mib"] else f"{'?':>9s}"
+        pl = f"{100 * r['pl_miou']:7.2f}" if r.get("pl_miou") is not None else f"{'':>7s}"
+        c0 = (f"{r['pl_c0']:.2f}/{r['true_c0']:.2f}".rjust(10) if r.get("pl_c0") is not None
+              and r.get("true_c0") is not None else f"{'':>10s}")
         print(f"{r['method']:<14s} {r['budget']:>6s} {r['seeds']:>5d} {100 * r['miou']:7.2f} "
-              f"{100 * r['spread']:5.2f} {gain} {gap} {spi} {peak}")
+              f"{100 * r['spread']:5.2f} {gain} {gap} {spi} {peak} {pl} {c0}")
 
 
 # -- cost of the method-specific work ---------------------------------------------------------------------

@@ -15,8 +15,10 @@ def test_semi_summary_gap_closed_and_spread():
         {"method": "supervised", "budget": "all", "seed": 1, "miou": 0.80, "s_per_iter": 0.1, "peak_mib": 100},
         {"method": "supervised", "budget": "1-16", "seed": 0, "miou": 0.50, "s_per_iter": 0.1, "peak_mib": 90},
         {"method": "supervised", "budget": "1-16", "seed": 1, "miou": 0.60, "s_per_iter": 0.1, "peak_mib": 90},
-        {"method": "u2pl", "budget": "1-16", "seed": 0, "miou": 0.70, "s_per_iter": 0.3, "peak_mib": 200},
-        {"method": "u2pl", "budget": "1-16", "seed": 1, "miou": 0.72, "s_per_iter": 0.3, "peak_mib": 210},
+        {"method": "u2pl", "budget": "1-16", "seed": 0, "miou": 0.70, "s_per_iter": 0.3, "peak_mib": 200,
+         "pl_miou": 0.40, "pl_c0": 0.9, "true_c0": 0.8},
+        {"method": "u2pl", "budget": "1-16", "seed": 1, "miou": 0.72, "s_per_iter": 0.3, "peak_mib": 210,
+         "pl_miou": 0.50, "pl_c0": 0.7, "true_c0": 0.8},
     ]
     table = {(r["method"], r["budget"]): r for r in summarize_semi(rows)}
     u = table[("u2pl", "1-16")]
@@ -26,6 +28,19 @@ def test_semi_summary_gap_closed_and_spread():
     assert u["peak_mib"] == 210 and table[("supervised", "all")]["gap_closed"] is None
     alone = summarize_semi([r for r in rows if r["method"] == "u2pl"])  # no SupOnly: no gain, no NaN
     assert alone[0]["gain"] is None and alone[0]["gap_closed"] is None
+    assert u["pl_miou"] == pytest.approx(0.45) and u["pl_c0"] == pytest.approx(0.8)
+    assert table[("supervised", "1-16")]["pl_miou"] is None  # no pseudo-labels
+
+
+def test_semi_table_prints_pseudo_label_columns(capsys):
+    from lesseg.bench import print_semi_table
+
+    row = {"method": "u2pl", "budget": "1-16", "seeds": 2, "miou": 0.5, "spread": 0.01, "gain": 0.05,
+           "gap_closed": 0.5, "s_per_iter": 0.3, "peak_mib": 100, "pl_miou": 0.4567, "pl_c0": 0.9, "true_c0": 0.78}
+    print_semi_table([row, {**row, "method": "supervised", "pl_miou": None, "pl_c0": None, "true_c0": None}])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "PL mIoU" in lines[0] and lines[1].split()[-2:] == ["45.67", "0.90/0.78"]
+    assert lines[2].split()[-1] == "100"  # supervised: the PL columns stay empty
 
 
 def test_viz_writes_entropy_partition_and_curves(tiny_cfg, tmp_path):
