@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 from test_mean_teacher import TINY, C, reaches
 
 from lesseg import config as config_mod
-from lesseg.data import SegDataset, build_source
+from lesseg.data import SegDataset, build_source, stream_source
 from lesseg.engine import checkpoint as ckpt
 from lesseg.engine.evaluate import predict_probs
 from lesseg.engine.trainer import train
@@ -176,3 +177,30 @@ def test_prepare_needs_an_unlabeled_stream(tmp_path):
     del d["data"]["streams"]["unlabeled"]
     with pytest.raises(ConfigError, match="unlabeled"):
         SelfTraining.prepare(config_mod.from_dict(d))
+
+
+def test_stage2_scores_the_pseudo_masks_against_true_masks(tiny_cfg):
+    """With true_masks on the unlabeled stream, quality.json holds the IoU of the written pseudo-masks against
+    the hidden masks."""
+    from lesseg.engine.evaluate import confusion_matrix, iou_from_confusion
+
+    cfg = tiny_cfg(
+        method={"name": "self_training", "threshold": 0.0},
+        data={"streams": {"labeled": {"split": "train", "batch_size": 4},
+                          "unlabeled": {"split": "val", "batch_size": 4, "labeled": False, "true_masks": True}}},
+        train={"iters": 2, "eval_every": 0},
+    )  # fmt: skip
+    SelfTraining.prepare(cfg)
+    pseudo = Path(cfg.out) / "pseudo"
+    quality = json.loads((pseudo / "quality.json").read_text())
+    src = stream_source(cfg.data)
+    conf = torch.zeros(7, 7, dtype=torch.long)
+    masks = read_masks(pseudo)
+    assert len(masks) == len(src.samples("val")) == 15
+    for sample in src.samples("val"):
+        m = torch.from_numpy(masks[sample.name]).long()
+        true = torch.from_numpy(src.read_mask(sample.mask)).long().masked_fill(m == 255, 255)
+        conf += confusion_matrix(m, true, 7)
+    assert conf.sum() > 0
+    assert quality["miou"] == pytest.approx(iou_from_confusion(conf)["miou"])
+    assert quality["acc"] == pytest.approx(iou_from_confusion(conf)["acc"])

@@ -11,6 +11,8 @@ skipped once its ``done`` marker exists (written after every file).
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
@@ -38,6 +40,7 @@ from .supervised import SupervisedConfig, sup_loss
 if TYPE_CHECKING:
     from ..engine.trainer import Trainer
 
+log = logging.getLogger(__name__)
 DONE = "done"  # marker file of a complete pseudo-label dataset
 
 
@@ -85,8 +88,14 @@ def _link_image(src: Path, dst_stem: Path, read_image) -> None:
 
 def write_pseudo_dataset(cfg: DictConfig, trainer: Trainer, root: Path) -> None:
     """Stage 2: predict the unlabeled stream's split with the trained network of ``trainer`` and write
-    ``root/{images,masks,classes.txt,splits/train.txt}``, then ``root/done``. Processes share the images."""
-    from ..engine.evaluate import predict_probs  # lazy: lesseg.engine imports lesseg.methods
+    ``root/{images,masks,classes.txt,splits/train.txt}``, then ``root/done``. Processes share the images.
+    With ``true_masks`` on the unlabeled stream, also ``root/quality.json``: the pseudo-masks' IoU against
+    the hidden masks (diagnostics; the masks are not used otherwise)."""
+    from ..engine.evaluate import (  # lazy: engine imports methods
+        confusion_matrix,
+        iou_from_confusion,
+        predict_probs,
+    )
 
     src = stream_source(cfg.data, cfg.data.streams.unlabeled)
     samples = src.samples(cfg.data.streams.unlabeled.split)
@@ -96,9 +105,12 @@ def write_pseudo_dataset(cfg: DictConfig, trainer: Trainer, root: Path) -> None:
         (root / "images").mkdir(parents=True)
         (root / "masks").mkdir()
     dist.barrier()
+    scored = bool(cfg.data.streams.unlabeled.true_masks)  # diagnostics: compare with the hidden masks
     data = SegDataset(
-        src, samples, train=False, labeled=False, mean=list(cfg.data.mean), std=list(cfg.data.std)
+        src, samples, train=False, labeled=scored, mean=list(cfg.data.mean), std=list(cfg.data.std)
     )
+    c = trainer.info.num_classes
+    conf = torch.zeros(c, c, dtype=torch.long, device=trainer.device)
     loader = eval_loader(data, 1, trainer.rank, trainer.world, cfg.data.workers)
     crop = list(cfg.eval.crop_size or cfg.data.crop_size)
     net = trainer.eval_net().eval()
@@ -109,12 +121,20 @@ def write_pseudo_dataset(cfg: DictConfig, trainer: Trainer, root: Path) -> None:
             probs = predict_probs(
                 net, item["image"].to(trainer.device), cfg.eval, crop, trainer.info.num_classes
             )
-        mask = pseudo_mask(probs, cfg.method.threshold)[0].cpu().numpy()  # H,W
-        Image.fromarray(mask).save(root / "masks" / f"{stems[i]}.png")
+        mask = pseudo_mask(probs, cfg.method.threshold)[0].cpu()  # H,W
+        Image.fromarray(mask.numpy()).save(root / "masks" / f"{stems[i]}.png")
+        if scored:  # pixels left unlabeled (below the threshold) are not scored
+            true = item["mask"][0].masked_fill(mask == IGNORE, IGNORE)
+            conf += confusion_matrix(mask, true, c).to(conf.device)
         _link_image(samples[i].image, root / "images" / stems[i], src.read_image)
-    dist.barrier()
+    dist.all_reduce_sum(conf)  # also the processes' meeting point before the files are listed
     if trainer.main:
         (root / "classes.txt").write_text("".join(f"{c}\n" for c in trainer.info.class_names))
+        if scored:
+            quality = iou_from_confusion(conf.cpu(), trainer.info.class_names)
+            (root / "quality.json").write_text(json.dumps(quality, indent=1) + "\n")
+            log.info("pseudo-masks vs the unlabeled masks: mIoU %.2f, pixel accuracy %.2f (%s)",
+                     100 * quality["miou"], 100 * quality["acc"], root / "quality.json")
         write_split(root / "splits" / "train.txt", stems)
         (root / DONE).write_text(f"{len(stems)} images\n")
     dist.barrier()
