@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from lesseg.config import ModelConfig
+from lesseg.errors import ConfigError
 from lesseg.methods.base import RunInfo
 from lesseg.methods.u2pl import (
     U2PL,
@@ -345,6 +346,33 @@ def test_warm_up_teacher_start_ema_and_eval_net():
     assert moved
     for (name, t), s in zip(m.teacher.named_buffers(), m.student.buffers()):
         assert torch.equal(t, s), name  # BatchNorm statistics copied from the student
+
+
+def test_teacher_bn_weak_keeps_the_teachers_own_statistics_from_the_weak_views():
+    """teacher_bn="weak": the teacher's BatchNorm normalises its weak batch with that batch's statistics
+    and accumulates running statistics of the weak views; EMA leaves them alone; dropout stays off."""
+    m = _method(teacher_bn="weak")
+    batch = _batch()
+    bn = [x for x in m.teacher.modules() if isinstance(x, torch.nn.BatchNorm2d)]
+    drop = [x for x in m.teacher.modules() if isinstance(x, torch.nn.Dropout2d | torch.nn.Dropout)]
+    assert bn and drop and all(x.training for x in bn) and not any(x.training for x in drop)
+    before = bn[0].running_mean.clone()
+    out = m.training_step(batch, 0)
+    assert not torch.equal(bn[0].running_mean, before)  # the teacher's own statistics moved
+    out["loss"].backward()
+    m.after_step(0)  # d = 0: parameters become the student's, statistics stay the teacher's
+    for t, s in zip(m.teacher.parameters(), m.student.parameters()):
+        assert torch.equal(t, s)
+    assert not torch.equal(bn[0].running_mean, dict(m.student.named_buffers())[_bn0_name(m)])
+    m.eval()
+    assert not any(x.training for x in bn)  # evaluation: running statistics
+    with pytest.raises(ConfigError, match="teacher_bn"):
+        _method(teacher_bn="ema")
+
+
+def _bn0_name(m: U2PL) -> str:
+    name = next(n for n, x in m.teacher.named_modules() if isinstance(x, torch.nn.BatchNorm2d))
+    return f"{name}.running_mean"
 
 
 def test_state_dict_round_trip_restores_bank_and_phase():

@@ -60,18 +60,30 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, step_since_start: int, d_max: float) -> None:
+def ema_update(
+    teacher: nn.Module, student: nn.Module, step_since_start: int, d_max: float, copy_buffers: bool = True
+) -> None:
     """``theta_t <- d theta_t + (1-d) theta_s`` with warm-up ``d = min(1 - 1/(i+1), d_max)``.
 
-    Buffers (BatchNorm statistics) are copied from the student, not averaged (methods.md section 0).
+    Buffers (BatchNorm statistics) are copied from the student, not averaged (methods.md section 0), unless
+    ``copy_buffers`` is False: then the teacher keeps statistics of its own (see ``batchnorm_train``).
     """
     d = min(1.0 - 1.0 / (step_since_start + 1), d_max)
     t_params = [p for p in teacher.parameters()]
     s_params = [p.detach() for p in student.parameters()]
     torch._foreach_mul_(t_params, d)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - d)
-    for tb, sb in zip(teacher.buffers(), student.buffers()):
-        tb.copy_(sb)
+    if copy_buffers:
+        for tb, sb in zip(teacher.buffers(), student.buffers()):
+            tb.copy_(sb)
+
+
+def batchnorm_train(net: nn.Module, mode: bool) -> None:
+    """Put only the BatchNorm layers of ``net`` in training mode (batch statistics, running statistics
+    updated) or back in eval mode; dropout and everything else keep their mode."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train(mode)
 
 
 def split_outputs(

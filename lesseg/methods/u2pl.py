@@ -27,7 +27,16 @@ from .. import dist
 from ..errors import ConfigError
 from ..models import build_model
 from .base import METHODS, Method, RunInfo
-from .common import IGNORE, ce_loss, ema_update, entropy, hard_labels, make_teacher, pseudo_label_quality
+from .common import (
+    IGNORE,
+    batchnorm_train,
+    ce_loss,
+    ema_update,
+    entropy,
+    hard_labels,
+    make_teacher,
+    pseudo_label_quality,
+)  # fmt: skip
 from .mixing import box_mask_one, classmix_mask, cutout, mix, mix_batch, partner
 from .supervised import SupervisedConfig, sup_loss
 
@@ -55,6 +64,10 @@ class U2PLConfig(SupervisedConfig):
     bank_size: int = 30000  # per class
     bank_size_bg: int = 50000  # class 0 (the authors' code uses 50000 for class 0)
     bank_dtype: str = "bfloat16"  # unit vectors: half the memory, similarities within 4e-3 (fp16: 2e-4)
+    # teacher BatchNorm statistics: "student" copies the student's after every EMA step (methods.md s. 0;
+    # they come from batches of strongly augmented, mixed unlabeled images); "weak" keeps the teacher's own,
+    # from its forward passes on the weak views (batch statistics there, running ones when evaluated)
+    teacher_bn: str = "student"
 
 
 # ---------------------------------------------------------------------------------------------- pure pieces
@@ -294,6 +307,8 @@ class U2PL(Method):
         super().__init__(cfg, model_cfg, info)
         if cfg.mixing not in MIXINGS:
             raise ConfigError(f"method.mixing must be one of {', '.join(MIXINGS)}, got {cfg.mixing!r}")
+        if cfg.teacher_bn not in ("student", "weak"):
+            raise ConfigError(f"method.teacher_bn must be student or weak, got {cfg.teacher_bn!r}")
         if cfg.bank_dtype not in ("float16", "bfloat16", "float32"):
             raise ConfigError(
                 f"method.bank_dtype must be float16, bfloat16 or float32, got {cfg.bank_dtype!r}"
@@ -317,9 +332,11 @@ class U2PL(Method):
         return self.teacher if bool(self.semi_started) else self.student
 
     def train(self, mode: bool = True) -> U2PL:
-        """The teacher always runs in eval mode (BatchNorm running statistics, no dropout)."""
+        """The teacher runs in eval mode (no dropout; BatchNorm running statistics), except its BatchNorm
+        layers while training with ``teacher_bn="weak"``."""
         super().train(mode)
         self.teacher.eval()
+        batchnorm_train(self.teacher, mode and self.cfg.teacher_bn == "weak")
         return self
 
     def drop_percent(self, step: int) -> float:
@@ -418,4 +435,5 @@ class U2PL(Method):
         """8: EMA of the teacher with warm-up counted from the start of the semi-supervised phase."""
         if step >= self.sup_only_steps:
             student = getattr(self.student, "module", self.student)
-            ema_update(self.teacher, student, step - self.sup_only_steps, self.cfg.ema_decay)
+            ema_update(self.teacher, student, step - self.sup_only_steps, self.cfg.ema_decay,
+                       copy_buffers=self.cfg.teacher_bn == "student")
