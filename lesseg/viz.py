@@ -77,7 +77,8 @@ def heat(x: np.ndarray, vmax: float | None = None, cmap: str = "magma") -> np.nd
 
 def curves_figure(metrics_path: str | Path, path: str | Path) -> Path | None:
     """Every scalar logged in metrics.jsonl against the step, one panel each (loss terms, CPS overlap,
-    U2PL reliable share, eval mIoU). None when the file holds no training events."""
+    U2PL reliable share, pseudo-label quality with the true class-0 share dashed in the pl_c0 panel, eval
+    mIoU). None when the file holds no training events."""
     import json
 
     import matplotlib
@@ -94,12 +95,17 @@ def curves_figure(metrics_path: str | Path, path: str | Path) -> Path | None:
             series.setdefault(k if rec["event"] == "train" else f"eval {k}", []).append((rec["step"], v))
     if not series:
         return None
+    reference = {"pl_c0": series.pop("true_c0")} if "true_c0" in series and "pl_c0" in series else {}
     n = len(series)
     cols = min(4, n)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
     for ax, (name, pts) in zip(axes.flat, sorted(series.items())):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        if name in reference:  # the pseudo-labels' class-0 share against the masks' (dashed)
+            ref = reference[name]
+            ax.plot([p[0] for p in ref], [p[1] for p in ref], "--", color="gray", label="true_c0")
+            ax.legend(fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)

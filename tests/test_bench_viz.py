@@ -170,3 +170,24 @@ def test_fg_identity_script_agrees_with_evaluate(tiny_cfg, tmp_path):
     assert r["miou"] == pytest.approx(result["miou"])  # same predictions, same matrix as training's eval
     assert 0.0 <= r["fg_iou"] <= 1.0 and r["chance"] == pytest.approx(1 / 6)
     assert math.isnan(r["right_class"]) or 0.0 <= r["right_class"] <= 1.0  # NaN: no pixel called fg
+
+
+def test_curves_draw_the_true_class0_share_into_the_pseudo_label_panel(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from lesseg.viz import curves_figure
+
+    records = [{"event": "train", "step": s, "loss": 1.0 / s, "pl_c0": 0.9, "true_c0": 0.78} for s in (1, 2, 3)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    titles, dashed = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, **k: titles.append(t))
+    original = matplotlib.axes.Axes.plot
+
+    def plot(self, *args, **kwargs):
+        if "--" in args:
+            dashed.append(kwargs.get("label"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    assert curves_figure(tmp_path / "m.jsonl", tmp_path / "c.png").is_file()
+    assert sorted(titles) == ["loss", "pl_c0"] and dashed == ["true_c0"]
