@@ -183,7 +183,7 @@ def cmd_bench(args) -> int:
     if args.config:  # `lesseg bench semi k=v ...`: no config, only overrides
         args.overrides = [args.config, *args.overrides]
     out = Path(args.out or ("runs/bench_semi_quick" if args.quick else "runs/bench_semi")
-               + ("_pretrained" if args.pretrain and not args.out else ""))
+               + ("_scratch" if not args.pretrain and not args.out else ""))
     quick = ["train.iters=30", "train.eval_every=0", "train.log_every=10"] if args.quick else []
     methods = tuple(args.methods.split(",")) if args.methods else bench.SEMI_METHODS
     seeds = tuple(range(1 if args.quick else args.seeds))
@@ -309,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cost-only", action="store_true",
                     help="semi: only the cost-per-step measurement of --methods, no training (an idle machine)")
     sp.add_argument("--out", help="semi: run folder (finished runs are reused)")
-    sp.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=False,
-                    help="semi: start every run from an encoder pretrained on synthetic shapes (trained first)")
+    sp.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=True,
+                    help="semi: start every run from the encoder of a supervised run on synthetic shapes (trained "
+                         "first, once), as the papers start from ImageNet; --no-pretrain: from scratch")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_bench)
 

@@ -191,3 +191,19 @@ def test_curves_draw_the_true_class0_share_into_the_pseudo_label_panel(tmp_path,
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
     assert curves_figure(tmp_path / "m.jsonl", tmp_path / "c.png").is_file()
     assert sorted(titles) == ["loss", "pl_c0"] and dashed == ["true_c0"]
+
+
+@pytest.mark.parametrize("flag, folder, pretrain", [(None, "runs/bench_semi", True),
+                                                    ("--no-pretrain", "runs/bench_semi_scratch", False)])
+def test_bench_semi_pretrains_by_default_and_keeps_scratch_runs_apart(flag, folder, pretrain, tmp_path, capsys,
+                                                                      monkeypatch):
+    from test_cli import run_cli
+
+    from lesseg import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "bench_semi", lambda out, *a, pretrain, **k: calls.append((out, pretrain)) or [])
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(capsys, "bench", "semi", "--methods", "u2pl", "--no-cost", *([flag] if flag else []))
+    assert rc == 0, err
+    assert calls == [(Path(folder), pretrain)]
