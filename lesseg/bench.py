@@ -183,11 +183,12 @@ def _finished_or_train(cfg: DictConfig, run_dir: Path, title: str) -> dict:
 def pretrain_synthetic(out: Path, extra: list[str] = (), device: str = "auto") -> Path:
     """Train (or reuse) ``shapes/pretrain_synthetic.yaml`` in ``out/pretrain``; returns its checkpoint, whose
     evaluated network's encoder ``model.pretrained`` loads. ``extra`` overrides apply (model.* must match the
-    runs that start from it)."""
+    runs that start from it) except ``data.*`` ones: the pretraining keeps its own dataset and root."""
     from . import config
 
     run_dir = out / "pretrain"
-    cfg = config.load("shapes/pretrain_synthetic.yaml", list(extra) + [
+    own = [o for o in extra if not o.split("=", 1)[0].strip().startswith("data.")]
+    cfg = config.load("shapes/pretrain_synthetic.yaml", own + [
         f"out={run_dir}", f"train.device={device}", "train.progress=false"])
     result = _finished_or_train(cfg, run_dir, "supervised pretraining on synthetic shapes")
     print(f"pretrained encoder: {run_dir / 'last.pt'} (synthetic val mIoU {100 * result['miou']:.2f})", flush=True)

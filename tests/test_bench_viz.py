@@ -105,9 +105,12 @@ def test_bench_semi_pretrain_trains_on_synthetic_once_and_every_run_starts_from_
         return {"miou": 0.5}
 
     monkeypatch.setattr(trainer, "train", fake_train)
-    bench.bench_semi(tmp_path, ("supervised", "u2pl"), ("1-16",), (0,), pretrain=True)
+    bench.bench_semi(tmp_path, ("supervised", "u2pl"), ("1-16",), (0,), pretrain=True,
+                     extra=["data.root=elsewhere", "model.decoder_channels=32"])
     pre, *runs = trained
     assert pre.data.options.domain == "synthetic" and pre.model.pretrained is None and pre.out == str(tmp_path / "pretrain")
+    assert pre.data.root == "data/shapes_synthetic" and pre.model.decoder_channels == 32  # its own data
+    assert all(c.data.root == "elsewhere" and c.model.decoder_channels == 32 for c in runs)
     assert [c.method.name for c in runs] == ["supervised", "supervised", "u2pl"]
     assert all(c.model.pretrained == str(tmp_path / "pretrain" / "last.pt") for c in runs)
     assert all(c.data.options is None or c.data.options.get("domain", "real") == "real" for c in runs)
