@@ -143,11 +143,33 @@ def test_eval_net_and_rampup_default():
     assert isinstance(method.cfg, CutMixSegConfig)
 
 
+@pytest.mark.parametrize("cls", [MeanTeacher, CutMixSeg])
+@pytest.mark.parametrize("policy", ["student", "weak"])
+def test_teacher_batchnorm_policy(cls, policy):
+    """student: the teacher's BatchNorm statistics are the student's after EMA; weak: its own, accumulated on
+    the weak views it labels (its dropout stays off either way)."""
+    method = build(cls, teacher_bn=policy).train()
+    bn = [m for m in method.teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    drop = [m for m in method.teacher.modules() if isinstance(m, torch.nn.Dropout | torch.nn.Dropout2d)]
+    assert drop and not any(m.training for m in drop)
+    assert all(m.training == (policy == "weak") for m in bn)
+    before = bn[0].running_mean.clone()
+    method.training_step(make_batch(strong=cls.strong_streams != ()), step=0)
+    assert torch.equal(bn[0].running_mean, before) == (policy == "student")
+    method.after_step(0)
+    same = [torch.equal(t, s) for t, s in zip(method.teacher.buffers(), method.net.buffers())]
+    assert all(same) if policy == "student" else not all(same)
+    method.eval()
+    assert not any(m.training for m in bn)
+
+
 def test_bad_consistency_is_a_config_error():
     from lesseg.errors import ConfigError
 
     with pytest.raises(ConfigError, match="consistency"):
         build(MeanTeacher, consistency="kl")
+    with pytest.raises(ConfigError, match="teacher_bn"):
+        build(MeanTeacher, teacher_bn="ema")
 
 
 def test_methods_are_registered():

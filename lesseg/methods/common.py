@@ -78,6 +78,18 @@ def ema_update(
             tb.copy_(sb)
 
 
+TEACHER_BN = ("student", "weak")  # the EMA teachers' BatchNorm statistics policies (method.teacher_bn)
+
+
+def check_teacher_bn(value: str) -> None:
+    """``student``: copied from the student after every EMA step (methods.md s. 0); ``weak``: the teacher's
+    own, from its forward passes on the weak views (``batchnorm_train`` while training, no copy in EMA)."""
+    if value not in TEACHER_BN:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"method.teacher_bn must be one of {', '.join(TEACHER_BN)}, got {value!r}")
+
+
 def batchnorm_train(net: nn.Module, mode: bool) -> None:
     """Put only the BatchNorm layers of ``net`` in training mode (batch statistics, running statistics
     updated) or back in eval mode; dropout and everything else keep their mode."""

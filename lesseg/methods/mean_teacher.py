@@ -19,7 +19,9 @@ from ..models import build_model
 from .base import METHODS, Method, RunInfo
 from .common import (
     IGNORE,
+    batchnorm_train,
     ce_loss,
+    check_teacher_bn,
     ema_update,
     hard_labels,
     make_teacher,
@@ -38,6 +40,7 @@ class MeanTeacherConfig(SupervisedConfig):
     rampup_steps: int | None = None  # sigmoid ramp-up length; None: 10% of the run; 0: no ramp-up
     consistency: str = "mse"  # mse: squared distance of softmax vectors | ce: confidence-masked CE
     conf_thresh: float = 0.97  # consistency=ce: teacher confidence needed for a pixel to count
+    teacher_bn: str = "student"  # teacher BatchNorm statistics: copied from the student, or "weak" (its own)
     ema_decay: float = 0.999  # d_max of the EMA teacher
     eval_teacher: bool = True  # evaluate (and export) the EMA teacher rather than the student
 
@@ -77,6 +80,7 @@ class MeanTeacher(Method):
         super().__init__(cfg, model_cfg, info)
         if cfg.consistency not in CONSISTENCY:
             raise ConfigError(f"method.consistency must be one of {CONSISTENCY}, not {cfg.consistency!r}")
+        check_teacher_bn(cfg.teacher_bn)
         self.net = build_model(model_cfg, info.num_classes)
         self.teacher = make_teacher(self.net)
         self.rampup_steps = round(0.1 * info.max_iters) if cfg.rampup_steps is None else cfg.rampup_steps
@@ -85,9 +89,11 @@ class MeanTeacher(Method):
         return self.teacher if self.cfg.eval_teacher else self.net
 
     def train(self, mode: bool = True) -> MeanTeacher:
-        """The teacher always predicts in eval mode: no dropout, BatchNorm statistics copied from the student."""
+        """The teacher predicts in eval mode (no dropout; BatchNorm running statistics, copied from the
+        student), except its BatchNorm layers while training with ``teacher_bn="weak"``."""
         super().train(mode)
         self.teacher.eval()
+        batchnorm_train(self.teacher, mode and self.cfg.teacher_bn == "weak")
         return self
 
     @torch.no_grad()
@@ -123,4 +129,5 @@ class MeanTeacher(Method):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        ema_update(self.teacher, getattr(self.net, "module", self.net), step, self.cfg.ema_decay)
+        ema_update(self.teacher, getattr(self.net, "module", self.net), step, self.cfg.ema_decay,
+                   copy_buffers=self.cfg.teacher_bn == "student")

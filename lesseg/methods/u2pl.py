@@ -31,6 +31,7 @@ from .common import (
     IGNORE,
     batchnorm_train,
     ce_loss,
+    check_teacher_bn,
     ema_update,
     entropy,
     hard_labels,
@@ -64,9 +65,10 @@ class U2PLConfig(SupervisedConfig):
     bank_size: int = 30000  # per class
     bank_size_bg: int = 50000  # class 0 (the authors' code uses 50000 for class 0)
     bank_dtype: str = "bfloat16"  # unit vectors: half the memory, similarities within 4e-3 (fp16: 2e-4)
-    # teacher BatchNorm statistics: "student" copies the student's after every EMA step (methods.md s. 0;
-    # they come from batches of strongly augmented, mixed unlabeled images); "weak" keeps the teacher's own,
-    # from its forward passes on the weak views (batch statistics there, running ones when evaluated)
+    # teacher BatchNorm statistics (common.check_teacher_bn): "student" copies the student's after every EMA
+    # step (methods.md s. 0; they come from batches of strongly augmented, mixed unlabeled images); "weak"
+    # keeps the teacher's own, from its passes on the weak views (batch statistics there, running ones when
+    # evaluated)
     teacher_bn: str = "student"
 
 
@@ -307,8 +309,7 @@ class U2PL(Method):
         super().__init__(cfg, model_cfg, info)
         if cfg.mixing not in MIXINGS:
             raise ConfigError(f"method.mixing must be one of {', '.join(MIXINGS)}, got {cfg.mixing!r}")
-        if cfg.teacher_bn not in ("student", "weak"):
-            raise ConfigError(f"method.teacher_bn must be student or weak, got {cfg.teacher_bn!r}")
+        check_teacher_bn(cfg.teacher_bn)
         if cfg.bank_dtype not in ("float16", "bfloat16", "float32"):
             raise ConfigError(
                 f"method.bank_dtype must be float16, bfloat16 or float32, got {cfg.bank_dtype!r}"
