@@ -1,8 +1,9 @@
 """Diagnose a checkpoint on a dataset whose class 0 is background (shapes): does the network find the
 objects, and does it name them right?
 
-Prints, per checkpoint: mIoU, the class-agnostic foreground-vs-background IoU, and the share of pixels
-correctly called foreground that also get the right class (chance = 1 / number of foreground classes).
+Prints, per checkpoint: mIoU, the class-agnostic foreground-vs-background IoU, the share of pixels
+correctly called foreground that also get the right class (chance = 1 / number of foreground classes),
+and the share of pixels predicted background against the masks' share (a drift to background shows here).
 
     python scripts/fg_identity.py SPLIT CKPT [CKPT ...]     # e.g. val runs/bench_semi/1-16/u2pl/seed0/last.pt
 """
@@ -33,14 +34,15 @@ def diagnose(path: str, split: str) -> dict:
     fg_hit = m[1:, 1:].sum()  # foreground called foreground, any class (symmetric in the matrix's axes)
     fg_iou = fg_hit / (fg_hit + m[0, 1:].sum() + m[1:, 0].sum())
     return {"miou": iou_from_confusion(conf, None)["miou"], "fg_iou": float(fg_iou),
-            "right_class": float(m[1:, 1:].diag().sum() / fg_hit), "chance": 1 / (c - 1)}
+            "right_class": float(m[1:, 1:].diag().sum() / fg_hit), "chance": 1 / (c - 1),
+            "bg_pred": float(m[:, 0].sum() / m.sum()), "bg_true": float(m[0].sum() / m.sum())}
 
 
 if __name__ == "__main__":
     if len(sys.argv) < 3:
         sys.exit(__doc__)
-    print(f"{'checkpoint':<60s} {'mIoU':>6s} {'fg IoU':>7s} {'right class':>12s}")
+    print(f"{'checkpoint':<60s} {'mIoU':>6s} {'fg IoU':>7s} {'right class':>12s} {'bg pred/true':>13s}")
     for p in sys.argv[2:]:
         r = diagnose(p, sys.argv[1])
-        print(f"{p:<60s} {100 * r['miou']:6.2f} {100 * r['fg_iou']:7.1f} {100 * r['right_class']:11.1f}%"
-              f"  (chance {100 * r['chance']:.1f}%)")
+        print(f"{p:<60s} {100 * r['miou']:6.2f} {100 * r['fg_iou']:7.1f} {100 * r['right_class']:11.1f}% "
+              f"{r['bg_pred']:6.3f}/{r['bg_true']:.3f}  (chance {100 * r['chance']:.1f}%)")

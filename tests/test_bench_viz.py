@@ -173,6 +173,12 @@ def test_fg_identity_script_agrees_with_evaluate(tiny_cfg, tmp_path):
     assert r["miou"] == pytest.approx(result["miou"])  # same predictions, same matrix as training's eval
     assert 0.0 <= r["fg_iou"] <= 1.0 and r["chance"] == pytest.approx(1 / 6)
     assert math.isnan(r["right_class"]) or 0.0 <= r["right_class"] <= 1.0  # NaN: no pixel called fg
+    from lesseg.data import build_eval_dataset
+
+    masks = [item["mask"] for item in build_eval_dataset(tiny_cfg().data, split="val", progress=False)]
+    scored = sum(int((m != 255).sum()) for m in masks)
+    assert r["bg_true"] == pytest.approx(sum(int((m == 0).sum()) for m in masks) / scored)
+    assert 0.0 <= r["bg_pred"] <= 1.0
 
 
 def test_curves_draw_the_true_class0_share_into_the_pseudo_label_panel(tmp_path, monkeypatch):
