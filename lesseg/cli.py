@@ -34,14 +34,14 @@ def cmd_eval(args) -> int:
     from .data import build_eval_dataset, eval_loader, stream_source
     from .engine import checkpoint as ckpt
     from .engine.evaluate import evaluate
-    from .engine.inference import load_method_state
+    from .engine.inference import for_loading, load_method_state
     from .methods import RunInfo, build_method
 
     cfg = _load_cfg(args)
     device = dist.init(cfg.train.device)
     src = stream_source(cfg.data)
     info = RunInfo(num_classes=src.num_classes, class_names=list(src.classes))
-    method = build_method(cfg, info)
+    method = build_method(for_loading(cfg), info)
     state = ckpt.load(args.checkpoint)
     if state.get("info", {}).get("num_classes", info.num_classes) != info.num_classes:
         raise LessegError(f"{args.checkpoint} has {state['info']['num_classes']} classes, the dataset "

@@ -139,3 +139,16 @@ def test_pretrained_from_a_lesseg_checkpoint_takes_its_evaluated_networks_encode
     for key, value in enc.items():
         assert torch.equal(value, state["method"][f"teacher.encoder.{key}"]), key
     assert not torch.equal(enc["conv1.0.weight"], state["method"]["student.encoder.conv1.0.weight"])
+
+    # a run started from it loads, evaluates and predicts without the pretrained file (its own weights count)
+    from lesseg.cli import main
+    from lesseg.engine.inference import load_checkpoint_net
+
+    second = tiny_cfg([f"model.pretrained={cfg.out}/last.pt", f"out={tmp_path}/second", "train.iters=1",
+                       "train.eval_every=0"])
+    train(second)
+    os.remove(f"{cfg.out}/last.pt")
+    net, loaded, _, _ = load_checkpoint_net(f"{tmp_path}/second/last.pt")  # the run's config still says
+    assert loaded.model.pretrained == f"{cfg.out}/last.pt"  # where it started, the file is not needed
+    config_path = tmp_path / "second" / "config.yaml"
+    assert main(["eval", str(config_path), "--checkpoint", f"{tmp_path}/second/last.pt"]) == 0

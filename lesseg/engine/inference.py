@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
@@ -32,10 +32,16 @@ def load_checkpoint_net(path: str | Path, device: torch.device | str = "cpu",
     except ConfigError as e:
         raise ConfigError(f"the config stored in checkpoint {path}: {e}") from None
     info = RunInfo(**state["info"])
-    method = build_method(cfg, info)
+    method = build_method(for_loading(cfg), info)
     load_method_state(method, state, path)
     net = method.eval_net().to(device).eval()
     return net, cfg, info, state
+
+
+def for_loading(cfg: DictConfig) -> DictConfig:
+    """``cfg`` without ``model.pretrained``: a checkpoint's weights replace the encoder's anyway, and the
+    pretrained file need not exist where the checkpoint is used."""
+    return OmegaConf.merge(cfg, {"model": {"pretrained": None}})
 
 
 def load_method_state(method: torch.nn.Module, state: dict, path: str | Path) -> None:
