@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from .engine.trainer import Trainer, to_device
+from .errors import LessegError
 
 
 def _reset_peak_rss() -> bool:
@@ -170,6 +171,7 @@ def _finished_or_train(cfg: DictConfig, run_dir: Path, title: str) -> dict:
     from .engine import checkpoint as ckpt
     from .engine.trainer import train
 
+    _same_run(cfg, run_dir)
     result = ckpt.finished_eval(run_dir)
     if result is None:
         print(f"== {title}", flush=True)
@@ -178,6 +180,37 @@ def _finished_or_train(cfg: DictConfig, run_dir: Path, title: str) -> dict:
         result = train(cfg)
         (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n{_peak_rss_mib()}\n")
     return result
+
+
+def _same_run(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse to reuse or resume a run folder whose run had another config (say, before a config changed)."""
+    from omegaconf import OmegaConf
+
+    from . import config
+    from .engine import checkpoint as ckpt
+
+    path = run_dir / "last.pt"
+    if not path.is_file():
+        return
+    # through today's schema: keys added since the run was made read as their defaults
+    stored = OmegaConf.to_container(config.from_dict(ckpt.load(path)["config"]))
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+
+    ignored = {"out", "train.progress", "train.device"}  # and true_masks: diagnostics, training is the same
+    old, new = flat(stored), flat(OmegaConf.to_container(cfg))
+    differ = sorted(k for k in old.keys() | new.keys()
+                    if k not in ignored and not k.endswith(".true_masks") and old.get(k) != new.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:4])
+        raise LessegError(
+            f"{run_dir} holds a run with another config ({shown}{', ...' if len(differ) > 4 else ''}); "
+            "delete it to rerun, or pass --out for a new bench folder"
+        )
 
 
 def pretrain_synthetic(out: Path, extra: list[str] = (), device: str = "auto") -> Path:

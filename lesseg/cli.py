@@ -183,7 +183,7 @@ def cmd_bench(args) -> int:
     if args.config:  # `lesseg bench semi k=v ...`: no config, only overrides
         args.overrides = [args.config, *args.overrides]
     out = Path(args.out or ("runs/bench_semi_quick" if args.quick else "runs/bench_semi")
-               + ("_scratch" if not args.pretrain and not args.out else ""))
+               + ("_pretrained" if args.pretrain and not args.out else ""))
     quick = ["train.iters=30", "train.eval_every=0", "train.log_every=10"] if args.quick else []
     methods = tuple(args.methods.split(",")) if args.methods else bench.SEMI_METHODS
     seeds = tuple(range(1 if args.quick else args.seeds))

@@ -202,8 +202,8 @@ def test_curves_draw_the_true_class0_share_into_the_pseudo_label_panel(tmp_path,
     assert sorted(titles) == ["loss", "pl_c0"] and dashed == ["true_c0"]
 
 
-@pytest.mark.parametrize("flag, folder, pretrain", [(None, "runs/bench_semi", True),
-                                                    ("--no-pretrain", "runs/bench_semi_scratch", False)])
+@pytest.mark.parametrize("flag, folder, pretrain", [(None, "runs/bench_semi_pretrained", True),
+                                                    ("--no-pretrain", "runs/bench_semi", False)])
 def test_bench_semi_pretrains_by_default_and_keeps_scratch_runs_apart(flag, folder, pretrain, tmp_path, capsys,
                                                                       monkeypatch):
     from test_cli import run_cli
@@ -216,3 +216,39 @@ def test_bench_semi_pretrains_by_default_and_keeps_scratch_runs_apart(flag, fold
     rc, _, err = run_cli(capsys, "bench", "semi", "--methods", "u2pl", "--no-cost", *([flag] if flag else []))
     assert rc == 0, err
     assert calls == [(Path(folder), pretrain)]
+
+
+def test_bench_semi_reuses_a_finished_run_only_with_the_same_config(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from lesseg import bench
+    from lesseg.engine import checkpoint as ckpt
+    from lesseg.engine import trainer
+    from lesseg.errors import LessegError
+
+    trained = []
+
+    def fake_train(cfg):  # a finished run: last.pt at the last step, with its config
+        trained.append(cfg.method.name)
+        state = {"config": OmegaConf.to_container(cfg), "step": 1, "info": {"max_iters": 1}, "eval": {"miou": 0.5}}
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        ckpt.save_atomic(state, Path(cfg.out) / "last.pt")
+        return {"miou": 0.5}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    bench.bench_semi(tmp_path, ("u2pl",), ("1-16",), (0,), extra=["train.device=cpu"])
+    bench.bench_semi(tmp_path, ("u2pl",), ("1-16",), (0,), device="cpu")  # same run: reused, not retrained
+    assert trained == ["u2pl"]
+    bench.bench_semi(tmp_path, ("u2pl",), ("1-16",), (0,), extra=["data.streams.unlabeled.true_masks=false"])
+    assert trained == ["u2pl"]  # the diagnostics do not change the run
+    with pytest.raises(LessegError, match=r"another config \(method.num_queries: 256 -> 8\)"):
+        bench.bench_semi(tmp_path, ("u2pl",), ("1-16",), (0,), extra=["method.num_queries=8"])
+    # a run from before a key existed counts with that key's default
+    path = tmp_path / "1-16" / "u2pl" / "seed0" / "last.pt"
+    state = ckpt.load(path)
+    del state["config"]["method"]["teacher_bn"]
+    ckpt.save_atomic(state, path)
+    bench.bench_semi(tmp_path, ("u2pl",), ("1-16",), (0,), extra=["method.teacher_bn=student"])
+    with pytest.raises(LessegError, match="method.teacher_bn: 'student' -> 'weak'"):
+        bench.bench_semi(tmp_path, ("u2pl",), ("1-16",), (0,))  # the shapes config's teacher_bn
+    assert trained == ["u2pl"]
