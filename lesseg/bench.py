@@ -193,7 +193,10 @@ def _same_run(cfg: DictConfig, run_dir: Path) -> None:
     if not path.is_file():
         return
     # through today's schema: keys added since the run was made read as their defaults
-    stored = OmegaConf.to_container(config.from_dict(ckpt.load(path)["config"]))
+    try:
+        stored = OmegaConf.to_container(config.from_dict(ckpt.load(path)["config"]))
+    except LessegError as e:
+        raise LessegError(f"{run_dir} holds a run this version cannot compare ({e}); delete it to rerun") from None
 
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}

@@ -251,4 +251,8 @@ def test_bench_semi_reuses_a_finished_run_only_with_the_same_config(tmp_path, mo
     bench.bench_semi(tmp_path, ("u2pl",), ("1-16",), (0,), extra=["method.teacher_bn=student"])
     with pytest.raises(LessegError, match="method.teacher_bn: 'student' -> 'weak'"):
         bench.bench_semi(tmp_path, ("u2pl",), ("1-16",), (0,))  # the shapes config's teacher_bn
+    state["config"]["method"]["gone_key"] = 1  # a key this version does not know
+    ckpt.save_atomic(state, path)
+    with pytest.raises(LessegError, match="cannot compare.*gone_key"):
+        bench.bench_semi(tmp_path, ("u2pl",), ("1-16",), (0,))
     assert trained == ["u2pl"]
