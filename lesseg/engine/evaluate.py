@@ -21,10 +21,16 @@ from ..models import class_map
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """C x C matrix, rows = ground truth, columns = prediction; pixels labeled 255 are skipped."""
+    """C x C matrix, rows = ground truth, columns = prediction; pixels labeled 255 are skipped.
+
+    Fixed shapes (skipped pixels go to a spare bin), so it never waits for the device: usable inside a
+    training step (pseudo-label diagnostics) as well as in evaluation.
+    """
+    c2 = num_classes * num_classes
     valid = target != IGNORE
-    idx = target[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+    idx = torch.where(valid, target.long() * num_classes + pred.long(), c2).flatten()
+    counts = torch.zeros(c2 + 1, dtype=torch.long, device=idx.device).index_add_(0, idx, valid.flatten().long())
+    return counts[:c2].reshape(num_classes, num_classes)
 
 
 def iou_from_confusion(conf: torch.Tensor, class_names: list[str] | None = None) -> dict:

@@ -120,15 +120,14 @@ def pseudo_label_quality(
     the background of VOC and shapes: a method drifting to background shows ``pl_c0`` rising above
     ``true_c0``). 0-dim float tensors computed on the device (no host sync).
     """
+    from ..engine.evaluate import confusion_matrix  # lazy: lesseg.engine imports lesseg.methods
+
     true = batch.get("true_mask")
     if true is None:
         return {}
-    both = (pseudo != IGNORE) & (true != IGNORE)
-    n = both.sum().clamp_min(1).float()
-    c2 = num_classes * num_classes  # fixed-size confusion matrix, its last bin collects the unscored pixels
-    codes = torch.where(both, true.clamp_max(num_classes - 1) * num_classes + pseudo.clamp_max(num_classes - 1), c2)
-    conf = torch.zeros(c2 + 1, device=pseudo.device).index_add_(0, codes.flatten(), both.flatten().float())
-    conf = conf[:c2].view(num_classes, num_classes)
+    scored = true.masked_fill(pseudo == IGNORE, IGNORE)  # pixels without a pseudo-label are not scored
+    conf = confusion_matrix(pseudo.masked_fill(pseudo == IGNORE, 0), scored, num_classes).float()
+    n = conf.sum().clamp_min(1)
     hits, rows, cols = conf.diagonal(), conf.sum(1), conf.sum(0)
     union = rows + cols - hits
     present = union > 0
