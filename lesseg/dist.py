@@ -26,7 +26,7 @@ def is_main() -> bool:
 
 def init(device: str = "auto") -> torch.device:
     """Pick the device; join the process group when torchrun's environment is present (nccl/gloo)."""
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     elif device == "cuda":

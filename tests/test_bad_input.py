@@ -254,6 +254,21 @@ def test_the_refused_checkpoint_message_does_not_advise_unsafe_loading(malicious
     assert rc == 2 and "weights_only" not in err and "system" in err, err
 
 
+@pytest.mark.parametrize("kind", ["truncated", "random_bytes", "text"])
+def test_a_corrupt_checkpoint_is_one_clear_error_that_does_not_cry_code(kind, tmp_path, capsys):
+    good = tmp_path / "good.pt"
+    torch.save({"method": {"w": torch.zeros(64)}, "config": {}, "info": {}}, good)
+    bad = tmp_path / f"{kind}.pt"
+    bad.write_bytes({
+        "truncated": good.read_bytes()[: good.stat().st_size // 2],
+        "random_bytes": np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes(),
+        "text": b"hello world",
+    }[kind])
+    rc, _, err = run_cli(capsys, "export", "--checkpoint", bad, "--out", tmp_path / "m.onnx")
+    assert_one_clear_error(rc, err, bad, "cannot load checkpoint", max_lines=1)
+    assert "run code" not in err, err
+
+
 def test_a_config_error_in_the_checkpoints_own_config_names_the_checkpoint(tmp_path, capsys):
     """predict/export rebuild the network from the config stored in the checkpoint."""
     bad = tmp_path / "old.pt"

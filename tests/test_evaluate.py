@@ -9,7 +9,7 @@ from lesseg.engine.evaluate import _windows, confusion_matrix, iou_from_confusio
 
 
 def eval_cfg(**kw):
-    base = dict(mode="whole", crop_size=None, stride=None, resize=None, scales=[1.0], flip=False)
+    base = {"mode": "whole", "crop_size": None, "stride": None, "resize": None, "scales": [1.0], "flip": False}
     base.update(kw)
     return SimpleNamespace(**base)
 

@@ -100,7 +100,8 @@ def _lesseg(*args, env_extra=None, torchrun=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"] if torchrun \
         else [sys.executable]
-    return subprocess.run(prefix + ["-m", "lesseg", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(prefix + ["-m", "lesseg", *args], capture_output=True, text=True, env=env, timeout=300,
+                          check=False)
 
 
 def test_two_process_torchrun_training_and_reduced_eval_equal_single_process(tiny_cfg, tmp_path):
@@ -148,7 +149,7 @@ def test_pretrained_from_a_lesseg_checkpoint_takes_its_evaluated_networks_encode
                        "train.eval_every=0"])
     train(second)
     os.remove(f"{cfg.out}/last.pt")
-    net, loaded, _, _ = load_checkpoint_net(f"{tmp_path}/second/last.pt")  # the run's config still says
+    _, loaded, _, _ = load_checkpoint_net(f"{tmp_path}/second/last.pt")  # the run's config still says
     assert loaded.model.pretrained == f"{cfg.out}/last.pt"  # where it started, the file is not needed
     config_path = tmp_path / "second" / "config.yaml"
     assert main(["eval", str(config_path), "--checkpoint", f"{tmp_path}/second/last.pt"]) == 0

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from lesseg.data.loader import SegDataset
 class Blocks(SegSource):
     """One 40x56 image of 4 class blocks; pixel value = 60 * class in every channel."""
 
-    classes = ["a", "b", "c", "d"]
+    classes: ClassVar[list[str]] = ["a", "b", "c", "d"]
 
     def __init__(self):
         self.root = Path(".")
@@ -31,8 +32,8 @@ class Blocks(SegSource):
 
 
 def aug(**kw):
-    base = dict(scale=[0.5, 2.0], base_size=None, hflip=True, vflip=False, rotate=0.0, color_jitter=0.5,
-                color_jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
+    base = {"scale": [0.5, 2.0], "base_size": None, "hflip": True, "vflip": False, "rotate": 0.0,
+            "color_jitter": 0.5, "color_jitter_p": 0.8, "grayscale_p": 0.2, "blur_p": 0.5}
     return SimpleNamespace(**{**base, **kw})
 
 

@@ -38,12 +38,14 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol chatter about foreign files
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:  # the file holds objects other than tensors: possibly code
+    except pickle.UnpicklingError as e:
         refused = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
-        what = f" ({refused.group(1)})" if refused else ""
-        raise LessegError(f"refused to load checkpoint {path}: it holds Python objects other than tensors{what}, "
-                          "and loading them could run code") from None
-    except Exception as e:  # truncated file, not a checkpoint at all
+        if refused:  # the file holds objects other than tensors: possibly code
+            raise LessegError(f"refused to load checkpoint {path}: it holds Python objects other than tensors "
+                              f"({refused.group(1)}), and loading them could run code") from None
+        raise LessegError(f"cannot load checkpoint {path}: not a checkpoint, or a corrupt one") from None
+    # torch.load reports a truncated or foreign file as RuntimeError, EOFError, KeyError, ValueError, ... by format
+    except Exception as e:  # noqa: BLE001
         raise LessegError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
 
 
