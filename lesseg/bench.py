@@ -194,7 +194,8 @@ def _same_run(cfg: DictConfig, run_dir: Path) -> None:
         return
     # through today's schema: keys added since the run was made read as their defaults
     try:
-        stored = OmegaConf.to_container(config.from_dict(ckpt.load(path)["config"]))
+        state = ckpt.load(path)
+        stored = OmegaConf.to_container(config.from_dict(state["config"]))
     except LessegError as e:
         raise LessegError(f"{run_dir} holds a run this version cannot compare ({e}); delete it to rerun") from None
 
@@ -214,6 +215,25 @@ def _same_run(cfg: DictConfig, run_dir: Path) -> None:
             f"{run_dir} holds a run with another config ({shown}{', ...' if len(differ) > 4 else ''}); "
             "delete it to rerun, or pass --out for a new bench folder"
         )
+    _same_start(cfg.model.pretrained, state.get("pretrained_sha256"), run_dir)
+
+
+def _same_start(pretrained: str | None, digest: str | None, run_dir: Path) -> None:
+    """Refuse a run that started from another version of its ``model.pretrained`` file (same path, say a
+    retrained bench encoder). Runs from before checkpoints kept the digest: the file must predate the run."""
+    from .engine import checkpoint as ckpt
+
+    if not pretrained or not Path(pretrained).is_file():
+        return  # training it (resuming) reports the missing file
+    if digest is not None:
+        changed = digest != ckpt.file_digest(pretrained)
+    else:
+        started = run_dir / "config.yaml"  # written when the run starts
+        started = started if started.is_file() else run_dir / "last.pt"
+        changed = Path(pretrained).stat().st_mtime > started.stat().st_mtime
+    if changed:
+        raise LessegError(f"{run_dir} holds a run that started from another version of {pretrained} (the file "
+                          "changed since); delete it to rerun, or pass --out for a new bench folder")
 
 
 def pretrain_synthetic(out: Path, extra: list[str] = (), device: str = "auto") -> Path:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lesseg.bench import summarize_semi
@@ -256,3 +257,51 @@ def test_bench_semi_reuses_a_finished_run_only_with_the_same_config(tmp_path, mo
     with pytest.raises(LessegError, match="cannot compare.*gone_key"):
         bench.bench_semi(tmp_path, ("u2pl",), ("1-16",), (0,))
     assert trained == ["u2pl"]
+
+
+def test_bench_semi_refuses_a_run_that_started_from_another_version_of_the_pretrained_encoder(tmp_path, monkeypatch):
+    """Same config, same model.pretrained path, but the encoder file was retrained since: not reused."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from lesseg import bench
+    from lesseg.engine import checkpoint as ckpt
+    from lesseg.engine import trainer
+    from lesseg.errors import LessegError
+
+    trained = []
+
+    def fake_train(cfg):  # a finished run, as the trainer saves it (digest of the weights it started from)
+        trained.append(cfg.method.name)
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text("written at the start\n")
+        digest = ckpt.file_digest(cfg.model.pretrained) if cfg.model.pretrained else None
+        state = {"config": OmegaConf.to_container(cfg), "step": 1, "info": {"max_iters": 1}, "eval": {"miou": 0.5},
+                 "pretrained_sha256": digest, "weights": torch.full((4,), float(len(trained)))}
+        ckpt.save_atomic(state, out / "last.pt")
+        return {"miou": 0.5}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    plan = ((tmp_path, ("u2pl",), ("1-16",), (0,)), {"pretrain": True})
+    bench.bench_semi(*plan[0], **plan[1])
+    bench.bench_semi(*plan[0], **plan[1])
+    assert trained == ["supervised", "u2pl"]  # both reused the second time
+    encoder, run = tmp_path / "pretrain" / "last.pt", tmp_path / "1-16" / "u2pl" / "seed0"
+    state = ckpt.load(encoder)
+    state["weights"] += 1  # the encoder retrained with the same config (its folder deleted and rerun, say)
+    ckpt.save_atomic(state, encoder)
+    with pytest.raises(LessegError, match=f"{run}.*another version of {encoder}"):
+        bench.bench_semi(*plan[0], **plan[1])
+    # a run saved before checkpoints kept the digest: the encoder must predate the run's start
+    old = ckpt.load(run / "last.pt")
+    del old["pretrained_sha256"]
+    ckpt.save_atomic(old, run / "last.pt")
+    started = (run / "config.yaml").stat().st_mtime
+    os.utime(encoder, (started - 60, started - 60))
+    bench.bench_semi(*plan[0], **plan[1])
+    os.utime(encoder, (started + 60, started + 60))
+    with pytest.raises(LessegError, match="another version"):
+        bench.bench_semi(*plan[0], **plan[1])
+    assert trained == ["supervised", "u2pl"]

@@ -148,6 +148,10 @@ def test_pretrained_from_a_lesseg_checkpoint_takes_its_evaluated_networks_encode
     second = tiny_cfg([f"model.pretrained={cfg.out}/last.pt", f"out={tmp_path}/second", "train.iters=1",
                        "train.eval_every=0"])
     train(second)
+    from lesseg.engine import checkpoint as ckpt  # which version of the file it started from
+
+    assert ckpt.load(f"{tmp_path}/second/last.pt")["pretrained_sha256"] == ckpt.file_digest(f"{cfg.out}/last.pt")
+    assert state["pretrained_sha256"] is None
     os.remove(f"{cfg.out}/last.pt")
     _, loaded, _, _ = load_checkpoint_net(f"{tmp_path}/second/last.pt")  # the run's config still says
     assert loaded.model.pretrained == f"{cfg.out}/last.pt"  # where it started, the file is not needed

@@ -30,6 +30,17 @@ def save_atomic(obj: dict, path: str | Path) -> None:
         raise
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file: which version of a weights file a run started from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():

@@ -108,6 +108,8 @@ class Trainer:
         self.step = 0  # number of optimizer steps done
         self.best = -1.0
         self.last_eval: dict = {}
+        # the weights the run started from (build_method loaded them): a resumed run keeps its stored digest
+        self.pretrained_digest = ckpt.file_digest(cfg.model.pretrained) if cfg.model.pretrained else None
         if resume:
             self._resume()
         self.writer = None
@@ -137,6 +139,7 @@ class Trainer:
             "config": OmegaConf.to_container(self.cfg),
             "info": dataclasses.asdict(self.info),
             "eval_net": self.eval_net_name(),  # whose weights model.pretrained takes from this checkpoint
+            "pretrained_sha256": self.pretrained_digest,
         }
 
     def eval_net_name(self) -> str:
@@ -164,6 +167,7 @@ class Trainer:
         self.step = state["step"]
         self.best = state["best"]
         self.last_eval = state.get("eval", {})
+        self.pretrained_digest = state.get("pretrained_sha256", self.pretrained_digest)
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
