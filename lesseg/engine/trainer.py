@@ -108,7 +108,7 @@ class Trainer:
         self.step = 0  # number of optimizer steps done
         self.best = -1.0
         self.last_eval: dict = {}
-        # the weights the run started from (build_method loaded them): a resumed run keeps its stored digest
+        # the weights the run started from (build_method loaded them); a resumed run keeps the stored one
         self.pretrained_digest = ckpt.file_digest(cfg.model.pretrained) if cfg.model.pretrained else None
         if resume:
             self._resume()
@@ -167,7 +167,7 @@ class Trainer:
         self.step = state["step"]
         self.best = state["best"]
         self.last_eval = state.get("eval", {})
-        self.pretrained_digest = state.get("pretrained_sha256", self.pretrained_digest)
+        self.pretrained_digest = state.get("pretrained_sha256")  # None: saved before checkpoints kept it
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
