@@ -171,8 +171,8 @@ def _finished_or_train(cfg: DictConfig, run_dir: Path, title: str) -> dict:
     from .engine import checkpoint as ckpt
     from .engine.trainer import train
 
-    _same_run(cfg, run_dir)
-    result = ckpt.finished_eval(run_dir)
+    state = _same_run(cfg, run_dir)
+    result = ckpt.final_eval(state) if state is not None else None
     if result is None:
         print(f"== {title}", flush=True)
         _reset_peak_rss()
@@ -182,8 +182,9 @@ def _finished_or_train(cfg: DictConfig, run_dir: Path, title: str) -> dict:
     return result
 
 
-def _same_run(cfg: DictConfig, run_dir: Path) -> None:
-    """Refuse to reuse or resume a run folder whose run had another config (say, before a config changed)."""
+def _same_run(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """Refuse to reuse or resume a run folder whose run had another config (say, before a config changed).
+    Returns the folder's ``last.pt`` state, None when it has none."""
     from omegaconf import OmegaConf
 
     from . import config
@@ -191,7 +192,7 @@ def _same_run(cfg: DictConfig, run_dir: Path) -> None:
 
     path = run_dir / "last.pt"
     if not path.is_file():
-        return
+        return None
     # through today's schema: keys added since the run was made read as their defaults
     try:
         state = ckpt.load(path)
@@ -216,6 +217,7 @@ def _same_run(cfg: DictConfig, run_dir: Path) -> None:
             "delete it to rerun, or pass --out for a new bench folder"
         )
     _same_start(cfg.model.pretrained, state.get("pretrained_sha256"), run_dir)
+    return state
 
 
 def _same_start(pretrained: str | None, digest: str | None, run_dir: Path) -> None:

@@ -75,8 +75,10 @@ def unwrap_state(state: dict[str, torch.Tensor], wrapped: list[str]) -> dict[str
 def finished_eval(run_dir: str | Path) -> dict | None:
     """The final evaluation of a run whose ``last.pt`` reached the last step, else None (run or resume it)."""
     path = Path(run_dir) / "last.pt"
-    if not path.is_file():
-        return None
-    state = load(path)
+    return final_eval(load(path)) if path.is_file() else None
+
+
+def final_eval(state: dict) -> dict | None:
+    """The evaluation stored in a checkpoint saved at its run's last step, else None."""
     done = state["step"] >= state["info"].get("max_iters", float("inf"))
     return state.get("eval") if done else None

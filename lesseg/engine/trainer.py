@@ -108,10 +108,10 @@ class Trainer:
         self.step = 0  # number of optimizer steps done
         self.best = -1.0
         self.last_eval: dict = {}
-        # the weights the run started from (build_method loaded them); a resumed run keeps the stored one
-        self.pretrained_digest = ckpt.file_digest(cfg.model.pretrained) if cfg.model.pretrained else None
         if resume:
-            self._resume()
+            self._resume()  # keeps the digest stored in the checkpoint
+        else:  # the weights the run started from (build_method loaded them)
+            self.pretrained_digest = ckpt.file_digest(cfg.model.pretrained) if cfg.model.pretrained else None
         self.writer = None
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)

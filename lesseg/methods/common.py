@@ -126,7 +126,7 @@ def pseudo_label_quality(
     if true is None:
         return {}
     scored = true.masked_fill(pseudo == IGNORE, IGNORE)  # pixels without a pseudo-label are not scored
-    conf = confusion_matrix(pseudo.masked_fill(pseudo == IGNORE, 0), scored, num_classes).float()
+    conf = confusion_matrix(pseudo, scored, num_classes).float()
     n = conf.sum().clamp_min(1)
     hits, rows, cols = conf.diagonal(), conf.sum(1), conf.sum(0)
     union = rows + cols - hits
