@@ -150,8 +150,18 @@ def test_pretrained_from_a_lesseg_checkpoint_takes_its_evaluated_networks_encode
     train(second)
     from lesseg.engine import checkpoint as ckpt  # which version of the file it started from
 
-    assert ckpt.load(f"{tmp_path}/second/last.pt")["pretrained_sha256"] == ckpt.file_digest(f"{cfg.out}/last.pt")
+    started_from = ckpt.file_digest(f"{cfg.out}/last.pt")
+    assert ckpt.load(f"{tmp_path}/second/last.pt")["pretrained_sha256"] == started_from
     assert state["pretrained_sha256"] is None
+    # the file changes (a retrained pretraining) before the run resumes: the run still records the version it
+    # started from, not today's file, whose weights it never used
+    changed = {**state, "method": {k: v + 1 if v.is_floating_point() else v for k, v in state["method"].items()}}
+    ckpt.save_atomic(changed, f"{cfg.out}/last.pt")
+    assert ckpt.file_digest(f"{cfg.out}/last.pt") != started_from
+    train(tiny_cfg([f"model.pretrained={cfg.out}/last.pt", f"out={tmp_path}/second", "train.iters=2",
+                    "train.eval_every=0"]), resume=True)
+    resumed = ckpt.load(f"{tmp_path}/second/last.pt")
+    assert resumed["step"] == 2 and resumed["pretrained_sha256"] == started_from
     os.remove(f"{cfg.out}/last.pt")
     _, loaded, _, _ = load_checkpoint_net(f"{tmp_path}/second/last.pt")  # the run's config still says
     assert loaded.model.pretrained == f"{cfg.out}/last.pt"  # where it started, the file is not needed
