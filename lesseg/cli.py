@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="semi: run folder (finished runs are reused)")
     sp.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=True,
                     help="semi: start every run from the encoder of a supervised run on synthetic shapes (trained "
-                         "first, once), as the papers start from ImageNet; --no-pretrain: from scratch")
+                         "first, once) and fine-tune it at a tenth of the head's lr, as the papers do from ImageNet; "
+                         "--no-pretrain: from scratch")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_bench)
 

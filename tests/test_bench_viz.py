@@ -107,7 +107,7 @@ def test_bench_semi_pretrain_trains_on_synthetic_once_and_every_run_starts_from_
 
     monkeypatch.setattr(trainer, "train", fake_train)
     bench.bench_semi(tmp_path, ("supervised", "u2pl"), ("1-16",), (0,), pretrain=True,
-                     extra=["data.root=elsewhere", "model.decoder_channels=32"])
+                     extra=["data.root=elsewhere", "model.decoder_channels=32", "optim.weight_decay=0.5"])
     pre, *runs = trained
     assert pre.data.options.domain == "synthetic" and pre.model.pretrained is None and pre.out == str(tmp_path / "pretrain")
     assert pre.data.root == "data/shapes_synthetic" and pre.model.decoder_channels == 32  # its own data
@@ -116,6 +116,14 @@ def test_bench_semi_pretrain_trains_on_synthetic_once_and_every_run_starts_from_
     assert all(c.model.pretrained == str(tmp_path / "pretrain" / "last.pt") for c in runs)
     assert all(c.data.options is None or c.data.options.get("domain", "real") == "real" for c in runs)
     assert runs[-1].data.streams.unlabeled.true_masks  # the pseudo-label diagnostics are logged
+    # the runs fine-tune the encoder at a tenth of the head's lr; the pretraining keeps its own lr; given overrides
+    # apply to both
+    assert all(c.optim.lr == pytest.approx(2e-4) and c.optim.head_lr_mult == 10 for c in runs)
+    assert pre.optim.lr == pytest.approx(2e-3) and pre.optim.head_lr_mult == 1
+    assert all(c.optim.weight_decay == 0.5 for c in trained)
+    trained.clear()
+    bench.bench_semi(tmp_path / "b", ("supervised",), ("1-16",), (0,), pretrain=True, extra=["optim.lr=0.001"])
+    assert [c.optim.lr for c in trained] == [0.001, 0.001, 0.001]  # the bench's fine-tuning lr does not override
 
 
 def test_bench_semi_cost_only_measures_without_training(shapes_root, tmp_path, capsys):
