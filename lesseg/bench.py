@@ -179,11 +179,13 @@ def _finished_or_train(cfg: DictConfig, run_dir: Path, title: str) -> dict:
     state = _same_run(cfg, run_dir)
     result = ckpt.final_eval(state) if state is not None else None
     if result is None:
-        print(f"== {title}", flush=True)
+        resume = state is not None  # interrupted (a killed bench, a session's end): go on from its last.pt
+        print(f"== {title}" + (f" (resuming at step {state['step']})" if resume else ""), flush=True)
         _reset_peak_rss()
         t0 = time.perf_counter()
-        result = train(cfg)
-        (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n{_peak_rss_mib()}\n")
+        result = train(cfg, resume=resume)
+        if not resume:  # a resumed run's time and peak would be those of its last part only: not recorded
+            (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n{_peak_rss_mib()}\n")
     return result
 
 
@@ -194,10 +196,12 @@ def _same_run(cfg: DictConfig, run_dir: Path) -> dict | None:
 
     from . import config
     from .engine import checkpoint as ckpt
+    from .methods import METHODS
 
     path = run_dir / "last.pt"
     if not path.is_file():
         return None
+    cfg = METHODS.get(cfg.method.name).final_config(cfg)  # what the run's checkpoints store (self-training: stage 3)
     # through today's schema: keys added since the run was made read as their defaults
     try:
         state = ckpt.load(path)

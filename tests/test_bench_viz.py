@@ -80,7 +80,7 @@ def test_bench_semi_plan_adds_the_all_labels_reference_only_with_supervised(tmp_
 
     trained = []
 
-    def fake_train(cfg):
+    def fake_train(cfg, resume=False):
         trained.append((cfg.method.name, cfg.data.streams.labeled.split, cfg.train.seed))
         Path(cfg.out).mkdir(parents=True)
         return {"miou": 0.5}
@@ -100,7 +100,7 @@ def test_bench_semi_pretrain_trains_on_synthetic_once_and_every_run_starts_from_
 
     trained = []
 
-    def fake_train(cfg):
+    def fake_train(cfg, resume=False):
         trained.append(cfg)
         Path(cfg.out).mkdir(parents=True)
         return {"miou": 0.5}
@@ -237,7 +237,7 @@ def test_bench_semi_reuses_a_finished_run_only_with_the_same_config(tmp_path, mo
 
     trained = []
 
-    def fake_train(cfg):  # a finished run: last.pt at the last step, with its config
+    def fake_train(cfg, resume=False):  # a finished run: last.pt at the last step, with its config
         trained.append(cfg.method.name)
         state = {"config": OmegaConf.to_container(cfg), "step": 1, "info": {"max_iters": 1}, "eval": {"miou": 0.5}}
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -267,6 +267,45 @@ def test_bench_semi_reuses_a_finished_run_only_with_the_same_config(tmp_path, mo
     assert trained == ["u2pl"]
 
 
+def test_bench_semi_resumes_an_interrupted_run_and_reuses_a_finished_self_training(tmp_path, monkeypatch):
+    """A run killed half-way (same config) goes on from its last.pt instead of starting over; a finished
+    self-training run, whose checkpoints store its stage-3 config (the pseudo-mask stream), is reused."""
+    from omegaconf import OmegaConf
+
+    from lesseg import bench
+    from lesseg.engine import checkpoint as ckpt
+    from lesseg.engine import trainer
+    from lesseg.methods.self_training import stage3_config
+
+    calls = []
+
+    class Killed(Exception):
+        pass
+
+    def fake_train(cfg, resume=False):  # as the trainer saves: the prepared config, max_iters 2
+        calls.append((cfg.method.name, resume))
+        stored = stage3_config(cfg, Path(cfg.out) / "pseudo") if cfg.method.name == "self_training" else cfg
+        step = 2 if resume or cfg.method.name == "self_training" else 1  # u2pl: killed after one step
+        state = {"config": OmegaConf.to_container(stored), "step": step, "info": {"max_iters": 2},
+                 "eval": {"miou": 0.25 * step}}
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        ckpt.save_atomic(state, Path(cfg.out) / "last.pt")
+        if step < 2:
+            raise Killed
+        return state["eval"]
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    with pytest.raises(Killed):
+        bench.bench_semi(tmp_path, ("u2pl",), ("1-16",), (0,))
+    rows = bench.bench_semi(tmp_path, ("u2pl", "self_training"), ("1-16",), (0,))
+    assert calls == [("u2pl", False), ("u2pl", True), ("self_training", False)]
+    assert [r["miou"] for r in rows] == [0.5, 0.5]
+    assert not (tmp_path / "1-16" / "u2pl" / "seed0" / "wall_s.txt").exists()  # only its last part was timed
+    assert (tmp_path / "1-16" / "self_training" / "seed0" / "wall_s.txt").exists()
+    bench.bench_semi(tmp_path, ("u2pl", "self_training"), ("1-16",), (0,))  # both finished: reused
+    assert len(calls) == 3
+
+
 def test_bench_semi_refuses_a_run_that_started_from_another_version_of_the_pretrained_encoder(tmp_path, monkeypatch):
     """Same config, same model.pretrained path, but the encoder file was retrained since: not reused."""
     import os
@@ -280,7 +319,7 @@ def test_bench_semi_refuses_a_run_that_started_from_another_version_of_the_pretr
 
     trained = []
 
-    def fake_train(cfg):  # a finished run, as the trainer saves it (digest of the weights it started from)
+    def fake_train(cfg, resume=False):  # a finished run, as the trainer saves it (digest of the weights it started from)
         trained.append(cfg.method.name)
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)

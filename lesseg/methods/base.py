@@ -49,6 +49,12 @@ class Method(nn.Module):
         final training. Stages skip themselves when their outputs are complete, so a rerun resumes."""
         return cfg
 
+    @classmethod
+    def final_config(cls, cfg: Any) -> Any:
+        """The config ``prepare`` returns (the one the final training runs and its checkpoints store), without
+        running any stage: what a finished run of ``cfg`` is compared with."""
+        return cfg
+
     def trainable_nets(self) -> dict[str, nn.Module]:
         """Attribute name -> network trained by gradient (these, and only these, are wrapped in DDP)."""
         return {"net": self.net}

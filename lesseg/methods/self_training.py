@@ -192,7 +192,11 @@ class SelfTraining(Method):
             trainer = Trainer(stage1, resume=(Path(stage1.out) / "last.pt").is_file())
             trainer.fit()
             write_pseudo_dataset(cfg, trainer, root)
-        return stage3_config(cfg, root)
+        return cls.final_config(cfg)
+
+    @classmethod
+    def final_config(cls, cfg: DictConfig) -> DictConfig:
+        return stage3_config(cfg, Path(cfg.out) / "pseudo")
 
     def training_step(self, batch, step):
         lab, pse = batch["labeled"], batch["pseudo"]
