@@ -148,6 +148,11 @@ def stage1_config(cfg: DictConfig) -> DictConfig:
     return config_mod.from_dict(d)
 
 
+def pseudo_root(cfg: DictConfig) -> Path:
+    """Where stage 2 writes the pseudo-masked dataset of a run (inside its run folder)."""
+    return Path(cfg.out) / "pseudo"
+
+
 def stage3_config(cfg: DictConfig, root: Path) -> DictConfig:
     """The config of stage 3: streams ``labeled`` (unchanged) and ``pseudo`` (the stage-2 folder dataset)."""
     d = OmegaConf.to_container(cfg)
@@ -186,7 +191,7 @@ class SelfTraining(Method):
                 f"self_training needs data streams 'labeled' and 'unlabeled' (the images to "
                 f"pseudo-label); data.streams defines {list(cfg.data.streams)}"
             )
-        root = Path(cfg.out) / "pseudo"
+        root = pseudo_root(cfg)
         if not (root / DONE).is_file():
             stage1 = stage1_config(cfg)
             trainer = Trainer(stage1, resume=(Path(stage1.out) / "last.pt").is_file())
@@ -196,7 +201,7 @@ class SelfTraining(Method):
 
     @classmethod
     def final_config(cls, cfg: DictConfig) -> DictConfig:
-        return stage3_config(cfg, Path(cfg.out) / "pseudo")
+        return stage3_config(cfg, pseudo_root(cfg))
 
     def training_step(self, batch, step):
         lab, pse = batch["labeled"], batch["pseudo"]
