@@ -230,6 +230,7 @@ def test_export_onnx_matches_pytorch_on_new_inputs_with_dynamic_batch_and_size(t
     rc, out, err = run_cli(capsys, "export", "--checkpoint", last, "--out", model)
     assert rc == 0, err
     assert str(model) in out
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # self-contained: weights not in a side file
     net, _, _, _ = load_checkpoint_net(last)
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(123)

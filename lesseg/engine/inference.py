@@ -110,9 +110,9 @@ def export_onnx(net, cfg: DictConfig, out: Path, atol: float = 1e-3) -> float:
     h, w = cfg.data.crop_size
     x = torch.randn(1, 3, h, w)
     out.parent.mkdir(parents=True, exist_ok=True)
-    axes = {0: "batch", 2: "height", 3: "width"}
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
     torch.onnx.export(model, (x,), str(out), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": axes, "logits": axes}, dynamo=False)
+                      dynamic_shapes={"x": dims}, dynamo=True, external_data=False, verbose=False)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     diff = 0.0
     for check in (torch.randn(2, 3, h, w), torch.randn(1, 3, h * 3 // 2, w * 3 // 2)):
