@@ -98,7 +98,7 @@ def test_method_reading_a_missing_stream_is_a_config_error(tiny_cfg):
 
 def _lesseg(*args, env_extra=None, torchrun=False):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"] if torchrun \
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
         else [sys.executable]
     return subprocess.run(prefix + ["-m", "lesseg", *args], capture_output=True, text=True, env=env, timeout=300,
                           check=False)
@@ -111,7 +111,7 @@ def test_two_process_torchrun_training_and_reduced_eval_equal_single_process(tin
     cfg_path = tmp_path / "cfg.yaml"
     config.save(cfg, cfg_path)
     r = _lesseg("train", str(cfg_path), torchrun=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-1000:] + r.stderr[-3000:]
     ck = tmp_path / "ddp" / "last.pt"
     single = _lesseg("eval", str(cfg_path), "--checkpoint", str(ck))
     double = _lesseg("eval", str(cfg_path), "--checkpoint", str(ck), torchrun=True)
