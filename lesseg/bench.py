@@ -271,7 +271,9 @@ def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tupl
 
     Finished runs are reused (delete ``out`` to start over), so the plan can be split over processes by method
     (e.g. ``cps`` in one, ``supervised,u2pl`` in another, each with a run folder per method) and summarised
-    afterwards by the whole plan. Returns one row per run.
+    afterwards by the whole plan; ``self_training`` labels with the SupOnly run of its budget and seed (its
+    stage 1), training that first where it is not there, so keep it in the process that runs ``supervised``.
+    Returns one row per run.
     """
     from . import config
 
@@ -280,12 +282,19 @@ def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tupl
     reference = [("supervised", "all", s) for s in seeds] if "supervised" in methods else []
     plan = reference + [(m, b, s) for b in budgets for m in methods for s in seeds]
     rows = []
-    for method, budget, seed in plan:
+
+    def run(method: str, budget: str, seed: int) -> tuple[Path, dict]:
         run_dir = out / budget / method / f"seed{seed}"
         cfg_name = f"shapes/{method}.yaml"
-        cfg = config.load(cfg_name, _semi_overrides(cfg_name, budget) + list(extra) +
+        own = []
+        if method == "self_training":  # its stage 1 is the SupOnly run of the same budget and seed: reuse it
+            own = [f"method.stage1_checkpoint={run('supervised', budget, seed)[0] / 'last.pt'}"]
+        cfg = config.load(cfg_name, _semi_overrides(cfg_name, budget) + list(extra) + own +
                           [f"train.seed={seed}", f"out={run_dir}", f"train.device={device}", "train.progress=false"])
-        result = _finished_or_train(cfg, run_dir, f"{method} {budget} seed {seed}")
+        return run_dir, _finished_or_train(cfg, run_dir, f"{method} {budget} seed {seed}")
+
+    for method, budget, seed in plan:
+        run_dir, result = run(method, budget, seed)
         wall, peak = (_numbers(run_dir / "wall_s.txt") + [None, None])[:2]  # None: not recorded
         records = _train_records(run_dir / "metrics.jsonl")
         rate = _mean_rate(records)

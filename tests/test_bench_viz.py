@@ -277,7 +277,7 @@ def test_bench_semi_resumes_an_interrupted_run_and_reuses_a_finished_self_traini
     from lesseg.engine import trainer
     from lesseg.methods.self_training import stage3_config
 
-    calls = []
+    calls, stage1 = [], []
 
     class Killed(Exception):
         pass
@@ -285,7 +285,9 @@ def test_bench_semi_resumes_an_interrupted_run_and_reuses_a_finished_self_traini
     def fake_train(cfg, resume=False):  # as the trainer saves: the prepared config, max_iters 2
         calls.append((cfg.method.name, resume))
         stored = stage3_config(cfg, Path(cfg.out) / "pseudo") if cfg.method.name == "self_training" else cfg
-        step = 2 if resume or cfg.method.name == "self_training" else 1  # u2pl: killed after one step
+        if cfg.method.name == "self_training":
+            stage1.append(cfg.method.stage1_checkpoint)
+        step = 1 if cfg.method.name == "u2pl" and not resume else 2  # u2pl: killed after one step
         state = {"config": OmegaConf.to_container(stored), "step": step, "info": {"max_iters": 2},
                  "eval": {"miou": 0.25 * step}}
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -298,12 +300,14 @@ def test_bench_semi_resumes_an_interrupted_run_and_reuses_a_finished_self_traini
     with pytest.raises(Killed):
         bench.bench_semi(tmp_path, ("u2pl",), ("1-16",), (0,))
     rows = bench.bench_semi(tmp_path, ("u2pl", "self_training"), ("1-16",), (0,))
-    assert calls == [("u2pl", False), ("u2pl", True), ("self_training", False)]
+    # self-training's stage 1 is the SupOnly run of its budget and seed, trained first (no row of its own)
+    assert calls == [("u2pl", False), ("u2pl", True), ("supervised", False), ("self_training", False)]
+    assert stage1 == [str(tmp_path / "1-16" / "supervised" / "seed0" / "last.pt")]
     assert [r["miou"] for r in rows] == [0.5, 0.5]
     assert not (tmp_path / "1-16" / "u2pl" / "seed0" / "wall_s.txt").exists()  # only its last part was timed
     assert (tmp_path / "1-16" / "self_training" / "seed0" / "wall_s.txt").exists()
-    bench.bench_semi(tmp_path, ("u2pl", "self_training"), ("1-16",), (0,))  # both finished: reused
-    assert len(calls) == 3
+    bench.bench_semi(tmp_path, ("u2pl", "self_training"), ("1-16",), (0,))  # all finished: reused
+    assert len(calls) == 4
 
 
 def test_bench_semi_refuses_a_run_that_started_from_another_version_of_the_pretrained_encoder(tmp_path, monkeypatch):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from test_mean_teacher import TINY, C, reaches
 
@@ -25,7 +25,7 @@ from lesseg.methods.self_training import (
     pseudo_mask,
     safe_stems,
 )
-from lesseg.methods.supervised import Supervised
+from lesseg.methods.supervised import Supervised, SupervisedConfig
 
 
 def test_pseudo_mask_thresholds_confidence():
@@ -97,10 +97,11 @@ def run_config(data: Path, out: Path, threshold: float) -> dict:
     }
 
 
-def stage1_probs(cfg, out: Path) -> list[torch.Tensor]:
-    """Probabilities of the stage-1 network on the unlabeled images (as stage 2 computes them). 1,C,H,W each"""
-    method = Supervised(OmegaConf.to_object(cfg.method), cfg.model, RunInfo(num_classes=C))
-    method.load_state_dict(ckpt.load(out / "stage1" / "last.pt")["method"])
+def stage1_probs(cfg, out: Path, checkpoint: Path | None = None) -> list[torch.Tensor]:
+    """Probabilities of the stage-1 network (``checkpoint``, by default the run's stage-1 last.pt, a
+    supervised run) on the unlabeled images, as stage 2 computes them. 1,C,H,W each"""
+    method = Supervised(SupervisedConfig(), cfg.model, RunInfo(num_classes=C))
+    method.load_state_dict(ckpt.load(checkpoint or out / "stage1" / "last.pt")["method"])
     src = build_source("folder", cfg.data.root)
     data = SegDataset(
         src,
@@ -168,6 +169,42 @@ def test_three_stages_end_to_end_and_resumable(tmp_path):
     times = {p: p.stat().st_mtime_ns for p in (pseudo / "masks").iterdir()}
     assert SelfTraining.prepare(cfg) == stage3
     assert {p: p.stat().st_mtime_ns for p in (pseudo / "masks").iterdir()} == times
+
+
+def test_stage1_checkpoint_labels_with_a_network_trained_before(tmp_path):
+    """method.stage1_checkpoint: stage 2 writes the given supervised run's argmax, and stage 1 is not trained;
+    a missing file or a checkpoint of other classes is a config error naming it."""
+    from lesseg.errors import ConfigError
+
+    data = tmp_path / "data"
+    make_folder_dataset(data)
+    sup = run_config(data, tmp_path / "sup", 0.0)
+    sup["method"] = {"name": "supervised"}
+    sup["train"]["seed"] = 1  # other initial weights than the self-training run's own network
+    train(config_mod.from_dict(sup))
+    given = tmp_path / "sup" / "last.pt"
+
+    d = run_config(data, tmp_path / "run", 0.0)
+    d["method"]["stage1_checkpoint"] = str(given)
+    cfg = config_mod.from_dict(d)
+    SelfTraining.prepare(cfg)
+    assert not (tmp_path / "run" / "stage1" / "last.pt").exists()
+    masks = read_masks(tmp_path / "run" / "pseudo")
+    probs = stage1_probs(cfg, tmp_path / "run", given)
+    assert len(masks) == len(probs) == 4
+    for p, m in zip(probs, masks.values()):
+        assert np.array_equal(m, pseudo_mask(p, 0.0)[0].numpy())
+
+    d["method"]["stage1_checkpoint"] = str(tmp_path / "nope.pt")
+    with pytest.raises(ConfigError, match="nope.pt"):
+        SelfTraining.prepare(config_mod.from_dict(d))
+    other = tmp_path / "other"  # same class count, other names (a new root: sources are cached per root)
+    shutil.copytree(data, other)
+    (other / "classes.txt").write_text("background\nsquare\ncircle\n")
+    d = run_config(other, tmp_path / "run2", 0.0)
+    d["method"]["stage1_checkpoint"] = str(given)
+    with pytest.raises(ConfigError, match="sup/last.pt was trained on classes"):
+        SelfTraining.prepare(config_mod.from_dict(d))
 
 
 def test_prepare_needs_an_unlabeled_stream(tmp_path):

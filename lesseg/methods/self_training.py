@@ -6,7 +6,8 @@ stream with the stage-1 network (evaluation settings) and writes a generic-folde
 pseudo-masks to ``<out>/pseudo`` (pixels below ``threshold`` confidence become 255). It returns the stage-3
 config: streams ``labeled`` and ``pseudo``, on which this method trains a fresh network with CE.
 Stages are resumable: stage 1 resumes from its ``last.pt`` (a finished run does no step), and stage 2 is
-skipped once its ``done`` marker exists (written after every file).
+skipped once its ``done`` marker exists (written after every file). ``method.stage1_checkpoint`` replaces
+stage 1 by a network trained before (the supervised baseline one has anyway).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class SelfTrainingConfig(SupervisedConfig):
     name: str = "self_training"
     threshold: float = 0.0  # stage 2: keep pixels whose confidence is >= threshold (0 keeps all), others 255
     pseudo_weight: float = 1.0  # stage 3: weight of the CE on pseudo-labeled images
+    # stage 1 done elsewhere: a lesseg checkpoint (say, your SupOnly run's last.pt) whose evaluated network,
+    # same model.* and classes, writes the pseudo-masks; stage 1 is then not trained
+    stage1_checkpoint: str | None = None
 
 
 def pseudo_mask(probs: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -148,6 +152,27 @@ def stage1_config(cfg: DictConfig) -> DictConfig:
     return config_mod.from_dict(d)
 
 
+def load_stage1(trainer: Trainer, path: str) -> None:
+    """Put the evaluated network of the lesseg checkpoint ``path`` into the stage-1 trainer's network; a
+    checkpoint of other classes or another model is one error naming it."""
+    from ..engine import checkpoint as ckpt  # lazy: lesseg.engine imports lesseg.methods
+
+    state = ckpt.load(path)
+    if not all(k in state for k in ("method", "info", "eval_net")):
+        raise ConfigError(f"method.stage1_checkpoint {path} is not a lesseg training checkpoint")
+    names = state["info"].get("class_names")
+    if names != trainer.info.class_names:
+        raise ConfigError(f"method.stage1_checkpoint {path} was trained on classes {names}, this run's data has "
+                          f"{trainer.info.class_names}")
+    prefix = state["eval_net"] + "."
+    weights = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
+    try:
+        trainer.eval_net().load_state_dict(weights)
+    except RuntimeError as e:
+        raise ConfigError(f"method.stage1_checkpoint {path} does not fit this config's model.* settings: "
+                          f"{str(e).splitlines()[-1].strip()[:300]}") from None
+
+
 def pseudo_root(cfg: DictConfig) -> Path:
     """Where stage 2 writes the pseudo-masked dataset of a run (inside its run folder)."""
     return Path(cfg.out) / "pseudo"
@@ -191,11 +216,18 @@ class SelfTraining(Method):
                 f"self_training needs data streams 'labeled' and 'unlabeled' (the images to "
                 f"pseudo-label); data.streams defines {list(cfg.data.streams)}"
             )
+        given = cfg.method.stage1_checkpoint
+        if given is not None and not Path(given).is_file():
+            raise ConfigError(f"method.stage1_checkpoint: no checkpoint {given}")
         root = pseudo_root(cfg)
         if not (root / DONE).is_file():
             stage1 = stage1_config(cfg)
-            trainer = Trainer(stage1, resume=(Path(stage1.out) / "last.pt").is_file())
-            trainer.fit()
+            if given is None:
+                trainer = Trainer(stage1, resume=(Path(stage1.out) / "last.pt").is_file())
+                trainer.fit()
+            else:  # a trainer only for its device, run info and network, which takes the given weights
+                trainer = Trainer(stage1)
+                load_stage1(trainer, given)
             write_pseudo_dataset(cfg, trainer, root)
         return cls.final_config(cfg)
 
