@@ -171,13 +171,17 @@ def _numbers(path: Path) -> list[float | None]:
     return values
 
 
-def _finished_or_train(cfg: DictConfig, run_dir: Path, title: str) -> dict:
-    """The final evaluation of a finished run in ``run_dir``, else train it (recording wall time and peak RSS)."""
+def _finished_or_train(cfg: DictConfig, run_dir: Path, title: str, train_missing: bool = True) -> dict | None:
+    """The final evaluation of a finished run in ``run_dir``, else train it (recording wall time and peak RSS);
+    without ``train_missing``, None for a run that is not finished."""
     from .engine import checkpoint as ckpt
     from .engine.trainer import train
 
     state = _same_run(cfg, run_dir)
     result = ckpt.final_eval(state) if state is not None else None
+    if result is None and not train_missing:
+        print(f"-- not finished, left out: {title}", flush=True)
+        return None
     if result is None:
         resume = state is not None  # interrupted (a killed bench, a session's end): go on from its last.pt
         print(f"== {title}" + (f" (resuming at step {state['step']})" if resume else ""), flush=True)
@@ -247,7 +251,7 @@ def _same_start(pretrained: str | None, digest: str | None, run_dir: Path) -> No
                           "changed since); delete it to rerun, or pass --out for a new bench folder")
 
 
-def pretrain_synthetic(out: Path, extra: list[str] = (), device: str = "auto") -> Path:
+def pretrain_synthetic(out: Path, extra: list[str] = (), device: str = "auto", train_missing: bool = True) -> Path:
     """Train (or reuse) ``shapes/pretrain_synthetic.yaml`` in ``out/pretrain``; returns its checkpoint, whose
     evaluated network's encoder ``model.pretrained`` loads. ``extra`` overrides apply (model.* must match the
     runs that start from it) except ``data.*`` ones: the pretraining keeps its own dataset and root."""
@@ -257,14 +261,16 @@ def pretrain_synthetic(out: Path, extra: list[str] = (), device: str = "auto") -
     own = [o for o in extra if not o.split("=", 1)[0].strip().startswith("data.")]
     cfg = config.load("shapes/pretrain_synthetic.yaml", own + [
         f"out={run_dir}", f"train.device={device}", "train.progress=false"])
-    result = _finished_or_train(cfg, run_dir, "supervised pretraining on synthetic shapes")
+    result = _finished_or_train(cfg, run_dir, "supervised pretraining on synthetic shapes", train_missing)
+    if result is None:
+        raise LessegError(f"no finished pretraining in {run_dir}: the runs to summarize start from it")
     print(f"pretrained encoder: {run_dir / 'last.pt'} (synthetic val mIoU {100 * result['miou']:.2f})", flush=True)
     return run_dir / "last.pt"
 
 
 def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tuple[str, ...] = ("1-16", "1-8"),
                seeds: tuple[int, ...] = (0, 1), extra: list[str] = (), device: str = "auto",
-               pretrain: bool = False) -> list[dict]:
+               pretrain: bool = False, train_missing: bool = True) -> list[dict]:
     """Train every method at every budget and seed on shapes; with ``supervised`` among the methods, also the
     supervised reference on all labels. ``pretrain``: every run starts from the encoder of a supervised run
     on the synthetic shapes domain (trained first, once), as the papers' runs start from ImageNet.
@@ -273,17 +279,18 @@ def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tupl
     (e.g. ``cps`` in one, ``supervised,u2pl`` in another, each with a run folder per method) and summarised
     afterwards by the whole plan; ``self_training`` labels with the SupOnly run of its budget and seed (its
     stage 1), training that first where it is not there, so keep it in the process that runs ``supervised``.
-    Returns one row per run.
+    Returns one row per run; without ``train_missing``, one per finished run (nothing is trained: the table
+    so far, while other processes train the rest).
     """
     from . import config
 
     if pretrain:
-        extra = [*FINETUNE, *extra, f"model.pretrained={pretrain_synthetic(out, extra, device)}"]
+        extra = [*FINETUNE, *extra, f"model.pretrained={pretrain_synthetic(out, extra, device, train_missing)}"]
     reference = [("supervised", "all", s) for s in seeds] if "supervised" in methods else []
     plan = reference + [(m, b, s) for b in budgets for m in methods for s in seeds]
     rows = []
 
-    def run(method: str, budget: str, seed: int) -> tuple[Path, dict]:
+    def run(method: str, budget: str, seed: int) -> tuple[Path, dict | None]:
         run_dir = out / budget / method / f"seed{seed}"
         cfg_name = f"shapes/{method}.yaml"
         own = []
@@ -291,10 +298,12 @@ def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tupl
             own = [f"method.stage1_checkpoint={run('supervised', budget, seed)[0] / 'last.pt'}"]
         cfg = config.load(cfg_name, _semi_overrides(cfg_name, budget) + list(extra) + own +
                           [f"train.seed={seed}", f"out={run_dir}", f"train.device={device}", "train.progress=false"])
-        return run_dir, _finished_or_train(cfg, run_dir, f"{method} {budget} seed {seed}")
+        return run_dir, _finished_or_train(cfg, run_dir, f"{method} {budget} seed {seed}", train_missing)
 
     for method, budget, seed in plan:
         run_dir, result = run(method, budget, seed)
+        if result is None:
+            continue
         wall, peak = (_numbers(run_dir / "wall_s.txt") + [None, None])[:2]  # None: not recorded
         records = _train_records(run_dir / "metrics.jsonl")
         rate = _mean_rate(records)

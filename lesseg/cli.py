@@ -194,16 +194,17 @@ def cmd_bench(args) -> int:
     for m in methods:
         if m not in bench.SEMI_METHODS:
             raise LessegError(f"unknown method {m!r} for bench semi; known: {', '.join(bench.SEMI_METHODS)}")
-    if args.cost_only and args.no_cost:
-        raise LessegError("--cost-only and --no-cost exclude each other")
+    if args.cost_only and (args.no_cost or args.finished_only):
+        raise LessegError("--cost-only excludes --no-cost and --finished-only")
     rows = [] if args.cost_only else bench.bench_semi(out, methods, budgets, seeds, quick + list(args.overrides),
-                                                      args.device, pretrain=args.pretrain)
+                                                      args.device, pretrain=args.pretrain,
+                                                      train_missing=not args.finished_only)
     table = bench.summarize_semi(rows)
     if rows:
         bench.print_semi_table(table)
     costs = []
     # self_training's step is a supervised step; its extra cost is stage 1 + pseudo-labelling (wall time above)
-    measured = [] if args.no_cost else [m for m in methods if m != "self_training"]
+    measured = [] if args.no_cost or args.finished_only else [m for m in methods if m != "self_training"]
     if measured:
         print("\ncost per step (1/16 configs, same batch): method step vs the network passes it needs")
     for m in measured:
@@ -214,7 +215,7 @@ def cmd_bench(args) -> int:
         print(f"  {m:<14s} step {c['step_s']:.3f} s, passes {c['passes_s']:.3f} s, "
               f"method-specific +{100 * c['overhead']:.1f}%")
     out.mkdir(parents=True, exist_ok=True)
-    name = "cost.json" if args.cost_only else "summary.json"
+    name = "cost.json" if args.cost_only else "summary_so_far.json" if args.finished_only else "summary.json"
     (out / name).write_text(json.dumps({"runs": rows, "table": table, "cost": costs}, indent=2))
     print(json.dumps({"table": table, "cost": costs}))
     return 0
@@ -309,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cost-only", action="store_true",
                     help="semi: only the cost-per-step measurement of --methods, no training (an idle machine)")
     sp.add_argument("--out", help="semi: run folder (finished runs are reused)")
+    sp.add_argument("--finished-only", action="store_true",
+                    help="semi: train nothing, print the table of the finished runs and list the others")
     sp.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=True,
                     help="semi: start every run from the encoder of a supervised run on synthetic shapes (trained "
                          "first, once) and fine-tune it at a tenth of the head's lr, as the papers do from ImageNet; "

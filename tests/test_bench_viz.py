@@ -356,3 +356,36 @@ def test_bench_semi_refuses_a_run_that_started_from_another_version_of_the_pretr
     with pytest.raises(LessegError, match="another version"):
         bench.bench_semi(*plan[0], **plan[1])
     assert trained == ["supervised", "u2pl"]
+
+
+def test_bench_semi_finished_only_trains_nothing_and_reports_the_finished_runs(tmp_path, monkeypatch, capsys):
+    """train_missing=False (`--finished-only`): the table of the finished runs; unfinished ones (never
+    started, or interrupted) are listed, not trained or resumed."""
+    from omegaconf import OmegaConf
+
+    from lesseg import bench
+    from lesseg.engine import checkpoint as ckpt
+    from lesseg.engine import trainer
+
+    calls = []
+
+    def fake_train(cfg, resume=False):
+        calls.append((cfg.method.name, cfg.train.seed))
+        step = 1 if cfg.train.seed == 1 else 2  # seed 1: interrupted after one of two steps
+        state = {"config": OmegaConf.to_container(cfg), "step": step, "info": {"max_iters": 2},
+                 "eval": {"miou": 0.5 if cfg.method.name == "u2pl" else 0.25}}
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        ckpt.save_atomic(state, Path(cfg.out) / "last.pt")
+        return state["eval"]
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    bench.bench_semi(tmp_path, ("supervised", "u2pl"), ("1-16",), (0, 1))
+    assert len(calls) == 6  # all x2, 1-16 x2 for each method
+    rows = bench.bench_semi(tmp_path, ("supervised", "u2pl", "cps"), ("1-16",), (0, 1), train_missing=False)
+    assert len(calls) == 6  # nothing trained, nothing resumed
+    assert [(r["method"], r["budget"], r["seed"]) for r in rows] == [
+        ("supervised", "all", 0), ("supervised", "1-16", 0), ("u2pl", "1-16", 0)]
+    out = capsys.readouterr().out
+    assert "not finished, left out: u2pl 1-16 seed 1" in out and "cps 1-16 seed 0" in out
+    table = {(t["method"], t["budget"]): t for t in bench.summarize_semi(rows)}
+    assert table[("u2pl", "1-16")]["gain"] == pytest.approx(0.25)
