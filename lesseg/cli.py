@@ -203,7 +203,7 @@ def cmd_bench(args) -> int:
     if rows:
         bench.print_semi_table(table)
     costs = []
-    # self_training's step is a supervised step; its extra cost is stage 1 + pseudo-labelling (wall time above)
+    # self_training's step is a supervised step; its extra cost is pseudo-labelling plus its stage 1, the SupOnly run
     measured = [] if args.no_cost or args.finished_only else [m for m in methods if m != "self_training"]
     if measured:
         print("\ncost per step (1/16 configs, same batch): method step vs the network passes it needs")
