@@ -34,6 +34,7 @@ from ..data.formats import IMAGE_SUFFIXES
 from ..data.splits import write_split
 from ..errors import ConfigError
 from ..models import build_model
+from ..models.pretrained import eval_net_weights
 from .base import METHODS, Method, RunInfo
 from .common import IGNORE, split_outputs
 from .supervised import SupervisedConfig, sup_loss
@@ -164,10 +165,8 @@ def load_stage1(trainer: Trainer, path: str) -> None:
     if names != trainer.info.class_names:
         raise ConfigError(f"method.stage1_checkpoint {path} was trained on classes {names}, this run's data has "
                           f"{trainer.info.class_names}")
-    prefix = state["eval_net"] + "."
-    weights = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
     try:
-        trainer.eval_net().load_state_dict(weights)
+        trainer.eval_net().load_state_dict(eval_net_weights(state))
     except RuntimeError as e:
         raise ConfigError(f"method.stage1_checkpoint {path} does not fit this config's model.* settings: "
                           f"{str(e).splitlines()[-1].strip()[:300]}") from None

@@ -99,6 +99,13 @@ def _read(path: Path) -> Any:
         raise ConfigError(f"cannot read pretrained checkpoint {path}: {e}") from e
 
 
+def eval_net_weights(state: Mapping) -> dict[str, Tensor]:
+    """The weights of the network a lesseg training checkpoint evaluates (the method attribute it names in
+    ``eval_net``: ``net``, ``teacher``, ...), keyed as that network's own state dict."""
+    prefix = state["eval_net"] + "."
+    return {k[len(prefix) :]: v for k, v in state["method"].items() if k.startswith(prefix)}
+
+
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
     """Descend into `state_dict`/`model` containers and keep the tensor entries; of a lesseg training
     checkpoint, the weights of the network it evaluates (e.g. the EMA teacher)."""
@@ -109,7 +116,7 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
                 f"pretrained checkpoint {path} is a lesseg checkpoint from before checkpoints named their "
                 "evaluated network; extract its encoder weights into a file of their own"
             )
-        obj = {k[len(name) + 1 :]: v for k, v in obj["method"].items() if k.startswith(name + ".")}
+        obj = eval_net_weights(obj)
     while isinstance(obj, Mapping) and any(isinstance(obj.get(k), Mapping) for k in CONTAINER_KEYS):
         obj = next(obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping))
     state = {k: v for k, v in obj.items() if isinstance(v, Tensor)} if isinstance(obj, Mapping) else {}
