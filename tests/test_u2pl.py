@@ -204,6 +204,43 @@ def test_memory_bank_samples_only_filled_part_and_round_trips():
     assert torch.equal(other.ptr, bank.ptr)
 
 
+def test_memory_bank_per_row_bound_writes_the_same_bank():
+    # the bounded write (per_row x P rows) must leave exactly the bank of the full C x P write, through
+    # overflow (more candidates than a queue holds) and wrap-around
+    torch.manual_seed(0)
+    c, p, k = 6, 40, 2
+    full, bounded = MemoryBank([7, 5, 9, 5, 5, 30], dim=3), MemoryBank([7, 5, 9, 5, 5, 30], dim=3)
+    for _ in range(4):
+        feats = F.normalize(torch.randn(p, 3), dim=1)
+        picks = torch.rand(p, c).argsort(1)[:, :k]  # k distinct classes per row ...
+        mask = torch.zeros(p, c, dtype=torch.bool).scatter_(1, picks, True) & (torch.rand(p, k) < 0.7).any(1, True)
+        mask[::5] = False  # ... or none
+        full.push(feats, mask)
+        bounded.push(feats, mask, per_row=k)
+        assert torch.equal(full.ptr, bounded.ptr) and torch.equal(full.count, bounded.count)
+        assert torch.equal(full.feats[:-1], bounded.feats[:-1])  # the sink row is scratch
+    assert (full.count == full.capacity).any()  # overflow happened
+
+
+def test_contrastive_loss_enqueues_every_negative():
+    # the loss bounds the write by its rank windows; the bank must still get every negative of the step
+    torch.manual_seed(0)
+    c, low, high = 7, 3, 7
+    labels = torch.randint(0, c, (4, 4, 4))
+    labels[2:] = 255
+    labels[2:, :2] = 1  # some reliable pseudo-labels
+    unreliable = torch.zeros(4, 4, 4, dtype=torch.bool)
+    unreliable[2:, 2:] = True
+    prob = torch.randn(4, c, 4, 4).softmax(1)
+    rep_t = torch.randn(4, 8, 4, 4)
+    bank, ref = MemoryBank([64] * c, dim=8), MemoryBank([64] * c, dim=8)
+    contrastive_loss(rep_t.clone(), rep_t, prob, labels, unreliable, 2, bank, low_rank=low, high_rank=high, **KW)
+    negatives = contrast_sets(prob, labels, unreliable, 2, KW["delta_p"], low, high)[2]
+    assert negatives[2:].sum((1, 2, 3)).gt(0).all()  # unlabeled negatives exist (up to high - low per pixel)
+    ref.push(F.normalize(rep_t.permute(0, 2, 3, 1).reshape(-1, 8), dim=1), negatives.permute(0, 2, 3, 1).reshape(-1, c))
+    assert torch.equal(bank.count, ref.count) and torch.equal(bank.feats[:-1], ref.feats[:-1])
+
+
 # -------------------------------------------------------------------------------- contrastive loss
 def _confident(c: int, labels: torch.Tensor) -> torch.Tensor:
     """Teacher probabilities B,C,h,w with 0.9 on each pixel's label."""

@@ -214,22 +214,31 @@ class MemoryBank(nn.Module):
         self.register_buffer("capacity", torch.tensor(self.sizes, dtype=torch.long), persistent=False)
 
     @torch.no_grad()
-    def push(self, feats: Tensor, mask: Tensor) -> None:
+    def push(self, feats: Tensor, mask: Tensor, per_row: int | None = None) -> None:
         """Enqueue ``feats[mask[:, c]]`` into queue c for every class c. feats P,D (unit); mask P,C bool.
 
         Queue c keeps its newest ``sizes[c]`` entries: of n candidates the last m = min(n, size) are
-        written to the consecutive slots from ``ptr``; the others go to the sink row.
+        written to the consecutive slots from ``ptr``; the others go to the sink row. ``per_row``: the
+        caller's guarantee that no row is a candidate of more than that many classes (U2PL's rank windows
+        give one); the write then takes ``per_row`` x P rows instead of C x P, most of which would go to
+        the sink.
         """
         feats = dist.all_gather_cat(feats.to(self.feats.dtype).contiguous())
-        mask = dist.all_gather_cat(mask.to(torch.uint8).contiguous()).t().bool()  # C,P
-        rank = mask.long().cumsum(1) - 1  # C,P: position among the class's candidates
+        mask = dist.all_gather_cat(mask.to(torch.uint8).contiguous()).bool()  # P,C
+        by_class = mask.t()  # C,P
+        rank = by_class.long().cumsum(1) - 1  # C,P: position among the class's candidates
         n = rank[:, -1] + 1
         m = torch.minimum(n, self.capacity)
         skip = (n - m).unsqueeze(1)  # the oldest candidates that do not fit
         slot = (self.ptr.unsqueeze(1) + rank - skip) % self.capacity.unsqueeze(1)
-        dst = torch.where(mask & (rank >= skip), self.offsets.unsqueeze(1) + slot, self.feats.shape[0] - 1)
-        for c in range(len(self.sizes)):
-            self.feats.index_copy_(0, dst[c], feats)
+        dst = torch.where(by_class & (rank >= skip), self.offsets.unsqueeze(1) + slot, self.feats.shape[0] - 1)
+        if per_row is not None and per_row < len(self.sizes):
+            # each row's (at most per_row) candidate classes first; a row with fewer also picks
+            # non-candidates, whose destination is already the sink
+            classes = mask.to(torch.float32).topk(per_row, dim=1).indices  # P,per_row
+            dst = dst.gather(0, classes.t())  # per_row,P: dst[classes[p, k], p]
+        for row in dst:
+            self.feats.index_copy_(0, row, feats)
         self.ptr.copy_((self.ptr + m) % self.capacity)
         self.count.copy_(torch.minimum(self.count + m, self.capacity))
 
@@ -274,7 +283,11 @@ def contrastive_loss(
         feats_t = rep_t.detach().permute(0, 2, 3, 1).reshape(-1, d).float()  # P,D
         members = _by_class(members).float()  # C,P
         protos = members @ feats_t / members.sum(1, keepdim=True).clamp_min(1)  # C,D
-        bank.push(F.normalize(feats_t, dim=1), negatives.permute(0, 2, 3, 1).reshape(-1, negatives.shape[1]))
+        bank.push(  # a pixel is a negative of at most low_rank (labeled) or high - low (unlabeled) classes
+            F.normalize(feats_t, dim=1),
+            negatives.permute(0, 2, 3, 1).reshape(-1, negatives.shape[1]),
+            per_row=max(low_rank, high_rank - low_rank),
+        )
         idx, n_anchors = sample_masked(_by_class(anchors), num_queries)  # C,Q
         neg, filled = bank.sample(num_queries * num_negatives)  # C,Q*N,D
         neg = neg.view(neg.shape[0], num_queries, num_negatives, d)
