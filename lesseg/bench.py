@@ -8,10 +8,12 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from .engine.trainer import Trainer, to_device
 from .errors import LessegError
@@ -364,31 +366,50 @@ def print_semi_table(table: list[dict]) -> None:
 
 
 # -- cost of the method-specific work ---------------------------------------------------------------------
+def record_passes(trainer: Trainer, batch: dict) -> list[tuple[str, nn.Module, int, bool]]:
+    """The segmentation-network passes one real training step makes: (network name, network, number of
+    images, with gradient) in call order, recorded by forward hooks. The step is taken (it changes the
+    weights and the method's state, as any warm-up step does)."""
+    from .models import Segmentor
+
+    names = {id(m): n for n, m in trainer.method.named_modules() if isinstance(m, Segmentor)}
+    calls = []
+
+    def hook(module, args):
+        calls.append((names[id(module)], module, args[0].shape[0], torch.is_grad_enabled()))
+
+    handles = [m.register_forward_pre_hook(hook) for m in trainer.method.modules() if isinstance(m, Segmentor)]
+    try:
+        trainer.train_step(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
 def bench_overhead(cfg: DictConfig, iters: int = 10, warmup: int = 2) -> dict:
     """Seconds per step of the method vs the network passes it needs, on the same batch.
 
-    The reference runs, for every trainable network, one forward + backward on all images of the step (the
-    students' passes) and, for every other segmentation network of the method (EMA teachers), one forward
-    without gradient. The difference is the method-specific work: entropy, percentiles, mixing,
-    contrastive loss, memory bank, pseudo-labels (and, for CPS with CutMix, its extra gradient-free passes
-    on the unmixed images, which the reference does not count).
+    The reference replays the segmentation-network passes a real step of the method makes (recorded by
+    ``record_passes``: which network, on how many images, with or without gradient): each pass with
+    gradient is a forward + backward, the others a forward without gradient (teachers, CPS's pseudo-labels
+    on the unmixed images), then the optimizer step. The difference is the method-specific work: entropy,
+    percentiles, mixing, contrastive loss, memory bank, pseudo-labels, losses.
     """
-    from .models import Segmentor
-
     trainer, (batch,) = _steady_trainer(cfg)
-    method = trainer.method
-    trainable = {id(n) for n in method.trainable_nets().values()}
-    teachers = [m for m in method.children() if isinstance(m, Segmentor) and id(m) not in trainable]
+    calls = record_passes(trainer, batch)
     images = torch.cat([b["image"] for b in batch.values()])
     cuda = trainer.device.type == "cuda"
+    autocast = torch.autocast(trainer.device.type, dtype=trainer.amp) if trainer.amp else nullcontext()
 
     def passes():
-        for net in method.trainable_nets().values():
-            out = net(images)
-            sum(v.float().mean() for v in out.values()).backward()
-        with torch.no_grad():
-            for t in teachers:
-                t(images)
+        with autocast:
+            for _, net, n, grad in calls:
+                x = images[torch.arange(n, device=images.device) % images.shape[0]]
+                with torch.set_grad_enabled(grad):
+                    out = net(x)
+                if grad:
+                    sum(v.float().mean() for v in out.values()).backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
@@ -409,4 +430,5 @@ def bench_overhead(cfg: DictConfig, iters: int = 10, warmup: int = 2) -> dict:
     full = statistics.median(p[0] for p in pairs)
     ref = statistics.median(p[1] for p in pairs)
     return {"method": cfg.method.name, "step_s": full, "passes_s": ref, "overhead": full / ref - 1.0,
-            "teachers": len(teachers), "nets": len(trainable)}
+            "passes": [f"{name} {n} images {'forward+backward' if grad else 'forward, no gradient'}"
+                       for name, _, n, grad in calls]}

@@ -213,7 +213,7 @@ def cmd_bench(args) -> int:
         c = bench.bench_overhead(cfg, iters=3 if args.quick else args.iters)
         costs.append(c)
         print(f"  {m:<14s} step {c['step_s']:.3f} s, passes {c['passes_s']:.3f} s, "
-              f"method-specific +{100 * c['overhead']:.1f}%")
+              f"method-specific {100 * c['overhead']:+.1f}%  ({'; '.join(c['passes'])})")
     out.mkdir(parents=True, exist_ok=True)
     name = "cost.json" if args.cost_only else "summary_so_far.json" if args.finished_only else "summary.json"
     (out / name).write_text(json.dumps({"runs": rows, "table": table, "cost": costs}, indent=2))

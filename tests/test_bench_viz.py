@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lesseg import bench, config
 from lesseg.bench import summarize_semi
 
 
@@ -137,7 +138,10 @@ def test_bench_semi_cost_only_measures_without_training(shapes_root, tmp_path, c
                            "--out", tmp_path / "b", *tiny)
     assert rc == 0, err
     cost = json.loads((tmp_path / "b" / "cost.json").read_text())["cost"]
-    assert [c["method"] for c in cost] == ["u2pl"] and cost[0]["teachers"] == 1 and cost[0]["nets"] == 1
+    # the reference replays the passes of a real step: the teacher on labeled + unlabeled without gradient,
+    # the student on the same images with
+    assert [c["method"] for c in cost] == ["u2pl"]
+    assert cost[0]["passes"] == ["teacher 4 images forward, no gradient", "student 4 images forward+backward"]
     assert cost[0]["step_s"] > 0 and cost[0]["passes_s"] > 0 and "method-specific" in out
     assert not (tmp_path / "b" / "1-16").exists() and not (tmp_path / "b" / "all").exists()  # nothing trained
 
@@ -389,3 +393,20 @@ def test_bench_semi_finished_only_trains_nothing_and_reports_the_finished_runs(t
     assert "not finished, left out: u2pl 1-16 seed 1" in out and "cps 1-16 seed 0" in out
     table = {(t["method"], t["budget"]): t for t in bench.summarize_semi(rows)}
     assert table[("u2pl", "1-16")]["gain"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("name, method, expected", [
+    ("cps", {"cutmix": True}, [("net1", 3, False), ("net2", 3, False), ("net1", 5, True), ("net2", 5, True)]),
+    ("mean_teacher", {}, [("teacher", 3, False), ("net", 5, True)]),
+    ("u2pl", {"sup_only_epochs": 0}, [("teacher", 5, False), ("student", 5, True)]),
+])
+def test_cost_reference_replays_the_passes_of_a_real_step(shapes_root, tmp_path, name, method, expected):
+    # the cost bench's reference is these passes: CPS's gradient-free passes on the unmixed images count,
+    # and Mean Teacher's teacher sees only the unlabeled images (3 here), not the labeled ones
+    from conftest import tiny_dict
+
+    d = tiny_dict(shapes_root, tmp_path / "run", method={"name": name, **method})
+    d["data"]["streams"] = {"labeled": {"split": "train", "batch_size": 2},
+                            "unlabeled": {"split": "train", "batch_size": 3, "labeled": False, "strong": True}}
+    trainer, (batch,) = bench._steady_trainer(config.from_dict(d))
+    assert [(n, k, g) for n, _, k, g in bench.record_passes(trainer, batch)] == expected
