@@ -113,9 +113,6 @@ class Trainer:
         else:  # the weights the run started from (build_method loaded them)
             self.pretrained_digest = ckpt.file_digest(cfg.model.pretrained) if cfg.model.pretrained else None
         self.writer = None
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            config_mod.save(cfg, self.out / "config.yaml")
 
     # -- schedule -------------------------------------------------------------------------------------
     def _lr_factor(self, it: int) -> float:
@@ -230,6 +227,10 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train from ``self.step`` to ``max_iters``; returns the final evaluation."""
+        if self.main:  # here, not in __init__: a trainer that only lends its network (self-training's
+            # labeler, the cost bench) leaves no run folder behind
+            self.out.mkdir(parents=True, exist_ok=True)
+            config_mod.save(self.cfg, self.out / "config.yaml")
         t = self.cfg.train
         iters = self.train_loaders()
         sums: dict[str, torch.Tensor] = {}  # per logged term, over the steps since the last log line
