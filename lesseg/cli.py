@@ -36,6 +36,7 @@ def cmd_eval(args) -> int:
     from .engine.evaluate import evaluate
     from .engine.inference import for_loading, load_method_state
     from .methods import RunInfo, build_method
+    from .models import Segmentor
 
     cfg = _load_cfg(args)
     device = dist.init(cfg.train.device)
@@ -47,7 +48,10 @@ def cmd_eval(args) -> int:
         raise LessegError(f"{args.checkpoint} has {state['info']['num_classes']} classes, the dataset "
                           f"{info.num_classes}")
     load_method_state(method, state, args.checkpoint)
-    net = method.eval_net().to(device)
+    nets = {name: m for name, m in method.named_children() if isinstance(m, Segmentor)}
+    if args.net is not None and args.net not in nets:
+        raise LessegError(f"--net {args.net!r}: {cfg.method.name} has the networks {', '.join(nets)}")
+    net = (nets[args.net] if args.net else method.eval_net()).to(device)
     ds = build_eval_dataset(cfg.data, split=args.split, check=cfg.data.check)
     loader = eval_loader(ds, cfg.eval.batch_size, dist.rank(), dist.world(), cfg.data.workers)
     result = evaluate(net, loader, info.num_classes, cfg.eval, list(cfg.data.crop_size), device, info.class_names)
@@ -56,7 +60,8 @@ def cmd_eval(args) -> int:
         for name, v in result["iou"].items():
             print(f"  {name:>16s}: {'  n/a' if v is None else f'{100 * v:5.2f}'}")
         print(f"mIoU {100 * result['miou']:.2f} ({result['mode']})", file=sys.stderr)
-        print(json.dumps({"miou": result["miou"], "iou": result["iou"], "acc": result["acc"], "mode": result["mode"]}))
+        print(json.dumps({"miou": result["miou"], "iou": result["iou"], "acc": result["acc"], "mode": result["mode"],
+                          "net": next(name for name, m in nets.items() if m is net)}))
     return 0
 
 
@@ -261,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--split", help="split to evaluate (default: data.val_split)")
+    sp.add_argument("--net", help="which of the method's networks (student, teacher, net1, ...; default: the one "
+                                  "the method evaluates)")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("predict", help="write palette PNG masks for images")

@@ -161,6 +161,35 @@ def test_eval_with_a_config_whose_model_differs_from_the_checkpoint_is_one_clear
     assert str(last) in err and "model" in err
 
 
+def test_eval_net_evaluates_the_named_network_of_the_method(tmp_path, capsys):
+    tree = folder_tree(tmp_path)
+    d = yaml.safe_load(folder_config(tmp_path, tree.root).read_text())
+    d["method"] = {"name": "mean_teacher"}
+    d["data"]["streams"]["unlabeled"] = {"split": "labeled", "batch_size": 2, "labeled": False, "strong": True}
+    cfg_path = tmp_path / "mt.yaml"
+    cfg_path.write_text(yaml.safe_dump(d))
+    rc, _, err = run_cli(capsys, "train", cfg_path)
+    assert rc == 0, err
+    last = tmp_path / "run" / "last.pt"
+    state = ckpt.load(last)
+    for net, cls in (("net", 1), ("teacher", 2)):  # the student predicts class 1 everywhere, the teacher 2
+        state["method"][f"{net}.head.classifier.weight"].zero_()
+        state["method"][f"{net}.head.classifier.bias"].copy_(10.0 * torch.eye(len(CLASSES))[cls])
+    ckpt.save_atomic(state, last)
+    got = {}
+    for net in (None, "net", "teacher"):
+        rc, out, err = run_cli(capsys, "eval", cfg_path, "--checkpoint", last, "--split", "labeled",
+                               *(["--net", net] if net else []))
+        assert rc == 0, err
+        got[net] = last_json(out)
+    assert got[None] == got["teacher"] and got[None]["net"] == "teacher"  # Mean Teacher evaluates its teacher
+    for net, cls in (("net", 1), ("teacher", 2)):
+        assert got[net]["net"] == net and got[net]["iou"][CLASSES[cls]] > 0
+        assert all(not v for name, v in got[net]["iou"].items() if name != CLASSES[cls])
+    rc, _, err = run_cli(capsys, "eval", cfg_path, "--checkpoint", last, "--net", "student")
+    assert rc == 2 and "--net 'student'" in err and "net, teacher" in err
+
+
 def _palette_png(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         assert im.mode == "P", path
