@@ -385,22 +385,27 @@ def test_warm_up_teacher_start_ema_and_eval_net():
         assert torch.equal(t, s), name  # BatchNorm statistics copied from the student
 
 
-def test_teacher_bn_weak_keeps_the_teachers_own_statistics_from_the_weak_views():
-    """teacher_bn="weak": the teacher's BatchNorm normalises its weak batch with that batch's statistics
-    and accumulates running statistics of the weak views; EMA leaves them alone; dropout stays off."""
+def test_teacher_bn_weak_labels_with_batch_statistics_and_is_evaluated_with_the_students():
+    """teacher_bn="weak": the teacher's BatchNorm normalises its weak batch with that batch's statistics;
+    its running statistics (used when it is evaluated) are copied from the student by EMA, as with
+    "student"; dropout stays off."""
     m = _method(teacher_bn="weak")
     batch = _batch()
     bn = [x for x in m.teacher.modules() if isinstance(x, torch.nn.BatchNorm2d)]
     drop = [x for x in m.teacher.modules() if isinstance(x, torch.nn.Dropout2d | torch.nn.Dropout)]
     assert bn and drop and all(x.training for x in bn) and not any(x.training for x in drop)
-    before = bn[0].running_mean.clone()
+    with torch.no_grad():
+        eval_mode = m.teacher.eval()(batch["unlabeled"]["image"])["logits"]
+    m.train()
+    with torch.no_grad():
+        batch_mode = m.teacher(batch["unlabeled"]["image"])["logits"]
+    assert not torch.allclose(eval_mode, batch_mode)  # labeling does not use the running statistics
     out = m.training_step(batch, 0)
-    assert not torch.equal(bn[0].running_mean, before)  # the teacher's own statistics moved
     out["loss"].backward()
-    m.after_step(0)  # d = 0: parameters become the student's, statistics stay the teacher's
+    m.after_step(0)  # d = 0: parameters become the student's, and so do the running statistics
     for t, s in zip(m.teacher.parameters(), m.student.parameters()):
         assert torch.equal(t, s)
-    assert not torch.equal(bn[0].running_mean, dict(m.student.named_buffers())[_bn0_name(m)])
+    assert torch.equal(bn[0].running_mean, dict(m.student.named_buffers())[_bn0_name(m)])
     m.eval()
     assert not any(x.training for x in bn)  # evaluation: running statistics
     with pytest.raises(ConfigError, match="teacher_bn"):

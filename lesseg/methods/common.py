@@ -60,30 +60,31 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update(
-    teacher: nn.Module, student: nn.Module, step_since_start: int, d_max: float, copy_buffers: bool = True
-) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, step_since_start: int, d_max: float) -> None:
     """``theta_t <- d theta_t + (1-d) theta_s`` with warm-up ``d = min(1 - 1/(i+1), d_max)``.
 
-    Buffers (BatchNorm statistics) are copied from the student, not averaged (methods.md section 0), unless
-    ``copy_buffers`` is False: then the teacher keeps statistics of its own (see ``batchnorm_train``).
+    Buffers (BatchNorm running statistics) are copied from the student, not averaged (methods.md section 0),
+    whatever the teacher's ``teacher_bn`` policy: they are what the teacher uses when it is evaluated.
     """
     d = min(1.0 - 1.0 / (step_since_start + 1), d_max)
     t_params = [p for p in teacher.parameters()]
     s_params = [p.detach() for p in student.parameters()]
     torch._foreach_mul_(t_params, d)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - d)
-    if copy_buffers:
-        for tb, sb in zip(teacher.buffers(), student.buffers()):
-            tb.copy_(sb)
+    for tb, sb in zip(teacher.buffers(), student.buffers()):
+        tb.copy_(sb)
 
 
-TEACHER_BN = ("student", "weak")  # the EMA teachers' BatchNorm statistics policies (method.teacher_bn)
+TEACHER_BN = ("student", "weak")  # the statistics an EMA teacher normalises with when labeling (method.teacher_bn)
 
 
 def check_teacher_bn(value: str) -> None:
-    """``student``: copied from the student after every EMA step (methods.md s. 0); ``weak``: the teacher's
-    own, from its forward passes on the weak views (``batchnorm_train`` while training, no copy in EMA)."""
+    """How an EMA teacher's BatchNorm layers normalise the weak views it labels while training. ``student``:
+    with the running statistics, copied from the student after every EMA step (methods.md s. 0); ``weak``:
+    with each weak batch's own statistics (``batchnorm_train``). Either way the running statistics are the
+    student's, and the evaluated (exported) teacher uses them: its weights are an average of the student's,
+    which were trained under the student's statistics (docs/benchmarks.md, "The evaluated teacher's
+    BatchNorm statistics": the teacher's own weak-view statistics cost it 9-10 mIoU points on shapes)."""
     if value not in TEACHER_BN:
         from ..errors import ConfigError
 

@@ -40,7 +40,7 @@ class MeanTeacherConfig(SupervisedConfig):
     rampup_steps: int | None = None  # sigmoid ramp-up length; None: 10% of the run; 0: no ramp-up
     consistency: str = "mse"  # mse: squared distance of softmax vectors | ce: confidence-masked CE
     conf_thresh: float = 0.97  # consistency=ce: teacher confidence needed for a pixel to count
-    teacher_bn: str = "student"  # teacher BatchNorm statistics: copied from the student, or "weak" (its own)
+    teacher_bn: str = "student"  # labeling with the running statistics (the student's) or "weak" (batch ones)
     ema_decay: float = 0.999  # d_max of the EMA teacher
     eval_teacher: bool = True  # evaluate (and export) the EMA teacher rather than the student
 
@@ -129,5 +129,4 @@ class MeanTeacher(Method):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        ema_update(self.teacher, getattr(self.net, "module", self.net), step, self.cfg.ema_decay,
-                   copy_buffers=self.cfg.teacher_bn == "student")
+        ema_update(self.teacher, getattr(self.net, "module", self.net), step, self.cfg.ema_decay)

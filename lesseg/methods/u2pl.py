@@ -65,10 +65,9 @@ class U2PLConfig(SupervisedConfig):
     bank_size: int = 30000  # per class
     bank_size_bg: int = 50000  # class 0 (the authors' code uses 50000 for class 0)
     bank_dtype: str = "bfloat16"  # unit vectors: half the memory, similarities within 4e-3 (fp16: 2e-4)
-    # teacher BatchNorm statistics (common.check_teacher_bn): "student" copies the student's after every EMA
-    # step (methods.md s. 0; they come from batches of strongly augmented, mixed unlabeled images); "weak"
-    # keeps the teacher's own, from its passes on the weak views (batch statistics there, running ones when
-    # evaluated)
+    # how the teacher's BatchNorm normalises the weak views it labels (common.check_teacher_bn): "student"
+    # with the running statistics, the student's (methods.md s. 0; from batches of strongly augmented, mixed
+    # unlabeled images); "weak" with each weak batch's own statistics. Evaluated: the student's, either way
     teacher_bn: str = "student"
 
 
@@ -347,7 +346,7 @@ class U2PL(Method):
 
     def train(self, mode: bool = True) -> U2PL:
         """The teacher runs in eval mode (no dropout; BatchNorm running statistics), except its BatchNorm
-        layers while training with ``teacher_bn="weak"``."""
+        layers while training with ``teacher_bn="weak"`` (batch statistics of the weak views it labels)."""
         super().train(mode)
         self.teacher.eval()
         batchnorm_train(self.teacher, mode and self.cfg.teacher_bn == "weak")
@@ -449,5 +448,4 @@ class U2PL(Method):
         """8: EMA of the teacher with warm-up counted from the start of the semi-supervised phase."""
         if step >= self.sup_only_steps:
             student = getattr(self.student, "module", self.student)
-            ema_update(self.teacher, student, step - self.sup_only_steps, self.cfg.ema_decay,
-                       copy_buffers=self.cfg.teacher_bn == "student")
+            ema_update(self.teacher, student, step - self.sup_only_steps, self.cfg.ema_decay)
