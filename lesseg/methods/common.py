@@ -84,7 +84,7 @@ def check_teacher_bn(value: str) -> None:
     with each weak batch's own statistics (``batchnorm_train``). Either way the running statistics are the
     student's, and the evaluated (exported) teacher uses them: its weights are an average of the student's,
     which were trained under the student's statistics (docs/benchmarks.md, "The evaluated teacher's
-    BatchNorm statistics": the teacher's own weak-view statistics cost it 9-10 mIoU points on shapes)."""
+    BatchNorm statistics": the teacher's own weak-view statistics cost it up to 10 mIoU points on shapes)."""
     if value not in TEACHER_BN:
         from ..errors import ConfigError
 
