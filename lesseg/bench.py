@@ -399,13 +399,13 @@ def bench_overhead(cfg: DictConfig, iters: int = 10, warmup: int = 2) -> dict:
     trainer, (batch,) = _steady_trainer(cfg)
     calls = record_passes(trainer, batch)
     images = torch.cat([b["image"] for b in batch.values()])
+    inputs = [images[torch.arange(n, device=images.device) % images.shape[0]] for _, _, n, _ in calls]
     cuda = trainer.device.type == "cuda"
     autocast = torch.autocast(trainer.device.type, dtype=trainer.amp) if trainer.amp else nullcontext()
 
     def passes():
         with autocast:
-            for _, net, n, grad in calls:
-                x = images[torch.arange(n, device=images.device) % images.shape[0]]
+            for (_, net, _, grad), x in zip(calls, inputs):
                 with torch.set_grad_enabled(grad):
                     out = net(x)
                 if grad:

@@ -20,25 +20,18 @@ from pathlib import Path
 
 import torch
 
-from lesseg import config as config_mod
-from lesseg.data import build_eval_dataset, eval_loader, stream_source
+from lesseg.data import build_eval_dataset, eval_loader
 from lesseg.engine import checkpoint as ckpt
 from lesseg.engine.evaluate import evaluate
-from lesseg.engine.inference import for_loading, load_method_state
-from lesseg.methods import RunInfo, build_method
+from lesseg.engine.inference import load_checkpoint_method
 
 
 def adopt(run: Path, write: bool) -> None:
     path = run / "last.pt"
-    state = ckpt.load(path)
-    cfg = config_mod.from_dict(state["config"])
+    method, cfg, info, state = load_checkpoint_method(path)
     if cfg.method.get("teacher_bn") != "weak":
         print(f"{run}: teacher_bn={cfg.method.get('teacher_bn')}, nothing to do")
         return
-    src = stream_source(cfg.data)
-    info = RunInfo(num_classes=src.num_classes, class_names=list(src.classes))
-    method = build_method(for_loading(cfg), info)
-    load_method_state(method, state, path)
     (student,) = method.trainable_nets().values()
     teacher = method.teacher
     with torch.no_grad():

@@ -17,12 +17,9 @@ import copy
 import torch
 from torch import nn
 
-from lesseg import config as config_mod
-from lesseg.data import build_eval_dataset, eval_loader, stream_source
-from lesseg.engine import checkpoint as ckpt
+from lesseg.data import build_eval_dataset, eval_loader
 from lesseg.engine.evaluate import evaluate
-from lesseg.engine.inference import for_loading, load_method_state
-from lesseg.methods import RunInfo, build_method
+from lesseg.engine.inference import load_checkpoint_method
 from lesseg.methods.common import batchnorm_train
 
 
@@ -64,12 +61,7 @@ def main() -> None:
     p.add_argument("checkpoint")
     p.add_argument("--recalibrate", metavar="SPLIT")
     args = p.parse_args()
-    state = ckpt.load(args.checkpoint)
-    cfg = config_mod.from_dict(state["config"])
-    src = stream_source(cfg.data)
-    info = RunInfo(num_classes=src.num_classes, class_names=list(src.classes))
-    method = build_method(for_loading(cfg), info)
-    load_method_state(method, state, args.checkpoint)
+    method, cfg, info, state = load_checkpoint_method(args.checkpoint)
     (student,) = method.trainable_nets().values()
     teacher = method.teacher
     val = eval_loader(build_eval_dataset(cfg.data, check=False), cfg.eval.batch_size, 0, 1, 0)

@@ -14,7 +14,7 @@ from .. import config as config_mod
 from ..data.base import read_rgb
 from ..data.transforms import normalize
 from ..errors import ConfigError, LessegError
-from ..methods import RunInfo, build_method
+from ..methods import Method, RunInfo, build_method
 from ..models import class_map
 from ..viz import colorize, overlay
 from . import checkpoint as ckpt
@@ -24,6 +24,13 @@ from .evaluate import predict_probs
 def load_checkpoint_net(path: str | Path, device: torch.device | str = "cpu",
                         overrides: list[str] = ()) -> tuple[torch.nn.Module, DictConfig, RunInfo, dict]:
     """The evaluation network of a checkpoint, its (overridden) config, run info and the raw state."""
+    method, cfg, info, state = load_checkpoint_method(path, overrides)
+    return method.eval_net().to(device).eval(), cfg, info, state
+
+
+def load_checkpoint_method(path: str | Path, overrides: list[str] = ()) -> tuple[Method, DictConfig, RunInfo, dict]:
+    """The whole method of a checkpoint (every network, on the CPU), its (overridden) config, run info and
+    the raw state."""
     state = ckpt.load(path, "cpu")
     if not all(k in state for k in ("method", "config", "info")):
         raise LessegError(f"{path} is not a lesseg checkpoint (no method state, config or run info)")
@@ -34,8 +41,7 @@ def load_checkpoint_net(path: str | Path, device: torch.device | str = "cpu",
     info = RunInfo(**state["info"])
     method = build_method(for_loading(cfg), info)
     load_method_state(method, state, path)
-    net = method.eval_net().to(device).eval()
-    return net, cfg, info, state
+    return method, cfg, info, state
 
 
 def for_loading(cfg: DictConfig) -> DictConfig:
