@@ -22,10 +22,12 @@ def _load_cfg(args, extra: list[str] = ()):
 
 
 def cmd_train(args) -> int:
+    from . import dist
     from .engine import train
 
     result = train(_load_cfg(args), resume=args.resume)
-    print(json.dumps({"miou": result.get("miou"), "iou": result.get("iou"), "mode": result.get("mode")}))
+    if dist.is_main():  # once under torchrun
+        print(json.dumps({"miou": result.get("miou"), "iou": result.get("iou"), "mode": result.get("mode")}))
     return 0
 
 
@@ -84,7 +86,8 @@ def cmd_predict(args) -> int:
     from .engine.inference import load_checkpoint_net, predict_files
 
     net, cfg, info, _ = load_checkpoint_net(args.checkpoint, "cpu", args.overrides)
-    written = predict_files(net, cfg, info, _expand_inputs(args.inputs), Path(args.out), args.overlay)
+    sizes = {k: v for k, v in (("max_pixels", args.max_pixels), ("tile", args.tile)) if v is not None}
+    written = predict_files(net, cfg, info, _expand_inputs(args.inputs), Path(args.out), args.overlay, **sizes)
     print(f"wrote {len(written)} mask(s) to {args.out}")
     return 0
 
@@ -125,9 +128,29 @@ def _data_splits(cfg, only: str | None) -> list[tuple[str, object, bool]]:
     labeled: dict[tuple[str, object], bool] = {}  # (split, cached source) -> read masks; each checked once
     for sc in cfg.data.streams.values():
         key = (sc.split, stream_source(cfg.data, sc))
-        labeled[key] = labeled.get(key, False) or sc.labeled
+        labeled[key] = labeled.get(key, False) or sc.labeled or sc.true_masks
     labeled[(cfg.data.val_split, stream_source(cfg.data))] = True
     return [(split, src, lab) for (split, src), lab in labeled.items()]
+
+
+def _stream_problems(cfg) -> list[str]:
+    """The streams the config's method reads that data.streams lacks, and streams smaller than one batch."""
+    from .data import batch_problem, stream_source
+    from .methods import METHODS
+
+    method = METHODS.get(cfg.method.name)
+    needed = method.streams if method.config_streams is None else method.config_streams
+    problems = [f"method {cfg.method.name} reads data stream {n!r}, which data.streams does not define "
+                f"(it defines {list(cfg.data.streams)})" for n in needed if n not in cfg.data.streams]
+    for name, sc in cfg.data.streams.items():
+        try:
+            n = len(stream_source(cfg.data, sc).samples(sc.split, strict=False))
+        except LessegError:
+            continue  # reported with the split below
+        problem = batch_problem(name, n, sc.batch_size)
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 def cmd_data(args) -> int:
@@ -138,7 +161,7 @@ def cmd_data(args) -> int:
     if args.action == "stats":
         split, src, _ = _data_splits(cfg, args.split)[0]
         samples = src.samples(split)
-        problems, counts = scan(src, samples, True, progress=True, desc=f"reading {split}")
+        problems, counts = scan(src, samples, True, progress=True, desc=f"reading {split}", require_masks=False)
         if problems:
             raise LessegError(f"{len(problems)} bad file(s), run `lesseg data check`; first: {problems[0]}")
         total = int(counts.sum())
@@ -152,6 +175,10 @@ def cmd_data(args) -> int:
                           "pixels": dict(zip(src.classes, counts.tolist()))}))
         return 0
     bad = 0
+    if not args.split:  # what the training refuses before reading a file: streams the method lacks, too few images
+        for problem in _stream_problems(cfg):
+            print(problem)
+            bad += 1
     for split, src, labeled in _data_splits(cfg, args.split):
         try:
             samples = src.samples(split, strict=False)
@@ -276,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--overlay", action="store_true", help="also write image/prediction overlays")
     sp.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    sp.add_argument("--max-pixels", type=int,
+                    help="images with more pixels are predicted in overlapping tiles, in bounded memory "
+                         "(default 2048x2048; eval.mode=slide always tiles, with its window and stride)")
+    sp.add_argument("--tile", type=int, help="tile side for large images (default 1024)")
     sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("export", help="export the network to ONNX, checked with onnxruntime")

@@ -1,12 +1,16 @@
 """Typed configuration: YAML (+ one ``base:`` level) + ``key=value`` overrides, validated by OmegaConf.
 
-Every default lives in the dataclasses below (never in ``cfg.get(k, default)`` calls). An unknown key or a
-wrongly typed value is one :class:`ConfigError` naming it. The ``method`` section is validated against the
+Every default lives in the dataclasses below (never in ``cfg.get(k, default)`` calls). An unknown key, a
+wrongly typed value or a number outside its field's range (declared with :func:`ranged`) is one
+:class:`ConfigError` naming it. The ``method`` section is validated against the
 config dataclass of the method it names (each method file declares its own, see ``lesseg.methods``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +25,51 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
+def ranged(default: Any, interval: str) -> Any:
+    """A dataclass field whose number (or each number of its list) must lie in ``interval``, written as in
+    mathematics: ``"[1, inf)"``, ``"(0, 1]"``. ``None`` is not checked (it means "derived" or "unset")."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    bounds = (lo, interval[0] == "[", hi, interval[-1] == "]", interval)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"range": bounds})
+    return field(default=default, metadata={"range": bounds})
+
+
+def _in_range(x: float, bounds: tuple) -> bool:
+    lo, lo_closed, hi, hi_closed, _ = bounds
+    if isinstance(x, float) and math.isnan(x):
+        return False
+    return (x >= lo if lo_closed else x > lo) and (x <= hi if hi_closed else x < hi)
+
+
+def range_errors(schema: type, node: Any, prefix: str = "") -> list[str]:
+    """Every ``key: value not in interval`` of ``node`` (a config section) against the ranges declared in
+    ``schema`` (its dataclass), nested sections and dicts of sections (``data.streams.*``) included."""
+    errors = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        value, key = node[f.name], f"{prefix}{f.name}"
+        bounds = f.metadata.get("range")
+        if bounds is not None and value is not None:
+            values = list(value) if not isinstance(value, (int, float)) else [value]
+            bad = [v for v in values if not _in_range(v, bounds)]
+            if bad:
+                errors.append(f"{key} must be in {bounds[4]}, got {value if len(values) == 1 else bad[0]}")
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            errors += range_errors(hint, value, f"{key}.")
+        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+            for k, sub in value.items():
+                errors += range_errors(typing.get_args(hint)[1], sub, f"{key}.{k}.")
+    return errors
+
+
 @dataclass
 class StreamConfig:
     """One named stream of training batches ("labeled", "unlabeled", "source", "target", ...)."""
 
     split: str = "train"  # a standard split name of the dataset or the path of a split file
-    batch_size: int = 8  # per process
+    batch_size: int = ranged(8, "[1, inf)")  # per process
     labeled: bool = True  # read masks; False gives only a `valid` map (padding excluded)
     strong: bool = False  # also return a strongly augmented copy sharing the weak view's geometry
     # unlabeled streams of benchmark data whose masks exist: also read them as `true_mask`, only to log the
@@ -39,15 +82,15 @@ class StreamConfig:
 
 @dataclass
 class AugConfig:
-    scale: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale range
-    base_size: int | None = None  # resize so the long side is this before random scaling; None: native
+    scale: list[float] = ranged([0.5, 2.0], "(0, inf)")  # random rescale range
+    base_size: int | None = ranged(None, "[1, inf)")  # resize so the long side is this before random scaling; None: native
     hflip: bool = True
     vflip: bool = False  # for data without an up/down (aerial, microscopy, shapes)
-    rotate: float = 0.0  # random rotation in [-rotate, rotate] degrees (corners: image 0, mask ignore)
-    color_jitter: float = 0.5  # strong view: brightness/contrast/saturation strength (hue = strength/2)
-    color_jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5
+    rotate: float = ranged(0.0, "[0, 180]")  # random rotation in [-rotate, rotate] degrees (corners: image 0, mask ignore)
+    color_jitter: float = ranged(0.5, "[0, inf)")  # strong view: brightness/contrast/saturation strength (hue = strength/2)
+    color_jitter_p: float = ranged(0.8, "[0, 1]")
+    grayscale_p: float = ranged(0.2, "[0, 1]")
+    blur_p: float = ranged(0.5, "[0, 1]")
 
 
 @dataclass
@@ -55,10 +98,10 @@ class DataConfig:
     dataset: str = "shapes"  # registry name: shapes, folder, voc, cityscapes, gtav, synthia
     root: str = "data/shapes"
     options: dict[str, Any] = field(default_factory=dict)  # dataset-specific options (e.g. binary_mask)
-    crop_size: list[int] = field(default_factory=lambda: [64, 64])  # H, W of training crops
+    crop_size: list[int] = ranged([64, 64], "[1, inf)")  # H, W of training crops
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    workers: int = 2
+    std: list[float] = ranged(IMAGENET_STD, "(0, inf)")
+    workers: int = ranged(2, "[0, inf)")
     check: bool = True  # open every file of the splits before training (bad files are reported at once)
     streams: dict[str, StreamConfig] = field(default_factory=dict)  # name -> stream; the method says which it reads
     val_split: str = "val"
@@ -71,10 +114,12 @@ class ModelConfig:
     head: str = "deeplabv3plus"  # deeplabv3plus | deeplabv2
     output_stride: int = 16
     pretrained: str | None = None  # local checkpoint for the encoder
-    decoder_channels: int = 256
-    dropout: float = 0.1
+    # load a checkpoint of another encoder for what matches (otherwise refused, naming what differs)
+    pretrained_partial: bool = False
+    decoder_channels: int = ranged(256, "[1, inf)")
+    dropout: float = ranged(0.1, "[0, 1)")
     rep_head: bool = False
-    rep_dim: int = 256
+    rep_dim: int = ranged(256, "[1, inf)")
     cls_head: bool = False
     aux_head: bool = False
     freeze_bn: bool = False
@@ -83,40 +128,40 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd (the papers' choice) | adamw (momentum and nesterov then unused)
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    lr: float = ranged(0.01, "(0, inf)")
+    momentum: float = ranged(0.9, "[0, 1)")
+    weight_decay: float = ranged(1e-4, "[0, inf)")
     nesterov: bool = False
-    head_lr_mult: float = 10.0
-    poly_power: float = 0.9
-    warmup_iters: int = 0
-    reference_batch: int = 0  # >0: scale lr linearly by (global labeled batch / reference_batch)
+    head_lr_mult: float = ranged(10.0, "[0, inf)")
+    poly_power: float = ranged(0.9, "[0, inf)")
+    warmup_iters: int = ranged(0, "[0, inf)")
+    reference_batch: int = ranged(0, "[0, inf)")  # >0: scale lr linearly by (global labeled batch / reference_batch)
 
 
 @dataclass
 class TrainConfig:
-    iters: int = 0  # total optimizer steps; 0: use epochs
-    epochs: int = 0  # passes over the longest stream (used when iters == 0)
+    iters: int = ranged(0, "[0, inf)")  # total optimizer steps; 0: use epochs
+    epochs: int = ranged(0, "[0, inf)")  # passes over the longest stream (used when iters == 0)
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | none | bf16 | fp16
     sync_bn: bool = True  # convert BatchNorm to SyncBatchNorm under multi-GPU DDP
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate at the end only
-    ckpt_every: int = 0  # 0: checkpoint with each evaluation and at the end
+    log_every: int = ranged(10, "[1, inf)")
+    eval_every: int = ranged(0, "[0, inf)")  # 0: evaluate at the end only
+    ckpt_every: int = ranged(0, "[0, inf)")  # 0: checkpoint with each evaluation and at the end
     progress: bool = True
 
 
 @dataclass
 class EvalConfig:
     mode: str = "whole"  # whole | slide | center
-    crop_size: list[int] | None = None  # slide window / center crop; None: data.crop_size
-    stride: list[int] | None = None  # slide stride; None: 2/3 of the window
-    resize: list[int] | None = None  # whole mode: resize the input to H, W and the logits back
-    scales: list[float] = field(default_factory=lambda: [1.0])
+    crop_size: list[int] | None = ranged(None, "[1, inf)")  # slide window / center crop; None: data.crop_size
+    stride: list[int] | None = ranged(None, "[1, inf)")  # slide stride; None: 2/3 of the window
+    resize: list[int] | None = ranged(None, "[1, inf)")  # whole mode: resize the input to H, W and the logits back
+    scales: list[float] = ranged([1.0], "(0, inf)")
     flip: bool = False
-    batch_size: int = 1  # images of different sizes need 1
+    batch_size: int = ranged(1, "[1, inf)")  # images of different sizes need 1
 
 
 @dataclass
@@ -193,6 +238,9 @@ def build(layers: list[dict], overrides: list[str] = (), where: str = "config") 
     except OmegaConfBaseException as e:
         raise _explain(e, where, prefix="method.") from None
     cfg.method = typed
+    errors = range_errors(Config, cfg) + range_errors(OmegaConf.get_type(typed), typed, "method.")
+    if errors:
+        raise ConfigError(f"{where}: " + "; ".join(errors))
     _check(cfg, where)
     OmegaConf.set_readonly(cfg, True)
     return cfg

@@ -21,7 +21,9 @@ def world() -> int:
 
 
 def is_main() -> bool:
-    return rank() == 0
+    """Rank 0, also after the process group is gone (torchrun's RANK then tells), so that a command's final
+    output is printed once, not once per process."""
+    return rank() == 0 if is_dist() else int(os.environ.get("RANK", "0")) == 0
 
 
 def init(device: str = "auto") -> torch.device:

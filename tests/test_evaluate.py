@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from lesseg.engine.evaluate import _windows, confusion_matrix, iou_from_confusion, predict_probs
+from lesseg.engine.evaluate import confusion_matrix, iou_from_confusion, predict_probs
+from lesseg.engine.evaluate import windows as _windows
 
 
 def eval_cfg(**kw):

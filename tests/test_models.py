@@ -245,6 +245,26 @@ def test_load_safetensors(tmp_path: Path) -> None:
     assert_loaded(encoder, saved)
 
 
+def test_checkpoint_of_another_encoder_is_refused_naming_what_it_provides(tmp_path: Path) -> None:
+    """A resnet18 file for a resnet34 encoder (the names match, resnet34 has more blocks) and the reverse."""
+    r18, r34 = create_encoder("resnet18", 16), create_encoder("resnet34", 16)
+    torch.save(r18.state_dict(), tmp_path / "r18.pth")
+    torch.save(r34.state_dict(), tmp_path / "r34.pth")
+    before = {k: v.clone() for k, v in r34.state_dict().items()}
+    n18 = len(r18.state_dict())
+    with pytest.raises(ConfigError, match=rf"provides {n18} of the encoder's {len(before)} tensors; it lacks "
+                                          r"encoder \d+ keys: layer1\.2\..*pretrained_partial=true"):
+        load_encoder_weights(r34, tmp_path / "r18.pth")
+    assert all(torch.equal(before[k], v) for k, v in r34.state_dict().items())  # nothing loaded
+    with pytest.raises(ConfigError, match=r"has \d+ keys: layer1\.2\..* that the encoder has no place for"):
+        load_encoder_weights(create_encoder("resnet18", 16), tmp_path / "r34.pth")
+    with pytest.raises(ConfigError, match="pretrained_partial"):  # through the model config too
+        build_model(tiny_cfg(encoder="resnet34", pretrained=str(tmp_path / "r18.pth")), NUM_CLASSES)
+    model = build_model(tiny_cfg(encoder="resnet34", pretrained=str(tmp_path / "r18.pth"), pretrained_partial=True),
+                        NUM_CLASSES)
+    assert torch.equal(model.encoder.state_dict()["layer1.0.conv1.weight"], r18.state_dict()["layer1.0.conv1.weight"])
+
+
 def test_partial_checkpoint_warns_and_loads_what_matches(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -256,8 +276,10 @@ def test_partial_checkpoint_warns_and_loads_what_matches(
     encoder = create_encoder(TINY, 16)
     initial = {k: v.clone() for k, v in encoder.state_dict().items()}
 
+    with pytest.raises(ConfigError, match="not a checkpoint of this encoder"):
+        load_encoder_weights(encoder, tmp_path / "partial.pth")
     with caplog.at_level(logging.WARNING):
-        report = load_encoder_weights(encoder, tmp_path / "partial.pth")
+        report = load_encoder_weights(encoder, tmp_path / "partial.pth", partial=True)
 
     layer4 = [k for k in saved if k.startswith("layer4.") and not k.endswith("num_batches_tracked")]
     assert report.missing == layer4
@@ -297,9 +319,9 @@ class _CodeInPickle:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (None, "does not exist"),
-        (b"not a checkpoint at all", "cannot read"),
-        ({"conv1.weight": _CodeInPickle()}, "cannot read"),
+        (None, "not found"),
+        (b"not a checkpoint at all", "cannot load"),
+        ({"conv1.weight": _CodeInPickle()}, "refused to load .*could run code"),
         ({"epoch": 3}, "no state dict"),
         ({"foo.weight": torch.ones(3)}, "no key matches"),
     ],
@@ -315,6 +337,7 @@ def test_unusable_checkpoint_is_a_config_error(tmp_path: Path, content: Any, mes
     with pytest.raises(ConfigError, match=message) as info:
         load_encoder_weights(create_encoder(TINY, 16), path)
     assert str(path) in str(info.value)
+    assert "weights_only" not in str(info.value)  # lesseg's refusal, not PyTorch's advice to load it unsafely
     assert EXECUTED == []
 
 

@@ -112,10 +112,12 @@ def test_two_process_torchrun_training_and_reduced_eval_equal_single_process(tin
     config.save(cfg, cfg_path)
     r = _lesseg("train", str(cfg_path), torchrun=True)
     assert r.returncode == 0, r.stdout[-1000:] + r.stderr[-3000:]
+    assert sum(line.startswith("{") for line in r.stdout.splitlines()) == 1, r.stdout  # once, not per process
     ck = tmp_path / "ddp" / "last.pt"
     single = _lesseg("eval", str(cfg_path), "--checkpoint", str(ck))
     double = _lesseg("eval", str(cfg_path), "--checkpoint", str(ck), torchrun=True)
     assert single.returncode == 0 and double.returncode == 0, single.stderr[-2000:] + double.stderr[-2000:]
+    assert sum(line.startswith("{") for line in double.stdout.splitlines()) == 1, double.stdout
     a = json.loads(single.stdout.strip().splitlines()[-1])
     b = json.loads(double.stdout.strip().splitlines()[-1])
     assert a["miou"] == pytest.approx(b["miou"], abs=1e-12) and a["iou"] == b["iou"]

@@ -10,7 +10,7 @@ from ..errors import ConfigError, DataError
 from . import formats, shapes  # noqa: F401  (register the sources)
 from .base import IGNORE, SOURCES, Sample, SegSource
 from .check import require_clean, scan
-from .loader import SegDataset, Stream, eval_loader
+from .loader import SegDataset, Stream, batch_problem, eval_loader
 
 __all__ = [
     "IGNORE",
@@ -19,6 +19,7 @@ __all__ = [
     "SegDataset",
     "SegSource",
     "Stream",
+    "batch_problem",
     "build_eval_dataset",
     "build_source",
     "build_streams",
@@ -51,7 +52,7 @@ def stream_source(data: DictConfig, stream: DictConfig | None = None) -> SegSour
 
 
 def build_streams(data: DictConfig, names: tuple[str, ...], strong: tuple[str, ...] = (),
-                  check: bool = True, progress: bool = True) -> dict[str, Stream]:
+                  check: bool = True, progress: bool = True, world: int = 1) -> dict[str, Stream]:
     """The training streams a method reads. Missing streams and bad files are reported before training."""
     missing = [n for n in names if n not in data.streams]
     if missing:
@@ -65,6 +66,9 @@ def build_streams(data: DictConfig, names: tuple[str, ...], strong: tuple[str, .
         samples = src.samples(sc.split)
         if not samples:
             raise DataError(f"stream {name!r}: split {sc.split!r} of {src.root} is empty")
+        problem = batch_problem(name, len(samples), sc.batch_size, world)
+        if problem:
+            raise ConfigError(problem)
         if check:
             require_clean(src, samples, sc.labeled or sc.true_masks, f"stream {name!r} ({sc.split})", progress)
         ds = SegDataset(src, samples, train=True, labeled=sc.labeled, strong=sc.strong or name in strong,

@@ -14,11 +14,15 @@ from .base import IGNORE, Sample, SegSource
 log = logging.getLogger(__name__)
 
 
-def _check_one(source: SegSource, s: Sample, labeled: bool) -> tuple[str | None, np.ndarray | None]:
+def _check_one(source: SegSource, s: Sample, labeled: bool,
+               require_masks: bool) -> tuple[str | None, np.ndarray | None]:
     try:
         image = source.read_image(s.image)
-        if not labeled or s.mask is None:
+        if not labeled:
             return None, None
+        if s.mask is None:
+            problem = f"image {s.image} has no mask, but it is in a split read with masks"
+            return (problem if require_masks else None), None
         _, mask = source.align(image, source.read_mask(s.mask), s)
         return None, np.bincount(mask[mask != IGNORE].ravel(), minlength=source.num_classes)
     except DataError as e:
@@ -26,12 +30,15 @@ def _check_one(source: SegSource, s: Sample, labeled: bool) -> tuple[str | None,
 
 
 def scan(source: SegSource, samples: list[Sample], labeled: bool = True, progress: bool = True,
-         desc: str = "checking") -> tuple[list[str], np.ndarray]:
-    """Open every file of ``samples``; return (problems, per-class pixel counts of the readable masks)."""
+         desc: str = "checking", require_masks: bool = True) -> tuple[list[str], np.ndarray]:
+    """Open every file of ``samples``; return (problems, per-class pixel counts of the readable masks).
+
+    ``labeled``: the masks are read and checked too; an image without one is a problem unless
+    ``require_masks`` is False (statistics of a split mixing labeled and unlabeled images)."""
     counts = np.zeros(source.num_classes, np.int64)
     problems: list[str] = []
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = pool.map(lambda s: _check_one(source, s, labeled), samples)
+        results = pool.map(lambda s: _check_one(source, s, labeled, require_masks), samples)
         for err, c in tqdm(results, total=len(samples), desc=desc, disable=not progress, leave=False):
             if err:
                 problems.append(err)

@@ -165,12 +165,16 @@ class FileSource(SegSource):
         candidates = list(dict.fromkeys(self.split_candidates(split)))
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:
-            standard = ", ".join(self.standard_splits) or "none"
+            known = ", ".join(self.known_splits()) or "none"
             raise DataError(
-                f"split {split!r} of {self.root} is not a standard split (standard: {standard}) and no split "
+                f"split {split!r} of {self.root} is not one of its splits ({known}) and no split "
                 f"file exists at {' or '.join(str(p) for p in candidates)}"
             )
         return found
+
+    def known_splits(self) -> list[str]:
+        """The split names this dataset answers to without a path (for messages)."""
+        return list(self.standard_splits)
 
     def read_entries(self, path: Path) -> list[Sample]:
         return [self.entry(first, mask) for first, mask in read_split_file(path)]
@@ -266,6 +270,9 @@ class FolderSource(FileSource):
 
     def split_candidates(self, split: str) -> list[Path]:
         return [self.root / "splits" / f"{split}.txt", *super().split_candidates(split)]
+
+    def known_splits(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "splits").glob("*.txt"))
 
     def image_path(self, name: str) -> Path:
         candidates = [self.root / "images" / f"{name}{suffix}" for suffix in IMAGE_SUFFIXES]

@@ -112,6 +112,14 @@ def _stable_hash(*parts) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
+def batch_problem(stream: str, n: int, batch_size: int, world: int = 1) -> str | None:
+    """Why a stream of ``n`` images cannot give one global batch, or None when it can."""
+    if n >= batch_size * world:
+        return None
+    return (f"stream {stream!r} has {n} images, fewer than one global batch ({batch_size} x {world} "
+            f"process(es)); lower data.streams.{stream}.batch_size")
+
+
 class InfiniteBatchSampler:
     """Endless batches of ``(index, aug_seed)`` over epochs, sharded over DDP ranks, resumable at any batch.
 
@@ -124,11 +132,9 @@ class InfiniteBatchSampler:
         self.n, self.bs, self.seed, self.stream = n, batch_size, seed, stream
         self.rank, self.world = rank, world
         self.per_epoch = n // (batch_size * world)
-        if self.per_epoch == 0:
-            raise ConfigError(
-                f"stream {stream!r} has {n} images, fewer than one global batch "
-                f"({batch_size} x {world} processes); lower data.streams.{stream}.batch_size"
-            )
+        problem = batch_problem(stream, n, batch_size, world)
+        if problem:
+            raise ConfigError(problem)
         self.start_batch = start_batch
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:

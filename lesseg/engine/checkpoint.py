@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import pickle
-import re
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 
-from ..errors import LessegError
+from ..safe_load import torch_load
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:
@@ -30,6 +27,49 @@ def save_atomic(obj: dict, path: str | Path) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries that a kill during :func:`save_atomic` left in ``folder``."""
+    stale = sorted(Path(folder).glob(".*.pt.*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _tensors(obj, prefix: str = ""):
+    """(name, tensor) of every tensor in nested dicts and lists."""
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}")
+
+
+def nonfinite_keys(state: dict) -> list[str]:
+    """Names of the floating-point tensors of ``state`` (nested dicts/lists) holding a NaN or an inf.
+
+    One device-side reduction and a single host sync when everything is finite, the common case."""
+    floats = [(k, t) for k, t in _tensors(state) if t.is_floating_point() and t.numel()]
+    if not floats:
+        return []
+    flags = torch.stack([torch.isfinite(t).all().to(floats[0][1].device) for _, t in floats])
+    if bool(flags.all()):
+        return []
+    return [k for (k, _), ok in zip(floats, flags.tolist()) if not ok]
+
+
+def state_differences(stored: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    """How a checkpoint's method state differs from the one a config builds: missing and extra keys, and
+    keys whose shapes differ (each with both shapes)."""
+    out = [f"{k} is not in the checkpoint" for k in expected if k not in stored]
+    out += [f"{k} is only in the checkpoint" for k in stored if k not in expected]
+    out += [f"{k} has shape {tuple(stored[k].shape)} in the checkpoint, {tuple(v.shape)} in this config"
+            for k, v in expected.items() if k in stored and tuple(stored[k].shape) != tuple(v.shape)]
+    return out
+
+
 def file_digest(path: str | Path) -> str:
     """SHA-256 of a file: which version of a weights file a run started from."""
     import hashlib
@@ -42,22 +82,7 @@ def file_digest(path: str | Path) -> str:
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise LessegError(f"checkpoint not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's pickle-protocol chatter about foreign files
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
-        if refused:  # the file holds objects other than tensors: possibly code
-            raise LessegError(f"refused to load checkpoint {path}: it holds Python objects other than tensors "
-                              f"({refused.group(1)}), and loading them could run code") from None
-        raise LessegError(f"cannot load checkpoint {path}: not a checkpoint, or a corrupt one") from None
-    # torch.load reports a truncated or foreign file as RuntimeError, EOFError, KeyError, ValueError, ... by format
-    except Exception as e:  # noqa: BLE001
-        raise LessegError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+    return torch_load(path, map_location, "checkpoint")
 
 
 def unwrap_state(state: dict[str, torch.Tensor], wrapped: list[str]) -> dict[str, torch.Tensor]:

@@ -48,7 +48,7 @@ def iou_from_confusion(conf: torch.Tensor, class_names: list[str] | None = None)
     }
 
 
-def _windows(size: int, crop: int, stride: int) -> list[int]:
+def windows(size: int, crop: int, stride: int) -> list[int]:
     """Window starts covering ``size``; the last window is aligned to the border."""
     if size <= crop:
         return [0]
@@ -62,8 +62,8 @@ def slide_logits(net, image: torch.Tensor, crop: list[int], stride: list[int], n
     out = image.new_zeros(b, num_classes, h, w, dtype=torch.float32)
     count = image.new_zeros(1, 1, h, w, dtype=torch.float32)
     ch, cw = min(crop[0], h), min(crop[1], w)
-    for y in _windows(h, ch, stride[0]):
-        for x in _windows(w, cw, stride[1]):
+    for y in windows(h, ch, stride[0]):
+        for x in windows(w, cw, stride[1]):
             out[:, :, y : y + ch, x : x + cw] += net(image[:, :, y : y + ch, x : x + cw])["logits"].float()
             count[:, :, y : y + ch, x : x + cw] += 1
     return out / count

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -18,7 +20,9 @@ from ..methods import Method, RunInfo, build_method
 from ..models import class_map
 from ..viz import colorize, overlay
 from . import checkpoint as ckpt
-from .evaluate import predict_probs
+from .evaluate import predict_probs, windows
+
+log = logging.getLogger(__name__)
 
 
 def load_checkpoint_net(path: str | Path, device: torch.device | str = "cpu",
@@ -69,9 +73,69 @@ def image_tensor(image: np.ndarray, cfg: DictConfig) -> torch.Tensor:
     return normalize(list(cfg.data.mean), list(cfg.data.std))(t).unsqueeze(0)
 
 
+MAX_WHOLE_PIXELS = 2048 * 2048  # larger images are predicted in tiles (whole-image passes grow without bound)
+TILE = 1024
+
+
+@torch.no_grad()
+def predict_tiled(net, image: np.ndarray, cfg: DictConfig, window: list[int], stride: list[int], num_classes: int,
+                  device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
+    """Class map (H,W uint8) of an image of any size, in bounded memory: overlapping windows (the last one of
+    each row and column aligned to the border), each predicted with the evaluation's scales and flips, whose
+    class probabilities are summed per pixel; rows are finished band by band.
+
+    Memory beyond the network's pass on one window: the uint8 image and class map, and a float32 band of
+    ``num_classes x window_h x W`` (plus one window's normalised input): a 6000x6000 image with 7 classes and
+    1024 windows holds 172 MB of band, not the 1 GB of a whole-image probability map.
+    """
+    h, w = image.shape[:2]
+    ch, cw = min(window[0], h), min(window[1], w)
+    ys, xs = windows(h, ch, stride[0]), windows(w, cw, stride[1])
+    per_window = SimpleNamespace(mode="whole", resize=None, stride=None, scales=list(cfg.eval.scales),
+                                 flip=bool(cfg.eval.flip))
+    out = np.empty((h, w), np.uint8)
+    band = torch.zeros(num_classes, ch, w, device=device)  # summed probabilities of rows top .. top + ch
+    top = 0
+    bar = tqdm(total=len(ys) * len(xs), desc="tiles", disable=not progress, leave=False)
+    for y in ys:
+        if y > top:  # rows above y get no more windows: finish them, slide the band down
+            shift = y - top
+            out[top:y] = class_map(band[:, :shift].unsqueeze(0))[0].to(torch.uint8).cpu().numpy()
+            band[:, : ch - shift] = band[:, shift:].clone()
+            band[:, ch - shift :] = 0
+            top = y
+        for x in xs:
+            tile = image_tensor(image[y : y + ch, x : x + cw], cfg).to(device)
+            band[:, :, x : x + cw] += predict_probs(net, tile, per_window, [ch, cw], num_classes)[0].float()
+            bar.update(1)
+    out[top:] = class_map(band[:, : h - top].unsqueeze(0))[0].to(torch.uint8).cpu().numpy()
+    bar.close()
+    return out
+
+
+def tiling(cfg: DictConfig, shape: tuple[int, int], max_pixels: int = MAX_WHOLE_PIXELS,
+           tile: int = TILE) -> tuple[list[int], list[int]] | None:
+    """(window, stride) when an image of ``shape`` is predicted in tiles, else None (one whole pass): always
+    with ``eval.mode=slide`` (its window and stride), and for images of more than ``max_pixels`` pixels."""
+    if cfg.eval.mode == "slide":
+        window = list(cfg.eval.crop_size or cfg.data.crop_size)
+    elif shape[0] * shape[1] > max_pixels:
+        window = [tile, tile]
+    else:
+        return None
+    stride = list(cfg.eval.stride) if cfg.eval.mode == "slide" and cfg.eval.stride else [max(1, c * 2 // 3)
+                                                                                         for c in window]
+    if any(s > c for s, c in zip(stride, window)):
+        raise ConfigError(f"eval.stride {stride} is larger than the window {window}: pixels between windows "
+                          "would get no prediction")
+    return window, stride
+
+
 def predict_files(net, cfg: DictConfig, info: RunInfo, inputs: list[Path], out: Path,
-                  with_overlay: bool = False, device: torch.device | str = "cpu", progress: bool = True) -> list[Path]:
-    """Write a palette PNG mask (and optionally an overlay) per input image into ``out``."""
+                  with_overlay: bool = False, device: torch.device | str = "cpu", progress: bool = True,
+                  max_pixels: int = MAX_WHOLE_PIXELS, tile: int = TILE) -> list[Path]:
+    """Write a palette PNG mask (and optionally an overlay) per input image into ``out``. Images of more
+    than ``max_pixels`` pixels (and every image with ``eval.mode=slide``) are predicted in tiles."""
     by_stem: dict[str, Path] = {}
     for path in inputs:  # masks are named by stem: two inputs must not write the same file
         if path.stem in by_stem:
@@ -82,9 +146,16 @@ def predict_files(net, cfg: DictConfig, info: RunInfo, inputs: list[Path], out: 
     written = []
     for path in tqdm(inputs, desc="predict", disable=not progress):
         image = read_rgb(path)
-        probs = predict_probs(net, image_tensor(image, cfg).to(device), cfg.eval, list(cfg.data.crop_size),
-                              info.num_classes)
-        pred = class_map(probs)[0].to(torch.uint8).cpu().numpy()
+        tiles = tiling(cfg, image.shape[:2], max_pixels, tile)
+        if tiles is None:
+            probs = predict_probs(net, image_tensor(image, cfg).to(device), cfg.eval, list(cfg.data.crop_size),
+                                  info.num_classes)
+            pred = class_map(probs)[0].to(torch.uint8).cpu().numpy()
+        else:
+            if cfg.eval.mode != "slide":
+                log.warning("%s is %dx%d: predicted in %dx%d tiles (more than %d pixels)", path, image.shape[1],
+                            image.shape[0], tiles[0][1], tiles[0][0], max_pixels)
+            pred = predict_tiled(net, image, cfg, *tiles, info.num_classes, device, progress)
         target = out / f"{path.stem}.png"
         colorize(pred, info.num_classes).save(target)
         if with_overlay:

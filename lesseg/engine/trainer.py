@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 import time
@@ -25,9 +26,18 @@ from ..methods import METHODS, Method, RunInfo, build_method
 from . import checkpoint as ckpt
 from .evaluate import evaluate
 
+log = logging.getLogger(__name__)
 
 class NonFiniteLoss(LessegError):
-    """A loss term became NaN or inf; the last good checkpoint is kept."""
+    """A loss term, a weight, a buffer or the optimizer state became NaN or inf; no checkpoint is written
+    over the last good one."""
+
+
+# keys a resumed run may change: they take effect from the resumed step and are logged (a longer train.iters
+# stretches the schedule from there on); every other change is refused: the checkpoint's weights, optimizer
+# and scheduler state were made with the stored values, which would silently win over the new ones
+RESUMABLE_PREFIXES = ("train.iters", "train.epochs", "train.progress", "train.log_every", "train.eval_every",
+                      "train.ckpt_every", "train.device", "data.workers", "data.check", "eval.", "out")
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -67,7 +77,7 @@ class Trainer:
 
         method_cls: type[Method] = METHODS.get(cfg.method.name)
         self.streams = build_streams(cfg.data, method_cls.streams, method_cls.strong_streams,
-                                     check=cfg.data.check, progress=self.progress)
+                                     check=cfg.data.check, progress=self.progress, world=self.world)
         self.val_set = build_eval_dataset(cfg.data, check=cfg.data.check, progress=self.progress)
         src = stream_source(cfg.data)
         per_epoch = max(s.batches_per_epoch(self.world) for s in self.streams.values())
@@ -106,8 +116,11 @@ class Trainer:
         self.amp = amp_dtype(t.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.step = 0  # number of optimizer steps done
+        self.saved_step: int | None = None  # step of the last good last.pt (None: none written yet)
         self.best = -1.0
         self.last_eval: dict = {}
+        self.resumed_changes: dict[str, tuple] = {}
+        self.resumed_from: int | None = None  # the checkpoint step a resumed run started at
         if resume:
             self._resume()  # keeps the digest stored in the checkpoint
         else:  # the weights the run started from (build_method loaded them)
@@ -145,23 +158,44 @@ class Trainer:
         return next(name for name, child in self.method.named_children() if child is net)
 
     def save(self, name: str, extra: dict | None = None) -> None:
+        """Write a checkpoint, unless a weight, buffer or optimizer state is non-finite: then training stops
+        and the last good checkpoint stays (every process decides alike, so none waits at a barrier)."""
+        bad = ckpt.nonfinite_keys({"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict()})
+        if dist.all_reduce_sum(torch.tensor(len(bad), device=self.device)).item() > 0:
+            shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+            raise NonFiniteLoss(
+                f"non-finite values in the training state at step {self.step} ({len(bad)} tensor(s) on this "
+                f"process{': ' + shown if bad else ''}); training stopped, {self.kept_checkpoint()}. "
+                "Lower optim.lr or check the data."
+            )
         if self.main:
             ckpt.save_atomic({**self.state(), **(extra or {})}, self.out / name)
+        if name == "last.pt":
+            self.saved_step = self.step
         dist.barrier()
+
+    def kept_checkpoint(self) -> str:
+        """What is left to resume from, said truthfully."""
+        if self.saved_step is None:
+            return f"no checkpoint was written yet ({self.out} has none to resume from)"
+        return f"the last good checkpoint ({self.out / 'last.pt'}, step {self.saved_step}) is kept"
 
     def _resume(self) -> None:
         path = self.out / "last.pt"
         if not path.is_file():
             raise LessegError(f"--resume: no checkpoint {path} to resume from")
         state = ckpt.load(path, self.device)
-        missing = set(ckpt.unwrap_state(self.method.state_dict(), self.wrapped)) ^ set(state["method"])
-        if missing:
-            raise LessegError(f"{path} does not match this config's method (differing keys: {sorted(missing)[:5]})")
+        self.resumed_changes = resume_changes(state.get("config", {}), OmegaConf.to_container(self.cfg), path)
+        mine = ckpt.unwrap_state(self.method.state_dict(), self.wrapped)
+        differ = ckpt.state_differences(state["method"], mine)
+        if differ:
+            shown = "; ".join(differ[:5]) + (f"; ... ({len(differ)} in all)" if len(differ) > 5 else "")
+            raise LessegError(f"--resume: {path} does not fit this config's method and model: {shown}")
         self._load_method_state(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.step = state["step"]
+        self.step = self.saved_step = self.resumed_from = state["step"]
         self.best = state["best"]
         self.last_eval = state.get("eval", {})
         self.pretrained_digest = state.get("pretrained_sha256")  # None: saved before checkpoints kept it
@@ -199,7 +233,8 @@ class Trainer:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out / "tb"))
+            # a resumed run hides the points logged after its checkpoint by the interrupted one
+            self.writer = SummaryWriter(str(self.out / "tb"),                                         purge_step=None if self.resumed_from is None else self.resumed_from + 1)
         for k, v in record.items():
             if isinstance(v, (int, float)) and k != "step":
                 self.writer.add_scalar(f"{record['event']}/{k}", v, record["step"])
@@ -230,7 +265,15 @@ class Trainer:
         if self.main:  # here, not in __init__: a trainer that only lends its network (self-training's
             # labeler, the cost bench) leaves no run folder behind
             self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.out)
             config_mod.save(self.cfg, self.out / "config.yaml")
+            if self.resumed_from is not None:
+                truncate_metrics(self.out / "metrics.jsonl", self.resumed_from)
+                for key, (was, now) in self.resumed_changes.items():
+                    log.warning("resuming with %s = %r (the run had %r until step %d)", key, now, was, self.step)
+                if self.resumed_changes:
+                    self._log({"event": "resume", "step": self.step,
+                               "changed": {k: {"was": a, "now": b} for k, (a, b) in self.resumed_changes.items()}})
         t = self.cfg.train
         iters = self.train_loaders()
         sums: dict[str, torch.Tensor] = {}  # per logged term, over the steps since the last log line
@@ -295,9 +338,45 @@ class Trainer:
         if s >= 0 and bad_terms is not None:
             terms = [n for n, b in zip(names, bad_terms.tolist()) if b]
             raise NonFiniteLoss(
-                f"non-finite loss at step {s} in term(s) {terms}; training stopped, the last good checkpoint "
-                f"({self.out / 'last.pt'}) is kept. Lower optim.lr or check the data."
+                f"non-finite loss at step {s} in term(s) {terms}; training stopped, {self.kept_checkpoint()}. "
+                "Lower optim.lr or check the data."
             )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(stored: dict, now: dict, path: Path) -> dict[str, tuple]:
+    """The keys whose value differs between a checkpoint's config and the resuming one: ``{key: (was, now)}``
+    for the ones a resume may change (RESUMABLE_PREFIXES); any other difference is one error naming every
+    such key. Keys that exist on one side only (added or removed since the checkpoint) are not compared."""
+    a, b = _flatten(stored), _flatten(now)
+    changed = {k: (a[k], b[k]) for k in a.keys() & b.keys() if a[k] != b[k]}
+    refused = sorted(k for k in changed if not k.startswith(RESUMABLE_PREFIXES))
+    if refused:
+        shown = ", ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+        raise LessegError(f"--resume: {path} was trained with other values of {shown}; resume with the run's "
+                          "values, or start a new run in another --out")
+    return {k: changed[k] for k in sorted(changed)}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records an interrupted run logged after its last checkpoint (the resumed run logs them anew)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 def train(cfg: DictConfig, resume: bool = False) -> dict:

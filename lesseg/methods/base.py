@@ -36,6 +36,8 @@ class Method(nn.Module):
     Config: ClassVar[type] = MethodConfig
     streams: ClassVar[tuple[str, ...]] = ("labeled",)  # data streams training_step reads
     strong_streams: ClassVar[tuple[str, ...]] = ()  # streams that need a strong view
+    # the streams a user's config must define (a multi-stage method's first stages may read others)
+    config_streams: ClassVar[tuple[str, ...] | None] = None  # None: ``streams``
 
     def __init__(self, cfg: Any, model_cfg: Any, info: RunInfo) -> None:
         super().__init__()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import ranged
 from ..models import build_model
 from .base import METHODS, Method, RunInfo
 from .common import IGNORE, ce_loss, hard_labels, pseudo_label_quality, split_outputs
@@ -25,7 +26,7 @@ from .supervised import SupervisedConfig, sup_loss
 @dataclass
 class CPSConfig(SupervisedConfig):
     name: str = "cps"
-    cps_weight: float = 1.5  # lambda (paper: VOC 1.5, 1.0 with CutMix; Cityscapes 6, 5 with CutMix)
+    cps_weight: float = ranged(1.5, "[0, inf)")  # lambda (paper: VOC 1.5, 1.0 with CutMix; Cityscapes 6, 5 with CutMix)
     cutmix: bool = False  # cross term on CutMix-ed unlabeled images (pseudo-labels mixed with the box mask)
 
 

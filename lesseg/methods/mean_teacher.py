@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import ranged
 from ..errors import ConfigError
 from ..models import build_model
 from .base import METHODS, Method, RunInfo
@@ -36,12 +37,12 @@ CONSISTENCY = ("mse", "ce")
 @dataclass
 class MeanTeacherConfig(SupervisedConfig):
     name: str = "mean_teacher"
-    cons_weight: float = 1.0  # weight of loss_cons at the end of the ramp-up
-    rampup_steps: int | None = None  # sigmoid ramp-up length; None: 10% of the run; 0: no ramp-up
+    cons_weight: float = ranged(1.0, "[0, inf)")  # weight of loss_cons at the end of the ramp-up
+    rampup_steps: int | None = ranged(None, "[0, inf)")  # sigmoid ramp-up length; None: 10% of the run; 0: no ramp-up
     consistency: str = "mse"  # mse: squared distance of softmax vectors | ce: confidence-masked CE
-    conf_thresh: float = 0.97  # consistency=ce: teacher confidence needed for a pixel to count
+    conf_thresh: float = ranged(0.97, "[0, 1]")  # consistency=ce: teacher confidence needed for a pixel to count
     teacher_bn: str = "student"  # labeling with the running statistics (the student's) or "weak" (batch ones)
-    ema_decay: float = 0.999  # d_max of the EMA teacher
+    ema_decay: float = ranged(0.999, "[0, 1]")  # d_max of the EMA teacher
     eval_teacher: bool = True  # evaluate (and export) the EMA teacher rather than the student
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .. import config as config_mod
 from .. import dist
+from ..config import ranged
 from ..data import SegDataset, eval_loader, stream_source
 from ..data.formats import IMAGE_SUFFIXES
 from ..data.splits import write_split
@@ -49,8 +50,8 @@ DONE = "done"  # marker file of a complete pseudo-label dataset
 @dataclass
 class SelfTrainingConfig(SupervisedConfig):
     name: str = "self_training"
-    threshold: float = 0.0  # stage 2: keep pixels whose confidence is >= threshold (0 keeps all), others 255
-    pseudo_weight: float = 1.0  # stage 3: weight of the CE on pseudo-labeled images
+    threshold: float = ranged(0.0, "[0, 1]")  # stage 2: keep pixels whose confidence is >= threshold (0 keeps all), others 255
+    pseudo_weight: float = ranged(1.0, "[0, inf)")  # stage 3: weight of the CE on pseudo-labeled images
     # stage 1 done elsewhere: a lesseg checkpoint (say, your SupOnly run's last.pt) whose evaluated network,
     # same model.* and classes, writes the pseudo-masks; stage 1 is then not trained
     stage1_checkpoint: str | None = None
@@ -198,6 +199,7 @@ def stage3_config(cfg: DictConfig, root: Path) -> DictConfig:
 class SelfTraining(Method):
     Config = SelfTrainingConfig
     streams = ("labeled", "pseudo")
+    config_streams = ("labeled", "unlabeled")
 
     def __init__(self, cfg: SelfTrainingConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import ranged
 from ..models import build_model
 from .base import METHODS, Method, MethodConfig, RunInfo
 from .common import ce_loss, ohem_ce
@@ -15,9 +16,9 @@ from .common import ce_loss, ohem_ce
 class SupervisedConfig(MethodConfig):
     name: str = "supervised"
     ohem: bool = False  # Cityscapes configs
-    ohem_thresh: float = 0.7
-    ohem_min_kept: int = 100000
-    aux_weight: float = 0.4  # used when model.aux_head is true
+    ohem_thresh: float = ranged(0.7, "[0, 1]")
+    ohem_min_kept: int = ranged(100000, "[0, inf)")
+    aux_weight: float = ranged(0.4, "[0, inf)")  # used when model.aux_head is true
 
 
 def sup_loss(out: dict[str, torch.Tensor], target: torch.Tensor, cfg: SupervisedConfig) -> torch.Tensor:

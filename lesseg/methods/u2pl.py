@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from .. import dist
+from ..config import ranged
 from ..errors import ConfigError
 from ..models import build_model
 from .base import METHODS, Method, RunInfo
@@ -48,22 +49,22 @@ MIXINGS = ("cutmix", "classmix", "cutout", "none")
 @dataclass
 class U2PLConfig(SupervisedConfig):
     name: str = "u2pl"
-    ema_decay: float = 0.99  # d_max
-    sup_only_epochs: int = 1  # VOC 1, Cityscapes 0
-    unsup_weight: float = 1.0  # lambda_u
-    contra_weight: float = 0.1  # lambda_c (paper; the authors' config leaves the code default 1)
-    drop_percent: float = 20.0  # alpha_0: share of unreliable pixels, decays linearly to 0 over the epochs
+    ema_decay: float = ranged(0.99, "[0, 1]")  # d_max
+    sup_only_epochs: int = ranged(1, "[0, inf)")  # VOC 1, Cityscapes 0
+    unsup_weight: float = ranged(1.0, "[0, inf)")  # lambda_u
+    contra_weight: float = ranged(0.1, "[0, inf)")  # lambda_c (paper; the authors' config leaves the code default 1)
+    drop_percent: float = ranged(20.0, "[0, 100]")  # alpha_0: share of unreliable pixels, decays linearly to 0 over the epochs
     mixing: str = "cutmix"  # cutmix | classmix | cutout | none
-    mix_prob: float = 0.5  # the whole unlabeled batch is mixed with this probability
+    mix_prob: float = ranged(0.5, "[0, 1]")  # the whole unlabeled batch is mixed with this probability
     contrastive: bool = True
-    num_queries: int = 256  # Q anchors per class
-    num_negatives: int = 50  # N negatives per anchor
-    temperature: float = 0.5
-    delta_p: float = 0.3  # anchors need a teacher probability > delta_p for their class
-    low_rank: int = 3  # r_l
-    high_rank: int = 20  # r_h
-    bank_size: int = 30000  # per class
-    bank_size_bg: int = 50000  # class 0 (the authors' code uses 50000 for class 0)
+    num_queries: int = ranged(256, "[1, inf)")  # Q anchors per class
+    num_negatives: int = ranged(50, "[1, inf)")  # N negatives per anchor
+    temperature: float = ranged(0.5, "(0, inf)")
+    delta_p: float = ranged(0.3, "[0, 1]")  # anchors need a teacher probability > delta_p for their class
+    low_rank: int = ranged(3, "[1, inf)")  # r_l
+    high_rank: int = ranged(20, "[1, inf)")  # r_h
+    bank_size: int = ranged(30000, "[1, inf)")  # per class
+    bank_size_bg: int = ranged(50000, "[1, inf)")  # class 0 (the authors' code uses 50000 for class 0)
     bank_dtype: str = "bfloat16"  # unit vectors: half the memory, similarities within 4e-3 (fp16: 2e-4)
     # how the teacher's BatchNorm normalises the weak views it labels (common.check_teacher_bn): "student"
     # with the running statistics, the student's (methods.md s. 0; from batches of strongly augmented, mixed
@@ -224,6 +225,8 @@ class MemoryBank(nn.Module):
         """
         feats = dist.all_gather_cat(feats.to(self.feats.dtype).contiguous())
         mask = dist.all_gather_cat(mask.to(torch.uint8).contiguous()).bool()  # P,C
+        if mask.shape[0] == 0:  # nothing to enqueue (every process pushed no row)
+            return
         by_class = mask.t()  # C,P
         rank = by_class.long().cumsum(1) - 1  # C,P: position among the class's candidates
         n = rank[:, -1] + 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lesseg.errors import ConfigError
+from lesseg.safe_load import torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,12 @@ class LoadReport(NamedTuple):
     unexpected: list[str]  # checkpoint keys the encoder has no use for
 
 
-def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike[str]) -> LoadReport:
-    """Copy the tensors of the checkpoint at `path` into `encoder`; warn about missing/unexpected keys.
+def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike[str], partial: bool = False) -> LoadReport:
+    """Copy the tensors of the checkpoint at `path` into `encoder` and say how many it took.
 
-    Raises ConfigError if the file is missing or unreadable, if no key matches, or if a shape differs.
+    Raises ConfigError if the file is missing or unreadable, if no key matches, if a shape differs, or, unless
+    ``partial``, if the checkpoint is not of this encoder (encoder tensors it lacks, or encoder-like tensors
+    the encoder has no place for: a resnet18 file for a resnet34); with ``partial`` those are warnings.
     """
     path = Path(path)
     state = _select_prefix(_unwrap(_read(path), path))
@@ -66,37 +68,46 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike[str]) -> Lo
             f"pretrained checkpoint {path}: no key matches the encoder; checkpoint has "
             f"{_listing(list(state))}, encoder expects {_listing(list(target))}"
         )
-    encoder.load_state_dict(matched, strict=False)
-
     # old checkpoints lack BatchNorm's step counter, which has no effect with a fixed momentum
     missing = [k for k in target if k not in matched and not k.endswith("num_batches_tracked")]
     dropped = _dropped_by_features_only(encoder)
     unexpected = [k for k in state if k not in used and k not in dropped]
-    logger.info("loaded %d/%d encoder tensors from %s", len(matched), len(target), path)
+    took = f"{len(matched)} of the encoder's {len(target)} tensors"
+    if (missing or unexpected) and not partial:
+        parts = ([f"it lacks encoder {_listing(missing)}"] if missing else []) + (
+            [f"it has {_listing(unexpected)} that the encoder has no place for"] if unexpected else [])
+        raise ConfigError(
+            f"pretrained checkpoint {path} is not a checkpoint of this encoder ({encoder_name(encoder)}): it "
+            f"provides {took}; {'; '.join(parts)}. Set model.pretrained_partial=true to load what matches"
+        )
+    encoder.load_state_dict(matched, strict=False)
+    logger.info("loaded %s from %s", took, path)
     if missing:
-        logger.warning("pretrained checkpoint %s lacks encoder %s", path, _listing(missing))
+        logger.warning("pretrained checkpoint %s (partial load, %s) lacks encoder %s", path, took, _listing(missing))
     if unexpected:
-        logger.warning("pretrained checkpoint %s has unused %s", path, _listing(unexpected))
+        logger.warning("pretrained checkpoint %s (partial load, %s) has unused %s", path, took, _listing(unexpected))
     return LoadReport(list(matched), missing, unexpected)
+
+
+def encoder_name(encoder: nn.Module) -> str:
+    """The timm architecture of an encoder, for messages."""
+    return getattr(encoder, "pretrained_cfg", {}).get("architecture") or type(encoder).__name__
 
 
 def _read(path: Path) -> Any:
     """Deserialize tensors only: `weights_only=True` refuses pickled code, safetensors holds none."""
+    if path.suffix != ".safetensors":
+        return torch_load(path, "cpu", "pretrained checkpoint", ConfigError)
     if not path.is_file():
-        raise ConfigError(f"pretrained checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file as reader
-        except ImportError as e:
-            raise ConfigError(
-                f"reading {path} needs the 'safetensors' package, which is not installed"
-            ) from e
-    else:
-        reader = partial(torch.load, map_location="cpu", weights_only=True)
+        raise ConfigError(f"pretrained checkpoint not found: {path}")
     try:
-        return reader(path)
-    except Exception as e:  # a corrupt or foreign file fails in many ways; the user needs one message
-        raise ConfigError(f"cannot read pretrained checkpoint {path}: {e}") from e
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise ConfigError(f"reading {path} needs the 'safetensors' package, which is not installed") from e
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001  (a corrupt file fails in many ways; the user needs one message)
+        raise ConfigError(f"cannot load pretrained checkpoint {path}: {str(e).splitlines()[0]}") from None
 
 
 def eval_net_weights(state: Mapping) -> dict[str, Tensor]:

@@ -165,7 +165,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Segmentor:
         raise ConfigError(f"unknown model.head {cfg.head!r}; known: {', '.join(HEADS.names())}")
     encoder = create_encoder(cfg.encoder, cfg.output_stride)
     if cfg.pretrained:
-        load_encoder_weights(encoder, cfg.pretrained)
+        load_encoder_weights(encoder, cfg.pretrained, partial=cfg.pretrained_partial)
     channels = encoder.feature_info.channels()
     reductions = encoder.feature_info.reduction()
     head = HEADS.get(cfg.head)(cfg, channels, reductions, num_classes)
