@@ -169,3 +169,48 @@ def test_pretrained_from_a_lesseg_checkpoint_takes_its_evaluated_networks_encode
     assert loaded.model.pretrained == f"{cfg.out}/last.pt"  # where it started, the file is not needed
     config_path = tmp_path / "second" / "config.yaml"
     assert main(["eval", str(config_path), "--checkpoint", f"{tmp_path}/second/last.pt"]) == 0
+
+
+MT_WEAK = {"name": "mean_teacher", "teacher_bn": "weak", "ema_decay": 0.9}
+TWO_STREAMS = {"streams": {"labeled": {"split": "train", "batch_size": 4},
+                           "unlabeled": {"split": "train", "batch_size": 4, "labeled": False}}}
+
+
+def test_every_module_keeps_its_mode_across_a_periodic_evaluation(tiny_cfg, monkeypatch):
+    """teacher_bn=weak: the EMA teacher is in eval mode with its BatchNorm layers training; an evaluation in
+    the middle of the run must hand that back, not put the whole teacher in eval mode."""
+    trainer = Trainer(tiny_cfg(["train.iters=4", "train.eval_every=2"], method=MT_WEAK, data=TWO_STREAMS))
+    seen = []
+    original = trainer.method.training_step
+
+    def record(batch, step):
+        seen.append(tuple(m.training for m in trainer.method.modules()))
+        return original(batch, step)
+
+    monkeypatch.setattr(trainer.method, "training_step", record)
+    trainer.fit()
+    assert len(seen) == 4 and len(set(seen)) == 1, "a module changed mode after the evaluation at step 2"
+    bn = next(m for m in trainer.method.teacher.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert bn.training and not trainer.method.teacher.training
+
+
+def test_kill_and_resume_across_an_evaluation_is_bit_identical(tiny_cfg, tmp_path, monkeypatch):
+    common = ["train.iters=6", "train.eval_every=2", "train.ckpt_every=2", "train.deterministic=true"]
+    sections = {"method": MT_WEAK, "data": TWO_STREAMS}
+    Trainer(tiny_cfg(common + [f"out={tmp_path / 'full'}"], **sections)).fit()
+    killed = Trainer(tiny_cfg(common + [f"out={tmp_path / 'killed'}"], **sections))
+    original = killed.method.after_step
+
+    def crash(step):
+        if step == 4:  # dies in the 5th step: the evaluations of steps 2 and 4 came before
+            raise KeyboardInterrupt
+        original(step)
+
+    monkeypatch.setattr(killed.method, "after_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    Trainer(tiny_cfg(common + [f"out={tmp_path / 'killed'}"], **sections), resume=True).fit()
+    a, b = _final_weights(tmp_path / "full" / "last.pt"), _final_weights(tmp_path / "killed" / "last.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    torch.use_deterministic_algorithms(False)

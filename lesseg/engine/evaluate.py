@@ -9,7 +9,7 @@ windows are clipped to the image, so it equals ``whole`` when the window covers 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -111,8 +111,28 @@ def evaluate(net, loader, num_classes: int, cfg, crop: list[int], device: torch.
              progress: bool = True) -> dict:
     """mIoU and per-class IoU of ``net`` over ``loader`` (each process its shard; the matrix is all-reduced)."""
     crop = list(cfg.crop_size) if cfg.crop_size else list(crop)
-    was_training = net.training
+    with eval_mode(net):
+        conf = _confusion(net, loader, num_classes, cfg, crop, device, amp_dtype, progress)
+    result = iou_from_confusion(conf.cpu(), class_names)
+    result["mode"] = describe_mode(cfg, crop)
+    return result
+
+
+@contextmanager
+def eval_mode(net: torch.nn.Module):
+    """``net.eval()`` for the block, then every submodule back in its own mode: a network whose modes are
+    mixed (an EMA teacher in eval mode with BatchNorm layers training) comes back mixed, not all one way."""
+    modes = [(m, m.training) for m in net.modules()]
     net.eval()
+    try:
+        yield net
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _confusion(net, loader, num_classes: int, cfg, crop: list[int], device: torch.device,
+               amp_dtype: torch.dtype | None, progress: bool) -> torch.Tensor:
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     for batch in tqdm(loader, desc="eval", disable=not (progress and dist.is_main()), leave=False):
@@ -123,11 +143,7 @@ def evaluate(net, loader, num_classes: int, cfg, crop: list[int], device: torch.
         with autocast:
             probs = predict_probs(net, image, cfg, crop, num_classes)
         conf += confusion_matrix(class_map(probs), mask, num_classes)
-    dist.all_reduce_sum(conf)
-    net.train(was_training)
-    result = iou_from_confusion(conf.cpu(), class_names)
-    result["mode"] = describe_mode(cfg, crop)
-    return result
+    return dist.all_reduce_sum(conf)
 
 
 def describe_mode(cfg, crop: list[int]) -> str:
