@@ -4,7 +4,8 @@ Every function runs on the tensors' device without host synchronisation; randomn
 global RNG or an optional ``generator`` (on the same device). Masks are B,1,H,W float with 1 where the pixel
 is taken from the partner image: ``mix(a, b, M) = a*(1-M) + b*M`` with ``b = partner(a)``, so image i takes
 from image (i+1) mod B (U2PL convention). Apply one mask to every tensor of a view with ``mix_batch`` so
-images, pseudo-labels, confidences and validity masks are never mixed inconsistently.
+images, pseudo-labels, confidences and validity masks are never mixed inconsistently. ``classmix_mask``
+picks its classes in the partner's labels, so that the picked classes are the ones pasted.
 """
 
 from __future__ import annotations
@@ -77,17 +78,22 @@ def box_mask_cps(
 def classmix_mask(
     labels: torch.Tensor, ignore: int = IGNORE, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """ClassMix mask: per image, ceil(n/2) of its n present classes at random (``ignore`` excluded). -> B,1,H,W
+    """ClassMix mask in the module's convention: for image i, the pixels of ceil(n/2) classes picked at random
+    among the n classes present in its partner's labels (image (i+1) mod B; ``ignore`` excluded). -> B,1,H,W
 
-    ceil as in the ClassMix paper's code (an image with one class gives all of it). Labels must be < 256.
+    So ``mix_batch`` pastes the picked classes of the partner, at their own pixels, over image i (the ClassMix
+    paper: ceil(n/2) classes of image A pasted onto image B, here A = partner(i), B = i), and image i keeps
+    every pixel outside them. A partner with one class is pasted whole; its ``ignore`` pixels are never
+    pasted, so a partner with no valid pixel leaves image i unchanged. ``labels`` are each image's own
+    (pseudo-)labels, not yet mixed, with values < 256.
     """
     b = labels.shape[0]
-    flat = labels.reshape(b, -1)  # B,HW
+    flat = partner(labels).reshape(b, -1)  # B,HW: row i holds the labels of image (i+1) mod B
     present = torch.zeros(b, 256, dtype=torch.bool, device=labels.device)
     present.scatter_(1, flat, True)
     present[:, ignore] = False
     score = torch.rand(b, 256, device=labels.device, generator=generator).masked_fill(~present, float("inf"))
-    n_pick = (present.sum(1) + 1) // 2  # B
+    n_pick = (present.sum(1) + 1) // 2  # B: ceil(n/2), as in the ClassMix paper's code
     kth = score.sort(dim=1).values.gather(1, n_pick.unsqueeze(1))  # B,1: first score not picked (inf if none)
     chosen = present & (score < kth)  # B,256
     return chosen.gather(1, flat).reshape(labels.shape).unsqueeze(1).float()
