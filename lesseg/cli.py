@@ -198,7 +198,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import bench, config
+    from . import bench
     from .data.formats import ShapesSource
 
     if args.kind == "speed":
@@ -234,18 +234,8 @@ def cmd_bench(args) -> int:
     table = bench.summarize_semi(rows)
     if rows:
         bench.print_semi_table(table)
-    costs = []
-    # self_training's step is a supervised step; its extra cost is pseudo-labelling plus its stage 1, the SupOnly run
-    measured = [] if args.no_cost or args.finished_only else [m for m in methods if m != "self_training"]
-    if measured:
-        print("\ncost per step (1/16 configs, same batch): method step vs the network passes it needs")
-    for m in measured:
-        cfg = config.load(f"shapes/{m}.yaml", list(args.overrides) + [
-            f"out={out / 'overhead' / m}", "data.check=false", "train.progress=false", f"train.device={args.device}"])
-        c = bench.bench_overhead(cfg, iters=3 if args.quick else args.iters)
-        costs.append(c)
-        print(f"  {m:<14s} step {c['step_s']:.3f} s, passes {c['passes_s']:.3f} s, "
-              f"method-specific {100 * c['overhead']:+.1f}%  ({'; '.join(c['passes'])})")
+    costs = [] if args.no_cost or args.finished_only else bench.bench_costs(
+        methods, out, list(args.overrides), args.device, iters=3 if args.quick else args.iters)
     out.mkdir(parents=True, exist_ok=True)
     name = "cost.json" if args.cost_only else "summary_so_far.json" if args.finished_only else "summary.json"
     (out / name).write_text(json.dumps({"runs": rows, "table": table, "cost": costs}, indent=2))

@@ -279,7 +279,7 @@ def test_bench_semi_resumes_an_interrupted_run_and_reuses_a_finished_self_traini
     from lesseg import bench
     from lesseg.engine import checkpoint as ckpt
     from lesseg.engine import trainer
-    from lesseg.methods.self_training import stage3_config
+    from lesseg.methods.self_training import SelfTraining
 
     calls, stage1 = [], []
 
@@ -288,7 +288,7 @@ def test_bench_semi_resumes_an_interrupted_run_and_reuses_a_finished_self_traini
 
     def fake_train(cfg, resume=False):  # as the trainer saves: the prepared config, max_iters 2
         calls.append((cfg.method.name, resume))
-        stored = stage3_config(cfg, Path(cfg.out) / "pseudo") if cfg.method.name == "self_training" else cfg
+        stored = SelfTraining.final_config(cfg) if cfg.method.name == "self_training" else cfg
         if cfg.method.name == "self_training":
             stage1.append(cfg.method.stage1_checkpoint)
         step = 1 if cfg.method.name == "u2pl" and not resume else 2  # u2pl: killed after one step
@@ -405,8 +405,10 @@ def test_cost_reference_replays_the_passes_of_a_real_step(shapes_root, tmp_path,
     # and Mean Teacher's teacher sees only the unlabeled images (3 here), not the labeled ones
     from conftest import tiny_dict
 
+    from lesseg.bench.measure import steady_trainer
+
     d = tiny_dict(shapes_root, tmp_path / "run", method={"name": name, **method})
     d["data"]["streams"] = {"labeled": {"split": "train", "batch_size": 2},
                             "unlabeled": {"split": "train", "batch_size": 3, "labeled": False, "strong": True}}
-    trainer, (batch,) = bench._steady_trainer(config.from_dict(d))
+    trainer, (batch,) = steady_trainer(config.from_dict(d))
     assert [(n, k, g) for n, _, k, g in bench.record_passes(trainer, batch)] == expected

@@ -265,7 +265,7 @@ def test_a_crafted_pretrained_checkpoint_gets_lesseg_s_refusal(tiny_cfg, tmp_pat
 
 # -- 12 ----------------------------------------------------------------------------------------------------
 def test_memory_bank_push_of_no_rows_changes_nothing():
-    from lesseg.methods.u2pl import MemoryBank
+    from lesseg.methods.contrastive import MemoryBank
 
     bank = MemoryBank([4, 3], dim=2, dtype=torch.float32)
     bank.push(torch.ones(2, 2), torch.tensor([[True, False], [True, True]]))

@@ -13,21 +13,16 @@ from omegaconf import OmegaConf
 from lesseg.config import ModelConfig
 from lesseg.errors import ConfigError
 from lesseg.methods.base import RunInfo
-from lesseg.methods.u2pl import (
-    U2PL,
+from lesseg.methods.contrastive import (
     MemoryBank,
-    U2PLConfig,
-    clamp_ranks,
     class_ranks,
     contrast_sets,
     contrastive_loss,
-    entropy_split,
     info_nce,
-    masked_percentile,
     one_hot,
     sample_masked,
-    unsup_loss,
 )
+from lesseg.methods.u2pl import U2PL, U2PLConfig, clamp_ranks, entropy_split, masked_percentile, unsup_loss
 
 KW = {"num_queries": 8, "num_negatives": 4, "temperature": 0.5, "delta_p": 0.3}
 
