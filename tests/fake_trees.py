@@ -24,16 +24,46 @@ CITYSCAPES_TRAIN_ID = {
     7: 0,
     8: 1,
     11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
     21: 8,
+    22: 9,
     23: 10,
     24: 11,
     25: 12,
     26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
     33: 18,
     0: 255,
     1: 255,
     4: 255,
 }
+# ... in the SYNTHIA -> Cityscapes protocols: 16 classes (terrain 22, truck 27, train 31 ignored) and 13
+# (also wall 12, fence 13, pole 17 ignored); the others keep their Cityscapes order.
+CITYSCAPES_16 = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    21: 8,
+    23: 9,
+    24: 10,
+    25: 11,
+    26: 12,
+    28: 13,
+    32: 14,
+    33: 15,
+}
+CITYSCAPES_13 = {7: 0, 8: 1, 11: 2, 21: 5, 23: 6, 24: 7, 25: 8, 26: 9, 28: 10, 32: 11, 33: 12}
+# an image whose label ids are those the protocols drop or renumber (wall, fence, pole, terrain, truck,
+# train, bus, motorcycle), one band of 4 columns each
+PROTOCOL_IDS = [12, 13, 17, 22, 27, 31, 28, 32]
 # SYNTHIA class id -> train id in the 16- and 13-class protocols (0 void, 16 terrain: ignored in both).
 SYNTHIA_16 = {3: 0, 8: 12, 21: 3, 0: 255, 16: 255, 1: 9, 12: 14, 5: 4, 10: 10}
 SYNTHIA_13 = {3: 0, 8: 9, 21: 255, 0: 255, 16: 255, 1: 6, 12: 11, 5: 255, 10: 7}
@@ -117,27 +147,36 @@ def make_voc(tmp: Path) -> FakeTree:
 
 def make_cityscapes(tmp: Path) -> FakeTree:
     """Cityscapes: leftImg8bit PNGs, gtFine ``_labelIds`` (uint8 label ids), ``_color`` and, for the train
-    images, ``_labelTrainIds`` (as cityscapesscripts writes them)."""
+    images, ``_labelTrainIds`` (as cityscapesscripts writes them). The last train image,
+    ``extra["protocol"]``, has the label ids of :data:`PROTOCOL_IDS`.
+
+    ``masks`` holds the 19-class expectation, ``extra["masks16"]`` / ``extra["masks13"]`` the 16- and
+    13-class ones.
+    """
     root = tmp / "cityscapes"
+    protocol = "zurich_000000_000019"
     layout = {
-        "train": ["aachen_000000_000019", "aachen_000001_000019", "bochum_000000_000313"],
+        "train": ["aachen_000000_000019", "aachen_000001_000019", "bochum_000000_000313", protocol],
         "val": ["frankfurt_000000_000294"],
     }
     ids = [7, 26, 0, 24, 4, 33, 8, 11, 21, 23, 1]
-    masks = {}
+    masks, masks16, masks13 = {}, {}, {}
     for split, names in layout.items():
         for k, name in enumerate(names):
             city = name.split("_")[0]
             _save(image(k), root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png")
-            values = ids[k : k + 6]
-            raw = bands(values, [8, 6, 4, 6, 4, 4])
+            if name == protocol:
+                raw = bands(PROTOCOL_IDS, [4] * len(PROTOCOL_IDS))
+            else:
+                raw = bands(ids[k : k + 6], [8, 6, 4, 6, 4, 4])
             gt = root / "gtFine" / split / city
             _save(raw, gt / f"{name}_gtFine_labelIds.png")
             _save(image(k + 50), gt / f"{name}_gtFine_color.png")
             masks[name] = mapped(raw, CITYSCAPES_TRAIN_ID)
+            masks16[name], masks13[name] = mapped(raw, CITYSCAPES_16), mapped(raw, CITYSCAPES_13)
             if split == "train":
                 _save(masks[name], gt / f"{name}_gtFine_labelTrainIds.png")
-    return FakeTree(root, layout, masks)
+    return FakeTree(root, layout, masks, {"protocol": protocol, "masks16": masks16, "masks13": masks13})
 
 
 def make_gtav(tmp: Path, mismatched: bool = True) -> FakeTree:

@@ -9,9 +9,18 @@ import pytest
 from fake_trees import H, W, make_cityscapes, make_folder, make_gtav, make_synthia, make_voc
 from PIL import Image
 
+from lesseg import config
+from lesseg.data import SegDataset, build_source, build_streams
 from lesseg.data.base import SOURCES, SegSource
 from lesseg.data.formats import CityscapesSource, FolderSource, GTAVSource, SynthiaSource, VOCSource
 from lesseg.errors import ConfigError, DataError
+
+# The SYNTHIA -> Cityscapes protocols, written out here (not taken from lesseg.data.formats)
+CLASSES_16 = [
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "sky", "person", "rider", "car", "bus", "motorcycle", "bicycle",
+]  # fmt: skip
+CLASSES_13 = [c for c in CLASSES_16 if c not in ("wall", "fence", "pole")]
 
 
 def counts(mask: np.ndarray) -> dict[int, int]:
@@ -46,15 +55,15 @@ def test_sources_are_registered() -> None:
     ("cls", "build", "known"),
     [
         (FolderSource, make_folder, "binary_mask"),
-        (VOCSource, make_voc, "aug_masks"),
-        (CityscapesSource, make_cityscapes, "none"),
+        (VOCSource, make_voc, "aug_masks, tags"),
+        (CityscapesSource, make_cityscapes, "classes"),
         (GTAVSource, make_gtav, "none"),
         (SynthiaSource, make_synthia, "classes"),
     ],
 )
 def test_unknown_option_is_config_error_naming_it_and_the_known_ones(tmp_path, cls, build, known) -> None:
     root = build(tmp_path).root
-    with pytest.raises(ConfigError, match=rf"'colour_jitter'.*known options: {known}"):
+    with pytest.raises(ConfigError, match=rf"'colour_jitter'.*known options: {known}$"):
         cls(root, colour_jitter=True)
 
 
@@ -264,6 +273,62 @@ def test_voc_unimatch_and_u2pl_split_files(tmp_path) -> None:
         src.samples(str(bad))
 
 
+def voc_tags(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(sorted(set(np.unique(mask).tolist()) - {0, 255}))
+
+
+def test_voc_has_no_tags_unless_asked(tmp_path) -> None:
+    src = VOCSource(make_voc(tmp_path).root)
+    assert all(s.tags is None for s in src.samples("train_aug"))
+
+
+def test_voc_tags_are_the_classes_of_each_mask_without_background_and_ignore(tmp_path) -> None:
+    tree = make_voc(tmp_path)
+    src = VOCSource(tree.root, tags=True)
+    samples = src.samples("train_aug")
+    assert names(samples) == tree.splits["train_aug"]
+    assert {s.name: s.tags for s in samples} == {s.name: voc_tags(tree.masks[s.name]) for s in samples}
+    assert {s.name: s.tags for s in samples}["2007_000039"] == (5, 20)  # bands 0, 20, 0, 5 (+ 255 borders)
+    for s in VOCSource(tree.root, aug_masks=True, tags=True).samples("train_aug"):  # the SBD masks agree
+        assert s.tags == voc_tags(tree.extra["aug"][s.name])
+    ds = SegDataset(src, samples, train=False, labeled=True, mean=[0.0] * 3, std=[1.0] * 3)
+    assert ds.with_tags
+    multi_hot = ds[1]["tags"]
+    assert multi_hot.shape == (21,) and multi_hot.nonzero().flatten().tolist() == [5, 20]
+
+
+def test_voc_image_without_mask_has_no_tags(tmp_path) -> None:
+    tree = make_voc(tmp_path)
+    src = VOCSource(tree.root, tags=True)
+    samples = src.samples(str(write(tmp_path / "l.txt", ["2007_000032", tree.extra["no_mask"]])))
+    assert [s.tags for s in samples] == [(1, 15), None]
+    assert not SegDataset(src, samples, train=False, labeled=False, mean=[0.0] * 3, std=[1.0] * 3).with_tags
+
+
+def test_voc_tags_are_derived_once_per_mask_file(tmp_path, monkeypatch) -> None:
+    tree = make_voc(tmp_path)
+    src = VOCSource(tree.root, tags=True)
+    read = []
+    original = src.read_mask
+    monkeypatch.setattr(src, "read_mask", lambda path: read.append(path.name) or original(path))
+    first = src.samples("train")
+    assert sorted(read) == ["2007_000032.png", "2007_000039.png"]
+    assert src.samples("trainval") == [*first[:1], *src.samples("val"), *first[1:]]
+    assert sorted(read) == ["2007_000032.png", "2007_000033.png", "2007_000039.png"]  # only val's was new
+
+
+def test_voc_unreadable_masks_are_one_tag_error_unless_not_strict(tmp_path) -> None:
+    tree = make_voc(tmp_path)
+    bad = [tree.root / "SegmentationClass" / f"{n}.png" for n in tree.splits["train"]]
+    for path in bad:
+        path.write_bytes(b"not a png")
+    src = VOCSource(tree.root, tags=True)
+    with pytest.raises(DataError, match=r"image tags of 2 mask\(s\) of split 'train'") as e:
+        src.samples("train")
+    assert all(str(p) in str(e.value) for p in bad)
+    assert [s.tags for s in src.samples("trainval", strict=False)] == [None, (7, 9), None]
+
+
 # ---------------------------------------------------------------- Cityscapes
 
 
@@ -318,6 +383,45 @@ def test_cityscapes_train_id_mask_out_of_range_names_the_file(tmp_path) -> None:
     Image.fromarray(np.full((H, W), 19, np.uint8)).save(path)
     with pytest.raises(DataError, match=rf"{path}.*\[19\]"):
         CityscapesSource(tree.root).read_mask(path)
+
+
+@pytest.mark.parametrize("n", [16, 13])
+def test_cityscapes_16_and_13_class_protocols(tmp_path, n) -> None:
+    tree = make_cityscapes(tmp_path)
+    src = CityscapesSource(tree.root, classes=n)
+    assert src.classes == (CLASSES_16 if n == 16 else CLASSES_13)
+    assert src.palette[src.classes.index("bus")].tolist() == [0, 60, 100] and len(src.palette) == n
+    expected = tree.extra[f"masks{n}"]
+    for split in ("train", "val"):
+        for s in src.samples(split):
+            assert s.mask.name.endswith("_labelIds.png")
+            np.testing.assert_array_equal(src.read_mask(s.mask), expected[s.name])
+            trainids = s.mask.with_name(s.mask.name.replace("_labelIds", "_labelTrainIds"))
+            if trainids.exists():  # 19-class train ids are narrowed the same way
+                np.testing.assert_array_equal(src.read_mask(trainids), expected[s.name])
+    # ids 12 wall, 13 fence, 17 pole, 22 terrain, 27 truck, 31 train, 28 bus, 32 motorcycle: 4 columns each
+    mask = src.read_mask(next(s.mask for s in src.samples("train") if s.name == tree.extra["protocol"]))
+    if n == 16:
+        assert counts(mask) == {3: 4 * H, 4: 4 * H, 5: 4 * H, 13: 4 * H, 14: 4 * H, 255: 12 * H}
+    else:
+        assert counts(mask) == {10: 4 * H, 11: 4 * H, 255: 24 * H}
+    # first train image: ids 7 road, 26 car, 0, 24 person, 4, 33 bicycle
+    car, person, bicycle = (12, 10, 15) if n == 16 else (9, 7, 12)
+    first = src.read_mask(src.samples("train")[0].mask)
+    assert counts(first) == {0: 8 * H, car: 6 * H, person: 6 * H, bicycle: 4 * H, 255: 8 * H}
+
+
+def test_cityscapes_classes_option_is_checked(tmp_path) -> None:
+    tree = make_cityscapes(tmp_path)
+    assert CityscapesSource(tree.root, classes=19).classes == CityscapesSource(tree.root).classes
+    with pytest.raises(ConfigError, match="19, 16 or 13, got 17"):
+        CityscapesSource(tree.root, classes=17)
+    with pytest.raises(ConfigError, match="classes.*int.*'16'"):
+        CityscapesSource(tree.root, classes="16")
+    path = next((tree.root / "gtFine" / "train").glob("*/*_labelTrainIds.png"))
+    Image.fromarray(np.full((H, W), 19, np.uint8)).save(path)
+    with pytest.raises(DataError, match=rf"{path}.*\[19\]"):
+        CityscapesSource(tree.root, classes=16).read_mask(path)
 
 
 # ---------------------------------------------------------------- GTAV
@@ -393,3 +497,77 @@ def test_synthia_rejects_other_class_counts_and_missing_labels(tmp_path) -> None
     missing = tree.root / "GT" / "LABELS" / "9999999.png"
     with pytest.raises(DataError, match=str(missing)):
         SynthiaSource(tree.root).read_mask(missing)
+
+
+@pytest.mark.parametrize("n", [16, 13])
+def test_synthia_and_cityscapes_protocols_have_equal_class_lists(tmp_path, n) -> None:
+    synthia = SynthiaSource(make_synthia(tmp_path).root, classes=n)
+    cityscapes = CityscapesSource(make_cityscapes(tmp_path).root, classes=n)
+    assert synthia.classes == cityscapes.classes == (CLASSES_16 if n == 16 else CLASSES_13)
+    np.testing.assert_array_equal(synthia.palette, cityscapes.palette)
+
+
+# ---------------------------------------------------------------- class lists of the streams
+
+
+def data_cfg(dataset: str, root: Path, options: dict, **streams: dict):
+    """A config whose data section reads ``dataset`` and the given streams (no check before training)."""
+    data = {"dataset": dataset, "root": str(root), "options": options, "check": False, "streams": streams}
+    return config.from_dict({"data": data, "train": {"iters": 1}}).data
+
+
+def test_synthia_stream_with_cityscapes_run_needs_the_same_protocol(tmp_path) -> None:
+    synthia, cityscapes = make_synthia(tmp_path).root, make_cityscapes(tmp_path).root
+    source = {"dataset": "synthia", "root": str(synthia), "split": "all", "batch_size": 2}
+    target = {"split": "train", "batch_size": 2, "labeled": False}
+    for n in (16, 13):
+        data = data_cfg("cityscapes", cityscapes, {"classes": n},
+                        source={**source, "options": {"classes": n}}, target=target)  # fmt: skip
+        streams = build_streams(data, ("source", "target"), progress=False)
+        assert streams["source"].dataset.source.classes == streams["target"].dataset.source.classes
+    data = data_cfg("cityscapes", cityscapes, {}, source=source, target=target)
+    with pytest.raises(ConfigError) as e:
+        build_streams(data, ("source", "target"), progress=False)
+    message = str(e.value)
+    assert message.startswith(f"stream 'source' reads dataset synthia at {synthia}")
+    assert f"data.dataset cityscapes at {cityscapes}" in message
+    assert f"16 classes {CLASSES_16}" in message and "19 classes ['road'" in message
+    assert "first differ at class 9: 'sky' in the stream, 'terrain' in the run" in message
+
+
+def test_folder_stream_of_other_classes_than_a_shapes_run_is_refused(tmp_path, shapes_root) -> None:
+    folder = make_folder(tmp_path, [(0, 1), (0, 2)], classes=("background", "cat", "dog"), unlabeled=0).root
+    stream = {"dataset": "folder", "root": str(folder), "options": {}, "split": "train", "batch_size": 2}
+    shapes = {"n_train": 32, "n_val": 15, "size": 32}  # the session's tiny shapes dataset
+    data = data_cfg(
+        "shapes", shapes_root, shapes, labeled=stream, unlabeled={"split": "train", "batch_size": 2}
+    )
+    with pytest.raises(ConfigError, match="stream 'labeled' reads dataset folder") as e:
+        build_streams(data, ("labeled", "unlabeled"), progress=False)
+    assert "3 classes ['background', 'cat', 'dog']" in str(e.value)
+    assert "7 classes ['background', 'disk'" in str(e.value)
+    assert "class 1: 'cat' in the stream, 'disk' in the run" in str(e.value)
+
+
+def test_folder_trees_whose_class_lists_differ_in_length(tmp_path) -> None:
+    run = make_folder(tmp_path / "run", [(0, 1), (0, 2)], classes=("background", "cat", "dog"), unlabeled=0)
+    other = make_folder(tmp_path / "other", [(0, 1), (0, 1)], classes=("background", "cat"), unlabeled=0)
+    stream = {"root": str(other.root), "split": "train", "batch_size": 2}
+    data = data_cfg("folder", run.root, {}, labeled=stream)
+    with pytest.raises(ConfigError, match=f"dataset folder at {other.root} .*at {run.root}") as e:
+        build_streams(data, ("labeled",), progress=False)
+    assert "class 2: nothing (its list ends) in the stream, 'dog' in the run" in str(e.value)
+    same = make_folder(tmp_path / "same", [(0, 2)] * 3, classes=("background", "cat", "dog"), unlabeled=0)
+    data = data_cfg("folder", run.root, {}, labeled={**stream, "root": str(same.root)})
+    assert len(build_streams(data, ("labeled",), progress=False)["labeled"].dataset) == 3
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def test_shapes_samples_carry_the_generator_tags(shapes_root) -> None:
+    src = build_source("shapes", str(shapes_root), {"n_train": 32, "n_val": 15, "size": 32})
+    samples = src.samples("train")
+    assert all(s.tags == voc_tags(src.read_mask(s.mask)) for s in samples)  # from image_labels.csv
+    ds = SegDataset(src, samples, train=False, labeled=True, mean=[0.0] * 3, std=[1.0] * 3)
+    assert ds.with_tags and ds[0]["tags"].shape == (7,)

@@ -12,13 +12,17 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
+from .. import dist
 from ..errors import ConfigError, DataError
 from .base import IGNORE, SOURCES, Sample, SegSource, check_label_range
 from .splits import make_splits, read_split_file
@@ -44,14 +48,29 @@ CITYSCAPES_PALETTE = np.array([
 CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 
 # SYNTHIA-RAND-CITYSCAPES class id of each class of the SYNTHIA -> Cityscapes benchmark (16 classes, as in
-# AdaptSegNet, ADVENT, FADA, RIPU); the 13-class protocol drops wall, fence and pole.
+# AdaptSegNet, ADVENT, FADA, RIPU).
 SYNTHIA_IDS = {
     "road": 3, "sidewalk": 4, "building": 2, "wall": 21, "fence": 5, "pole": 7, "traffic light": 15,
     "traffic sign": 9, "vegetation": 6, "sky": 1, "person": 10, "rider": 17, "car": 8, "bus": 19,
     "motorcycle": 12, "bicycle": 11,
 }
 # fmt: on
-SYNTHIA_13_DROPPED = ("wall", "fence", "pole")
+# The Cityscapes classes each class-count protocol leaves out: SYNTHIA -> Cityscapes is evaluated on 16
+# classes (no terrain, truck, train: SYNTHIA has no such labels) and on 13 (also no wall, fence, pole).
+PROTOCOL_DROPPED = {
+    19: (),
+    16: ("terrain", "truck", "train"),
+    13: ("terrain", "truck", "train", "wall", "fence", "pole"),
+}
+
+
+def protocol_classes(owner: str, n: int, allowed: Sequence[int]) -> list[str]:
+    """The classes of the ``n``-class protocol in Cityscapes train-id order (the order both the SYNTHIA and
+    the Cityscapes source use, so the two give equal class lists); ``n`` not in ``allowed`` is a ConfigError."""
+    if n not in allowed:
+        choices = ", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}"
+        raise ConfigError(f"option classes of {owner} must be {choices}, got {n}")
+    return [c for c in CITYSCAPES_CLASSES if c not in PROTOCOL_DROPPED[n]]
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -328,6 +347,12 @@ class ShapesSource(FolderSource):
                 os.replace(tmp, splits / f"{kind}_{name}.txt")
 
 
+def tags_from_mask(mask: np.ndarray) -> tuple[int, ...]:
+    """The classes present in a train-id mask, without background (0) and ignore (255), sorted."""
+    present = np.flatnonzero(np.bincount(mask.ravel(), minlength=IGNORE + 1))
+    return tuple(int(c) for c in present if c not in (0, IGNORE))
+
+
 @SOURCES.register("voc")
 class VOCSource(FileSource):
     """PASCAL VOC 2012 with the SBD augmented masks::
@@ -341,12 +366,58 @@ class VOCSource(FileSource):
     file when there is one (VOC's fine masks with 255 borders; UniMatch's prepared folder of that name holds
     all 12,031), else SegmentationClassAug. Option ``aug_masks`` prefers SegmentationClassAug (the SBD masks
     used for all images in CPS/U2PL's blended setting). A mask path in a split file always wins.
+
+    Option ``tags`` (for weak supervision): each sample's image-level tags are **derived from its mask**,
+    the classes present without background and 255, as the weakly supervised VOC papers do (VOC ships no
+    separate image labels; theirs are the classes of the SBD/VOC masks). Off by default, as it reads every
+    mask of a split when the split is first listed (a few seconds for train_aug's 10,582, with a progress
+    bar); the source keeps each mask file's tags in memory, so later listings read nothing. Images without
+    a mask get no tags (None), and a stream holding one then has none (``SegDataset.with_tags``).
     """
 
     classes = VOC_CLASSES
     palette = voc_palette(len(VOC_CLASSES))
-    defaults: ClassVar[dict[str, Any]] = {"aug_masks": False}
+    defaults: ClassVar[dict[str, Any]] = {"aug_masks": False, "tags": False}
     standard_splits = ("train", "val", "trainval", "train_aug")
+
+    def __init__(self, root: str | Path, **options: Any) -> None:
+        super().__init__(root, **options)
+        self.derived_tags: dict[Path, tuple[int, ...]] = {}  # mask file -> tags derived from it
+
+    def samples(self, split: str, strict: bool = True) -> list[Sample]:
+        found = super().samples(split, strict)
+        if not self.options["tags"]:
+            return found
+        self.derive_tags([s.mask for s in found if s.mask is not None and s.mask.exists()], split, strict)
+        return [replace(s, tags=self.derived_tags.get(s.mask)) if s.mask is not None else s for s in found]
+
+    def derive_tags(self, masks: list[Path], split: str, strict: bool) -> None:
+        """Read the masks whose tags are not known yet (4 threads, as ``data check``). An unreadable mask is
+        one DataError listing every such file, or, when not ``strict``, leaves its sample without tags (``data
+        check`` reports the file)."""
+        todo = sorted(set(masks) - set(self.derived_tags))
+
+        def read(path: Path) -> tuple[int, ...] | str:
+            try:
+                return tags_from_mask(self.read_mask(path))
+            except DataError as e:
+                return str(e)
+
+        problems = []
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            desc, show = f"voc: image tags of {split} from its masks", bool(todo) and dist.is_main()
+            bar = tqdm(pool.map(read, todo), desc, len(todo), disable=not show, unit="mask")
+            for path, result in zip(todo, bar):
+                if isinstance(result, str):
+                    problems.append(result)
+                else:
+                    self.derived_tags[path] = result
+        if problems and strict:
+            more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+            raise DataError(
+                f"cannot derive the image tags of {len(problems)} mask(s) of split {split!r}: "
+                f"{'; '.join(problems[:10])}{more}"
+            )
 
     def image_path(self, name: str) -> Path:
         return self.root / "JPEGImages" / f"{name}.jpg"
@@ -372,16 +443,32 @@ class VOCSource(FileSource):
 
 class CityscapesLabels(FileSource):
     """The 19 Cityscapes classes. Masks hold label ids, except files named ``*_labelTrainIds.png`` (what
-    U2PL/UniMatch lists and DAFormer's converted GTAV/SYNTHIA labels use), which hold train ids already."""
+    U2PL/UniMatch lists and DAFormer's converted GTAV/SYNTHIA labels use), which hold the 19 train ids.
+
+    :meth:`use_protocol` narrows the classes to those of a 16- or 13-class protocol: label ids and 19-class
+    train ids of the classes left out then map to 255."""
 
     classes = CITYSCAPES_CLASSES
     palette = CITYSCAPES_PALETTE
     table = lookup_table(CITYSCAPES_LABEL_IDS)
+    train_table: np.ndarray | None = None  # 19-class train id -> this source's train id; None: identity
+
+    def use_protocol(self, n: int) -> None:
+        """Keep the classes of the ``n``-class protocol (19, 16 or 13), in Cityscapes order."""
+        self.classes = protocol_classes(type(self).__name__, n, (19, 16, 13))
+        kept = [CITYSCAPES_CLASSES.index(c) for c in self.classes]
+        self.palette = CITYSCAPES_PALETTE[kept]
+        self.table = lookup_table([CITYSCAPES_LABEL_IDS[k] for k in kept])
+        self.train_table = lookup_table(kept) if n != len(CITYSCAPES_CLASSES) else None
 
     def map_labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
-        if path.name.endswith("_labelTrainIds.png"):
+        if not path.name.endswith("_labelTrainIds.png"):
+            return apply_table(raw, self.table, path)
+        if self.train_table is None:
             return super().map_labels(raw, path)
-        return apply_table(raw, self.table, path)
+        raw = _single_channel(raw, path)
+        check_label_range(raw, len(CITYSCAPES_CLASSES), path)  # 19 train ids, before the table narrows them
+        return self.train_table[raw]
 
 
 @SOURCES.register("cityscapes")
@@ -392,9 +479,17 @@ class CityscapesSource(CityscapesLabels):
         root/gtFine/<split>/<city>/<stem>_gtFine_labelIds.png (or _gtFine_labelTrainIds.png)
 
     Splits ``train`` and ``val``; a bare name in a split file is looked up in train, val and test.
+    Option ``classes``: 19 (default), or 16 / 13 for the SYNTHIA -> Cityscapes protocols (the 19 without
+    terrain, truck, train; 13 also without wall, fence, pole), with the class list of the ``synthia``
+    source of the same count; the classes left out are ignored (255).
     """
 
+    defaults: ClassVar[dict[str, Any]] = {"classes": 19}
     standard_splits = ("train", "val")
+
+    def __init__(self, root: str | Path, **options: Any) -> None:
+        super().__init__(root, **options)
+        self.use_protocol(self.options["classes"])
 
     def name_of(self, image: Path) -> str:
         return image.stem.removesuffix("_leftImg8bit")
@@ -468,7 +563,8 @@ class SynthiaSource(FileSource):
         root/RGB/<7-digit>.png   root/GT/LABELS/<7-digit>.png (16-bit RGB: class id in R)
 
     Split ``all`` or split files. Option ``classes``: 16 (default) or 13 (without wall, fence, pole), the two
-    SYNTHIA -> Cityscapes protocols; train ids follow the Cityscapes order of the kept classes.
+    SYNTHIA -> Cityscapes protocols; train ids follow the Cityscapes order of the kept classes (the class
+    list of the ``cityscapes`` source with the same ``classes``).
     """
 
     defaults: ClassVar[dict[str, Any]] = {"classes": 16}
@@ -476,14 +572,11 @@ class SynthiaSource(FileSource):
 
     def __init__(self, root: str | Path, **options: Any) -> None:
         super().__init__(root, **options)
-        n = self.options["classes"]
-        if n not in (16, 13):
-            raise ConfigError(f"option classes of SynthiaSource must be 16 or 13, got {n}")
+        self.classes = protocol_classes(type(self).__name__, self.options["classes"], (16, 13))
         if importlib.util.find_spec("cv2") is None:
             raise ConfigError(
                 "SYNTHIA labels are 16-bit colour PNGs read with OpenCV: pip install opencv-python-headless"
             )
-        self.classes = [c for c in SYNTHIA_IDS if n == 16 or c not in SYNTHIA_13_DROPPED]
         self.palette = CITYSCAPES_PALETTE[[CITYSCAPES_CLASSES.index(c) for c in self.classes]]
         self.table = lookup_table([SYNTHIA_IDS[c] for c in self.classes])
 
