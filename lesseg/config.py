@@ -173,6 +173,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     out: str | None = None  # run folder; None: runs/<config name>
+    # per-stage overrides of a multi-stage method: stages.<stage name>.<section>.<key> (e.g. the first stage's
+    # stages.stage1.train.iters); the stage names are the method's (lesseg.methods.base.Method.stage_names)
+    stages: dict[str, Any] = field(default_factory=dict)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -242,6 +245,7 @@ def build(layers: list[dict], overrides: list[str] = (), where: str = "config") 
     if errors:
         raise ConfigError(f"{where}: " + "; ".join(errors))
     _check(cfg, where)
+    _check_stages(cfg, method["name"], where)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -258,6 +262,28 @@ def _check(cfg: DictConfig, where: str) -> None:
         raise ConfigError(f"{where}: train.amp must be auto, none, bf16 or fp16, not {cfg.train.amp!r}")
     if len(cfg.data.crop_size) != 2:
         raise ConfigError(f"{where}: data.crop_size must be [H, W]")
+
+
+def _check_stages(cfg: DictConfig, method: str, where: str) -> None:
+    """``stages.<name>.*``: a stage the method has, and keys and values the config schema accepts."""
+    from .methods import METHODS
+
+    names = METHODS.get(method).stage_names
+    for name, delta in (cfg.stages or {}).items():
+        if name not in names:
+            raise ConfigError(f"{where}: `stages.{name}`: method {method} has the stages {', '.join(names)}")
+        if not isinstance(delta, DictConfig):
+            raise ConfigError(f"{where}: `stages.{name}` must be a mapping of config sections")
+        if "method" in delta or "stages" in delta:
+            raise ConfigError(f"{where}: `stages.{name}` may override data, model, optim, train and eval, "
+                              "not method or stages")
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(Config), delta)
+        except OmegaConfBaseException as e:
+            raise _explain(e, where, prefix=f"stages.{name}.") from None
+        errors = range_errors(Config, merged)
+        if errors:
+            raise ConfigError(f"{where}: `stages.{name}`: " + "; ".join(errors))
 
 
 PACKAGED = Path(__file__).parent / "configs"

@@ -14,17 +14,13 @@ from test_mean_teacher import TINY, C, reaches
 
 from lesseg import config as config_mod
 from lesseg.data import SegDataset, build_source, stream_source
+from lesseg.data.writer import safe_stems
 from lesseg.engine import checkpoint as ckpt
 from lesseg.engine.evaluate import predict_probs
+from lesseg.engine.stages import MARKER, STATUS, PipelineRun
 from lesseg.engine.trainer import train
 from lesseg.methods.base import METHODS, RunInfo
-from lesseg.methods.self_training import (
-    DONE,
-    SelfTraining,
-    SelfTrainingConfig,
-    pseudo_mask,
-    safe_stems,
-)
+from lesseg.methods.self_training import SelfTraining, SelfTrainingConfig, pseudo_mask
 from lesseg.methods.supervised import Supervised, SupervisedConfig
 
 
@@ -119,11 +115,17 @@ def read_masks(pseudo: Path) -> dict[str, np.ndarray]:
     return {p.stem: np.array(Image.open(p)) for p in sorted((pseudo / "masks").glob("*.png"))}
 
 
+def prepare(cfg):
+    """Run the stages before the last one; the last one's config."""
+    PipelineRun(cfg).run(until="pseudo")
+    return SelfTraining.final_config(cfg)
+
+
 def test_three_stages_end_to_end_and_resumable(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
     make_folder_dataset(data)
     cfg = config_mod.from_dict(run_config(data, out, threshold=0.0))
-    result = train(cfg)  # stages 1 and 2 in prepare, then stage 3
+    result = train(cfg)  # the stages stage1, pseudo and train
     assert 0.0 <= result["miou"] <= 1.0
     assert ckpt.load(out / "stage1" / "last.pt")["step"] == 2
     final = ckpt.load(out / "last.pt")
@@ -131,7 +133,9 @@ def test_three_stages_end_to_end_and_resumable(tmp_path):
     assert set(final["config"]["data"]["streams"]) == {"labeled", "pseudo"}
 
     pseudo = out / "pseudo"
-    assert (pseudo / DONE).is_file() and (pseudo / "classes.txt").read_text().split() == [
+    status = json.loads((out / STATUS).read_text())
+    assert [(st["stage"], st["state"]) for st in status] == [("stage1", "done"), ("pseudo", "done"), ("train", "done")]
+    assert (pseudo / MARKER).is_file() and (pseudo / "classes.txt").read_text().split() == [
         "background",
         "square",
         "bar",
@@ -145,13 +149,13 @@ def test_three_stages_end_to_end_and_resumable(tmp_path):
     for m in masks.values():
         assert m.dtype == np.uint8 and m.shape == (32, 32) and bool((m < C).all())  # threshold 0 keeps all
 
-    # stage 2 again with a threshold at the median confidence: stage 1 is complete and not retrained
+    # another threshold (the median confidence): the pseudo stage's settings changed, it runs again; stage 1
+    # is complete and not retrained
     probs = stage1_probs(cfg, out)
     thr = float(torch.cat([p.max(1).values.flatten() for p in probs]).median())
     stage1_time = (out / "stage1" / "last.pt").stat().st_mtime_ns
-    (pseudo / DONE).unlink()
     cfg = config_mod.from_dict(run_config(data, out, threshold=thr))
-    stage3 = SelfTraining.prepare(cfg)
+    stage3 = prepare(cfg)
     assert (out / "stage1" / "last.pt").stat().st_mtime_ns == stage1_time
     masks = read_masks(pseudo)
     for p, m in zip(probs, masks.values()):
@@ -167,7 +171,7 @@ def test_three_stages_end_to_end_and_resumable(tmp_path):
 
     # a third call skips both stages
     times = {p: p.stat().st_mtime_ns for p in (pseudo / "masks").iterdir()}
-    assert SelfTraining.prepare(cfg) == stage3
+    assert prepare(cfg) == stage3
     assert {p: p.stat().st_mtime_ns for p in (pseudo / "masks").iterdir()} == times
 
 
@@ -187,7 +191,7 @@ def test_stage1_checkpoint_labels_with_a_network_trained_before(tmp_path):
     d = run_config(data, tmp_path / "run", 0.0)
     d["method"]["stage1_checkpoint"] = str(given)
     cfg = config_mod.from_dict(d)
-    SelfTraining.prepare(cfg)
+    prepare(cfg)
     assert not (tmp_path / "run" / "stage1").exists()  # nothing trained there, no folder left behind
     masks = read_masks(tmp_path / "run" / "pseudo")
     probs = stage1_probs(cfg, tmp_path / "run", given)
@@ -197,14 +201,14 @@ def test_stage1_checkpoint_labels_with_a_network_trained_before(tmp_path):
 
     d["method"]["stage1_checkpoint"] = str(tmp_path / "nope.pt")
     with pytest.raises(ConfigError, match="nope.pt"):
-        SelfTraining.prepare(config_mod.from_dict(d))
+        prepare(config_mod.from_dict(d))
     other = tmp_path / "other"  # same class count, other names (a new root: sources are cached per root)
     shutil.copytree(data, other)
     (other / "classes.txt").write_text("background\nsquare\ncircle\n")
     d = run_config(other, tmp_path / "run2", 0.0)
     d["method"]["stage1_checkpoint"] = str(given)
     with pytest.raises(ConfigError, match="sup/last.pt was trained on classes"):
-        SelfTraining.prepare(config_mod.from_dict(d))
+        prepare(config_mod.from_dict(d))
 
 
 def test_prepare_needs_an_unlabeled_stream(tmp_path):
@@ -213,13 +217,13 @@ def test_prepare_needs_an_unlabeled_stream(tmp_path):
     d = run_config(tmp_path, tmp_path / "run", 0.0)
     del d["data"]["streams"]["unlabeled"]
     with pytest.raises(ConfigError, match="unlabeled"):
-        SelfTraining.prepare(config_mod.from_dict(d))
+        prepare(config_mod.from_dict(d))
 
 
 def test_stage2_scores_the_pseudo_masks_against_true_masks(tiny_cfg):
     """With true_masks on the unlabeled stream, quality.json holds the IoU of the written pseudo-masks against
     the hidden masks."""
-    from lesseg.engine.evaluate import confusion_matrix, iou_from_confusion
+    from lesseg.metrics import confusion_matrix, iou_from_confusion
 
     cfg = tiny_cfg(
         method={"name": "self_training", "threshold": 0.0},
@@ -227,7 +231,7 @@ def test_stage2_scores_the_pseudo_masks_against_true_masks(tiny_cfg):
                           "unlabeled": {"split": "val", "batch_size": 4, "labeled": False, "true_masks": True}}},
         train={"iters": 2, "eval_every": 0},
     )  # fmt: skip
-    SelfTraining.prepare(cfg)
+    prepare(cfg)
     pseudo = Path(cfg.out) / "pseudo"
     quality = json.loads((pseudo / "quality.json").read_text())
     src = stream_source(cfg.data)

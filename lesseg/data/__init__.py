@@ -45,24 +45,46 @@ def build_source(dataset: str, root: str, options: dict | None = None) -> SegSou
 
 def stream_source(data: DictConfig, stream: DictConfig | None = None) -> SegSource:
     """The source of a stream: its own dataset/root/options where set, otherwise ``data``'s."""
-    dataset = (stream.dataset if stream is not None and stream.dataset else None) or data.dataset
+    own = stream is not None and stream.dataset and stream.dataset != data.dataset  # another dataset
+    dataset = stream.dataset if own else data.dataset
     root = (stream.root if stream is not None and stream.root else None) or data.root
-    opts = stream.options if stream is not None and stream.options is not None else data.options
+    # options are the dataset's own: a stream of another dataset does not inherit data.options
+    opts = stream.options if stream is not None and stream.options is not None else ({} if own else data.options)
     return build_source(dataset, root, OmegaConf.to_container(opts) if isinstance(opts, DictConfig) else opts)
 
 
 def build_streams(data: DictConfig, names: tuple[str, ...], strong: tuple[str, ...] = (),
                   check: bool = True, progress: bool = True, world: int = 1) -> dict[str, Stream]:
-    """The training streams a method reads. Missing streams and bad files are reported before training."""
+    """The training streams a method reads. Missing streams, a stream whose class list is not the run's
+    (``data.dataset``'s, which evaluation uses) and bad files are reported before training."""
     missing = [n for n in names if n not in data.streams]
     if missing:
         raise ConfigError(
             f"this method reads data stream(s) {missing}, but data.streams defines {list(data.streams)}"
         )
+    run = stream_source(data)
+    sources = {name: stream_source(data, data.streams[name]) for name in names}
+    for name, src in sources.items():
+        if src.classes == run.classes:
+            continue
+        sc = data.streams[name]
+        opts = sc.options if sc.options is not None else data.options
+        pairs = enumerate(zip(src.classes, run.classes))
+        k = next((i for i, (a, b) in pairs if a != b), min(src.num_classes, run.num_classes))
+        ours = repr(src.classes[k]) if k < src.num_classes else "nothing (its list ends)"
+        theirs = repr(run.classes[k]) if k < run.num_classes else "nothing (its list ends)"
+        raise ConfigError(
+            f"stream {name!r} reads dataset {sc.dataset or data.dataset} at {src.root} (options "
+            f"{dict(opts or {})}) with {src.num_classes} classes {src.classes}, but the run's dataset "
+            f"(data.dataset {data.dataset} at {run.root}, options {dict(data.options or {})}, also used for "
+            f"evaluation) has {run.num_classes} classes {run.classes}; they first differ at class {k}: {ours} "
+            f"in the stream, {theirs} in the run. Every stream must have the run's classes (SYNTHIA -> "
+            "Cityscapes: give both datasets the same options.classes, 16 or 13)"
+        )
     streams = {}
     for name in names:
         sc = data.streams[name]
-        src = stream_source(data, sc)
+        src = sources[name]
         samples = src.samples(sc.split)
         if not samples:
             raise DataError(f"stream {name!r}: split {sc.split!r} of {src.root} is empty")

@@ -14,9 +14,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+from ..metrics import IGNORE
 from ..registry import Registry
-
-IGNORE = 255
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ uninterrupted one would, whatever the number of workers, and loaders never touch
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .base import IGNORE, Sample, SegSource
 from .transforms import normalize, strong_photometric, weak_geometry
 
@@ -26,9 +26,14 @@ class SegDataset(Dataset):
 
     Train items are indexed by ``(index, aug_seed)``; eval items by ``index`` (no augmentation).
     Keys: ``image`` (3,H,W float), ``mask`` (H,W long, labeled only), ``valid`` (H,W bool, unlabeled train
-    only: False on padding), ``true_mask`` (H,W long, unlabeled train with ``true_masks``: the hidden mask,
-    for diagnostics only), ``image_strong`` (strong view), ``tags`` (C multi-hot, when every sample has
-    tags), ``index``, ``name``.
+    only: False on padding), ``image_strong`` (strong view), ``tags`` (C multi-hot, when every sample has
+    tags), ``index``, ``name``, and one H,W long tensor per extra map (``maps``).
+
+    Extra maps are per-pixel uint8 planes of the sample at the image's size (true masks, label-store masks,
+    saliency, erasing masks): ``maps[name](index, (H, W))`` reads one. They go through the same geometry as
+    the image and mask (nearest interpolation, padding 255), so every plane stays aligned with the pixels.
+    ``true_masks`` adds the map ``true_mask`` (the hidden mask of an unlabeled image, for diagnostics only).
+    A map named ``mask`` on an unlabeled stream gives the stream its masks (a label store's labels).
     """
 
     def __init__(
@@ -44,22 +49,26 @@ class SegDataset(Dataset):
         aug=None,
         mean: list[float],
         std: list[float],
+        maps: dict[str, MapReader] | None = None,
     ) -> None:
         self.source, self.samples = source, samples
         self.train, self.labeled, self.strong = train, labeled, strong
-        self.true_masks = true_masks and train and not labeled
-        if labeled or self.true_masks:
+        self.maps: dict[str, MapReader] = dict(maps or {})
+        if labeled:
             missing = [s.image for s in samples if s.mask is None]
-            if missing and labeled:
+            if missing:
                 raise ConfigError(
                     f"{len(missing)} image(s) of a labeled stream have no mask, e.g. {missing[0]}; "
                     "list them in an unlabeled stream or provide their masks"
                 )
+        if true_masks and train and not labeled:
+            missing = [s.image for s in samples if s.mask is None]
             if missing:
                 raise ConfigError(
                     f"true_masks: {len(missing)} image(s) of an unlabeled stream have no mask, e.g. "
                     f"{missing[0]}; set true_masks=false (it only serves pseudo-label diagnostics)"
                 )
+            self.maps["true_mask"] = TrueMask(source, samples)
         self.with_tags = bool(samples) and all(s.tags is not None for s in samples)
         self.geometry = weak_geometry(aug, crop_size) if train else None
         self.photometric = strong_photometric(aug, crop_size) if (train and strong) else None
@@ -72,7 +81,7 @@ class SegDataset(Dataset):
         """Decoded image (H,W,3 uint8) and mask (H,W uint8 train ids, or None when unlabeled)."""
         s = self.samples[i]
         image = self.source.read_image(s.image)
-        if not (self.labeled or self.true_masks):
+        if not self.labeled:
             return image, None
         mask = self.source.read_mask(s.mask)
         return self.source.align(image, mask, s)
@@ -80,12 +89,16 @@ class SegDataset(Dataset):
     def __getitem__(self, key) -> dict:
         i, seed = key if isinstance(key, tuple) else (key, None)
         image, mask = self.load(i)
+        size = image.shape[:2]
+        planes = {"mask": mask} if mask is not None else {"_pad": np.zeros(size, np.uint8)}  # 255 marks padding
+        for name, read in self.maps.items():
+            plane = read(i, size)
+            if plane.shape != size:
+                raise DataError(f"map {name!r} of {self.samples[i].image} is {plane.shape[1]}x{plane.shape[0]}, "
+                                f"the image {size[1]}x{size[0]}")
+            planes[name] = plane
         img = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
-        pad = np.zeros(image.shape[:2], np.uint8)  # unlabeled: 255 after the geometry marks padding
-        if self.true_masks:  # channel 0 finds the padding, channel 1 is the hidden mask
-            m = tv_tensors.Mask(torch.from_numpy(np.stack([pad, mask])))
-        else:
-            m = tv_tensors.Mask(torch.from_numpy(mask if mask is not None else pad))
+        m = tv_tensors.Mask(torch.from_numpy(np.stack(list(planes.values()))))
         item: dict = {"index": i, "name": self.samples[i].name}
         if self.train:
             with torch.random.fork_rng(devices=[]):
@@ -95,17 +108,33 @@ class SegDataset(Dataset):
                     item["image_strong"] = self.norm(self.photometric(img))
         item["image"] = self.norm(img)
         m = m.as_subclass(torch.Tensor).long()
-        if self.labeled:
-            item["mask"] = m
-        elif self.true_masks:
-            item["valid"], item["true_mask"] = m[0] != IGNORE, m[1]
-        elif self.train:
-            item["valid"] = m != IGNORE
+        for k, name in enumerate(planes):
+            if name == "_pad":
+                if self.train:
+                    item["valid"] = m[k] != IGNORE
+            else:
+                item[name] = m[k]
         if self.with_tags:
             tags = torch.zeros(self.source.num_classes)
             tags[list(self.samples[i].tags)] = 1.0
             item["tags"] = tags
         return item
+
+
+MapReader = Callable[[int, tuple[int, int]], np.ndarray]
+"""``read(index, (H, W)) -> H,W uint8``: an extra per-pixel map of sample ``index`` (picklable: workers)."""
+
+
+class TrueMask:
+    """The hidden mask of an unlabeled sample (diagnostics only), as an extra map."""
+
+    def __init__(self, source: SegSource, samples: list[Sample]) -> None:
+        self.source, self.samples = source, samples
+
+    def __call__(self, i: int, size: tuple[int, int]) -> np.ndarray:
+        s = self.samples[i]
+        image = np.empty((*size, 3), np.uint8)  # only the size matters to align()
+        return self.source.align(image, self.source.read_mask(s.mask), s)[1]
 
 
 def _stable_hash(*parts) -> int:

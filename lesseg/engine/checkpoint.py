@@ -66,7 +66,8 @@ def state_differences(stored: dict[str, torch.Tensor], expected: dict[str, torch
     out = [f"{k} is not in the checkpoint" for k in expected if k not in stored]
     out += [f"{k} is only in the checkpoint" for k in stored if k not in expected]
     out += [f"{k} has shape {tuple(stored[k].shape)} in the checkpoint, {tuple(v.shape)} in this config"
-            for k, v in expected.items() if k in stored and tuple(stored[k].shape) != tuple(v.shape)]
+            for k, v in expected.items() if k in stored and torch.is_tensor(v) and torch.is_tensor(stored[k])
+            and tuple(stored[k].shape) != tuple(v.shape)]
     return out
 
 

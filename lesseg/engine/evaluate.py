@@ -16,36 +16,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import dist
-from ..data.base import IGNORE
+from ..metrics import confusion_matrix, iou_from_confusion
 from ..models import class_map
 
-
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """C x C matrix, rows = ground truth, columns = prediction; pixels labeled 255 are skipped.
-
-    Fixed shapes (skipped pixels go to a spare bin), so it never waits for the device: usable inside a
-    training step (pseudo-label diagnostics) as well as in evaluation.
-    """
-    c2 = num_classes * num_classes
-    valid = target != IGNORE
-    idx = torch.where(valid, target.long() * num_classes + pred.long(), c2).flatten()
-    counts = torch.zeros(c2 + 1, dtype=torch.long, device=idx.device).index_add_(0, idx, valid.flatten().long())
-    return counts[:c2].reshape(num_classes, num_classes)
-
-
-def iou_from_confusion(conf: torch.Tensor, class_names: list[str] | None = None) -> dict:
-    """Per-class IoU = TP/(TP+FP+FN); mIoU over classes present in ground truth or prediction."""
-    conf = conf.double()
-    tp = conf.diag()
-    denom = conf.sum(0) + conf.sum(1) - tp
-    iou = tp / denom.clamp_min(1)
-    present = denom > 0
-    names = class_names or [str(i) for i in range(conf.shape[0])]
-    return {
-        "miou": float(iou[present].mean()) if present.any() else 0.0,
-        "acc": float(tp.sum() / conf.sum().clamp_min(1)),
-        "iou": {n: (float(v) if p else None) for n, v, p in zip(names, iou, present)},
-    }
+__all__ = ["confusion_matrix", "eval_mode", "evaluate", "iou_from_confusion", "predict_probs", "windows"]
 
 
 def windows(size: int, crop: int, stride: int) -> list[int]:

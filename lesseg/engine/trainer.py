@@ -24,7 +24,8 @@ from ..data import build_eval_dataset, build_streams, eval_loader, stream_source
 from ..errors import LessegError
 from ..methods import METHODS, Method, RunInfo, build_method
 from . import checkpoint as ckpt
-from .evaluate import evaluate
+from .context import EngineContext
+from .evaluate import eval_mode, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ class Trainer:
         per_epoch = max(s.batches_per_epoch(self.world) for s in self.streams.values())
         self.max_iters = t.iters if t.iters > 0 else t.epochs * per_epoch
         self.info = RunInfo(num_classes=src.num_classes, class_names=list(src.classes),
-                            max_iters=self.max_iters, iters_per_epoch=per_epoch)
+                            max_iters=self.max_iters, iters_per_epoch=per_epoch,
+                            stream_sizes={n: len(s.dataset) for n, s in self.streams.items()})
 
         torch.manual_seed(t.seed)  # identical initial weights on every process
         self.method = build_method(cfg, self.info).to(self.device)
@@ -125,6 +127,8 @@ class Trainer:
             self._resume()  # keeps the digest stored in the checkpoint
         else:  # the weights the run started from (build_method loaded them)
             self.pretrained_digest = ckpt.file_digest(cfg.model.pretrained) if cfg.model.pretrained else None
+        self.rounds = self._round_steps()
+        self._attach_label_store()
         self.writer = None
 
     # -- schedule -------------------------------------------------------------------------------------
@@ -135,7 +139,42 @@ class Trainer:
             return poly * (it + 1) / o.warmup_iters
         return poly
 
+    # -- rounds ---------------------------------------------------------------------------------------
+    def _round_steps(self) -> list[int]:
+        steps = list(self.method.round_steps())
+        if steps != sorted(set(steps)) or any(not 0 < r < self.max_iters for r in steps):
+            raise LessegError(f"{self.cfg.method.name}: rounds at steps {steps} must increase strictly and lie "
+                              f"within 1..{self.max_iters - 1} (train.iters {self.max_iters})")
+        return steps
+
+    def _attach_label_store(self) -> None:
+        """Streams whose masks come from the method's label store read a snapshot of it (taken anew after
+        every round, with new loader workers)."""
+        for name in type(self.method).label_store_streams:
+            self.streams[name].dataset.maps["mask"] = self.method.label_store.reader()
+
+    def run_round(self) -> None:
+        """The method's round for the current step, the whole method in eval mode, then loaders that see the
+        new labels (the caller rebuilds them) and a checkpoint (a resume never redoes or skips a round)."""
+        index = self.rounds.index(self.step)
+        ctx = EngineContext(cfg=self.cfg, device=self.device, class_names=self.info.class_names, amp=self.amp,
+                            progress=self.progress, step=self.step,
+                            label_store=getattr(self.method, "label_store", None), log=self._log)
+        self._sync_buffers()
+        with eval_mode(self.method), torch.no_grad():
+            record = self.method.run_round(index, ctx) or {}
+        self._log({"event": "round", "step": self.step, "round": index, **record})
+        self._attach_label_store()
+
     # -- checkpoints ----------------------------------------------------------------------------------
+    def _sync_buffers(self) -> None:
+        """Every process takes rank 0's buffers (BatchNorm statistics, EMA teachers' copies): what is
+        evaluated, checkpointed and used in a round is then the same everywhere (on CPU, without SyncBN,
+        each process's statistics drift apart between DDP's broadcasts)."""
+        if self.world > 1:
+            for b in self.method.buffers():
+                torch.distributed.broadcast(b, 0)
+
     def state(self) -> dict:
         return {
             "method": ckpt.unwrap_state(self.method.state_dict(), self.wrapped),
@@ -160,6 +199,7 @@ class Trainer:
     def save(self, name: str, extra: dict | None = None) -> None:
         """Write a checkpoint, unless a weight, buffer or optimizer state is non-finite: then training stops
         and the last good checkpoint stays (every process decides alike, so none waits at a barrier)."""
+        self._sync_buffers()
         bad = ckpt.nonfinite_keys({"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict()})
         if dist.all_reduce_sum(torch.tensor(len(bad), device=self.device)).item() > 0:
             shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
@@ -220,6 +260,7 @@ class Trainer:
         return getattr(net, "module", net)
 
     def evaluate(self) -> dict:
+        self._sync_buffers()
         c = self.cfg
         loader = eval_loader(self.val_set, c.eval.batch_size, self.rank, self.world, c.data.workers)
         return evaluate(self.eval_net(), loader, self.info.num_classes, c.eval, list(c.data.crop_size),
@@ -305,9 +346,15 @@ class Trainer:
             n_log += 1
             bar.update(1)
 
+            in_round = self.step in self.rounds
+            if in_round:
+                self._check_finite(bad_step, bad_terms, names)  # never select with a broken network
+                del iters  # the workers of the old loaders end; the new ones read the new labels
+                self.run_round()
+                iters = self.train_loaders()
             done = self.step == self.max_iters
             do_eval = done or (t.eval_every > 0 and self.step % t.eval_every == 0)
-            do_ckpt = do_eval or (t.ckpt_every > 0 and self.step % t.ckpt_every == 0)
+            do_ckpt = do_eval or in_round or (t.ckpt_every > 0 and self.step % t.ckpt_every == 0)
             if self.step % t.log_every == 0 or do_ckpt:
                 self._check_finite(bad_step, bad_terms, names)
                 means = {k: float(v) / counts[k] for k, v in sums.items()}
@@ -380,10 +427,11 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(cfg: DictConfig, resume: bool = False) -> dict:
-    """Train a config end to end (the Python API behind ``lesseg train``), earlier stages included."""
-    cfg = METHODS.get(cfg.method.name).prepare(cfg)
-    trainer = Trainer(cfg, resume=resume)
+    """Train a config end to end (the Python API behind ``lesseg train``): every stage of its method's
+    pipeline (finished ones are skipped), ``resume`` continuing the last one."""
+    from .stages import run_pipeline  # stages builds Trainers
+
     try:
-        return trainer.fit()
+        return run_pipeline(cfg, resume)
     finally:
         dist.cleanup()

@@ -4,11 +4,19 @@ The trainer owns devices, DDP, autocast, the optimizer step, the LR schedule, lo
 checkpoints; a method only computes losses (``training_step``) and updates non-gradient state
 (``after_step``: EMA teachers). Everything a method must persist (teachers, memory banks, label stores)
 is a submodule or buffer, so it is saved with ``state_dict``.
+
+Two hooks reach beyond one training (the engine runs them; a method never imports the engine):
+- ``pipeline(cfg)``: the method as a list of :class:`Stage` s (train a network, write a dataset, train
+  again); one training stage by default.
+- ``round_steps()`` / ``run_round(index, ctx)``: work at given steps inside a training (active learning's
+  selection rounds), with an engine context that lends loaders, the device, predictions and all-gathers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +38,71 @@ class RunInfo:
     class_names: list[str] = field(default_factory=list)
     max_iters: int = 1
     iters_per_epoch: int = 1
+    stream_sizes: dict[str, int] = field(default_factory=dict)  # images per training stream
+
+
+@dataclass
+class Stage:
+    """One step of a method's pipeline.
+
+    A *training* stage (``run`` is None) trains the config ``config(cfg, products)`` returns; its product is
+    the checkpoint ``last.pt`` of its folder. A *task* stage calls ``run(ctx)`` with an engine context
+    (``ctx.folder``, ``ctx.products``, ``ctx.cfg``, loaders, networks of earlier products, predictions) and
+    its product is its folder (a dataset in the folder format, say). ``given``: a product made elsewhere
+    (a checkpoint path): the stage is not run. ``inputs(cfg)``: the settings the product depends on, kept
+    in its done marker; a finished stage whose inputs changed (or whose upstream products were remade) is
+    run again. None: the whole stage config.
+    """
+
+    name: str
+    config: Callable[[Any, dict[str, Path]], Any] | None = None
+    run: Callable[[Any], None] | None = None
+    given: str | None = None
+    inputs: Callable[[Any], dict] | None = None
+
+    @property
+    def trains(self) -> bool:
+        return self.run is None
+
+
+def stage_folder(out: str | Path, stages: list[Stage], k: int) -> Path:
+    """Where stage ``k`` of a pipeline works: the run folder itself for the last stage (the run's product),
+    ``<out>/<name>`` for the others."""
+    return Path(out) if k == len(stages) - 1 else Path(out) / stages[k].name
+
+
+def stage_product(out: str | Path, stages: list[Stage], k: int) -> Path:
+    """The product of stage ``k``: its given checkpoint, its ``last.pt``, or its folder (task stages)."""
+    stage = stages[k]
+    if stage.given is not None:
+        return Path(stage.given)
+    folder = stage_folder(out, stages, k)
+    return folder / "last.pt" if stage.trains else folder
+
+
+def stage_config(cfg: Any, stages: list[Stage], k: int, products: dict[str, Path]) -> Any:
+    """The config stage ``k`` runs with: its own (a training stage's ``config``, else the run's), then the
+    user's ``stages.<name>`` overrides, in the stage's folder, with no stages of its own."""
+    from omegaconf import OmegaConf
+
+    from .. import config as config_mod
+    from ..errors import ConfigError
+
+    stage = stages[k]
+    bare = cfg
+    if cfg.stages:  # what a stage's own config derives from: the run's, without the per-stage overrides
+        bare = config_mod.from_dict({**OmegaConf.to_container(cfg), "stages": {}})
+    base = stage.config(bare, products) if stage.trains else bare
+    d = OmegaConf.to_container(base)
+    own = cfg.stages.get(stage.name) if cfg.stages else None
+    if own is not None:
+        d = OmegaConf.to_container(OmegaConf.merge(d, own))
+    d["stages"] = {}
+    d["out"] = str(stage_folder(cfg.out, stages, k))
+    try:
+        return config_mod.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"stage {stage.name!r}: {e}") from None
 
 
 class Method(nn.Module):
@@ -38,6 +111,24 @@ class Method(nn.Module):
     strong_streams: ClassVar[tuple[str, ...]] = ()  # streams that need a strong view
     # the streams a user's config must define (a multi-stage method's first stages may read others)
     config_streams: ClassVar[tuple[str, ...] | None] = None  # None: ``streams``
+    stage_names: ClassVar[tuple[str, ...]] = ("train",)  # the names ``pipeline`` uses (``stages.<name>.*`` keys)
+    # streams whose masks come from the method's ``label_store`` (a LabelStore submodule), read afresh after
+    # every round; the stream itself reads no masks from disk (``labeled: false``)
+    label_store_streams: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def pipeline(cls, cfg: Any) -> list[Stage]:
+        """The stages of a run of ``cfg``; the last is the run's own training (in the run folder)."""
+        return [Stage("train", config=lambda c, products: c)]
+
+    def round_steps(self) -> list[int]:
+        """Steps (optimizer steps done) after which ``run_round`` is called, increasing, below max_iters."""
+        return []
+
+    def run_round(self, index: int, ctx: Any) -> dict:
+        """Round ``index`` (0-based) at step ``ctx.step``; returns numbers to log. The engine then rebuilds the
+        training loaders (datasets read the label store anew) and checkpoints."""
+        raise NotImplementedError(f"{type(self).__name__} declares rounds but does not implement run_round")
 
     def __init__(self, cfg: Any, model_cfg: Any, info: RunInfo) -> None:
         super().__init__()
@@ -46,16 +137,12 @@ class Method(nn.Module):
         self.info = info
 
     @classmethod
-    def prepare(cls, cfg: Any) -> Any:
-        """Run earlier stages of a multi-stage method (e.g. write pseudo-masks) and return the config of the
-        final training. Stages skip themselves when their outputs are complete, so a rerun resumes."""
-        return cfg
-
-    @classmethod
     def final_config(cls, cfg: Any) -> Any:
-        """The config ``prepare`` returns (the one the final training runs and its checkpoints store), without
-        running any stage: what a finished run of ``cfg`` is compared with."""
-        return cfg
+        """The config of the pipeline's last stage (the one the run's checkpoints store), without running any
+        stage: what a finished run of ``cfg`` is compared with."""
+        stages = cls.pipeline(cfg)
+        products = {s.name: stage_product(cfg.out, stages, k) for k, s in enumerate(stages)}
+        return stage_config(cfg, stages, len(stages) - 1, products)
 
     def trainable_nets(self) -> dict[str, nn.Module]:
         """Attribute name -> network trained by gradient (these, and only these, are wrapped in DDP)."""

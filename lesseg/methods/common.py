@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..metrics import confusion_matrix
 from ..models import class_map
 
 IGNORE = 255
@@ -121,7 +122,6 @@ def pseudo_label_quality(
     the background of VOC and shapes: a method drifting to background shows ``pl_c0`` rising above
     ``true_c0``). 0-dim float tensors computed on the device (no host sync).
     """
-    from ..engine.evaluate import confusion_matrix  # lazy: lesseg.engine imports lesseg.methods
 
     true = batch.get("true_mask")
     if true is None:
