@@ -1,10 +1,12 @@
 """The contract every registered method passes (architecture.md, item 7): one CPU step on tiny data gives a
-finite loss; every trainable network gets gradient; teachers get none and EMA moves them; the state
-round-trips through a checkpoint."""
+finite loss; every declared loss term gives gradient to every trainable network it should reach (a term
+that is identically 0 or detached fails); teachers get none and EMA moves them; the state round-trips
+through a checkpoint; a tiny training with an evaluation in the middle keeps every module's mode."""
 
 import io
 
 import pytest
+import toy_active  # noqa: F401  (the rounds toy method passes the contract too)
 import torch
 
 from lesseg import config
@@ -59,6 +61,16 @@ def test_method_contract(name):
     losses = method.training_step(make_batch(type(method)), step=0)
     assert "loss" in losses and all(v.dim() == 0 for v in losses.values())
     assert all(torch.isfinite(v) for v in losses.values()), losses
+    declared = type(method).loss_terms
+    undeclared = [k for k, v in losses.items() if v.requires_grad and k != "loss" and k not in declared]
+    assert not undeclared, f"terms with gradient that loss_terms does not declare: {undeclared}"
+    for term, nets in declared.items():
+        assert term in losses, f"declared term {term} not returned"
+        for net_name in trainable:
+            params = [p for p in trainable[net_name].parameters() if p.requires_grad]
+            grads = torch.autograd.grad(losses[term], params, retain_graph=True, allow_unused=True)
+            reached = any(g is not None and g.abs().sum() > 0 for g in grads)
+            assert reached == (net_name in nets), f"{term} {'does not reach' if reached is False else 'reaches'} {net_name}"
     losses["loss"].backward()
     for net_name, net in trainable.items():
         head = [p for p in net.head_parameters() if p.requires_grad]
@@ -84,7 +96,10 @@ def test_method_contract(name):
     clone.load_state_dict(torch.load(buf, weights_only=True))
     clone.train()
     for (k, a), b in zip(method.state_dict().items(), clone.state_dict().values()):
-        assert torch.equal(a, b), k
+        if isinstance(a, dict):  # a submodule's extra state (a label store)
+            assert a.keys() == b.keys() and all(torch.equal(a[f], b[f]) for f in a), k
+        else:
+            assert torch.equal(a, b), k
     batch = make_batch(type(method), seed=1)
     torch.manual_seed(5)
     la = method.training_step(batch, step=2)
@@ -92,3 +107,32 @@ def test_method_contract(name):
     lb = clone.training_step(batch, step=2)
     for k in la:
         assert torch.allclose(la[k], lb[k], atol=1e-5, equal_nan=True), k
+
+
+def stream_config(method_cls) -> dict:
+    """Tiny streams for a method: ``unlabeled`` and label-store streams read no masks."""
+    return {name: {"split": "train", "batch_size": 4,
+                   "labeled": name not in ("unlabeled",) and name not in method_cls.label_store_streams}
+            for name in method_cls.streams}
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_trains_through_an_evaluation_keeping_every_modules_mode(name, tiny_cfg, monkeypatch):
+    """The last stage of the method's pipeline (the one Trainer runs), 4 steps, an evaluation after 2."""
+    from lesseg.engine.trainer import Trainer
+
+    method_cls = METHODS.get(name)
+    cfg = tiny_cfg(["train.iters=4", "train.eval_every=2"], method={"name": name, **method_defaults(name)},
+                   data={"streams": stream_config(method_cls)})
+    trainer = Trainer(cfg)
+    modes = []
+    original = trainer.method.training_step
+
+    def record(batch, step):
+        modes.append(tuple(m.training for m in trainer.method.modules()))
+        return original(batch, step)
+
+    monkeypatch.setattr(trainer.method, "training_step", record)
+    result = trainer.fit()
+    assert 0.0 <= result["miou"] <= 1.0
+    assert len(modes) == 4 and len(set(modes)) == 1, "a module changed mode across the evaluation"

@@ -34,11 +34,12 @@ if "toy_active" not in METHODS:
         Config = ToyActiveConfig
         streams = ("labeled", "target")
         label_store_streams = ("target",)
+        loss_terms = {"loss_sup": ("net",), "loss_target": ("net",)}
 
         def __init__(self, cfg: ToyActiveConfig, model_cfg, info: RunInfo) -> None:
             super().__init__(cfg, model_cfg, info)
             self.net = build_model(model_cfg, info.num_classes)
-            self.label_store = LabelStore(info.stream_sizes["target"])
+            self.label_store = LabelStore(info.stream_sizes.get("target", 0))  # 0: sized by a checkpoint
 
         def round_steps(self) -> list[int]:
             return [round(f * self.info.max_iters) for f in (self.cfg.rounds or [0.25, 0.5])]

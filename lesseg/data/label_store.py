@@ -87,9 +87,9 @@ class LabelStore(nn.Module):
         counts = np.array([p.size for p in self._pixels], np.int64)
         return {
             "offsets": torch.from_numpy(np.concatenate([[0], np.cumsum(counts)])),
-            "pixels": torch.from_numpy(np.concatenate(self._pixels)),
-            "labels": torch.from_numpy(np.concatenate(self._labels)),
-            "rounds": torch.from_numpy(np.concatenate(self._rounds)),
+            "pixels": torch.from_numpy(np.concatenate([np.zeros(0, np.int32), *self._pixels])),
+            "labels": torch.from_numpy(np.concatenate([np.zeros(0, np.uint8), *self._labels])),
+            "rounds": torch.from_numpy(np.concatenate([np.zeros(0, np.uint8), *self._rounds])),
             "sizes": torch.from_numpy(self._sizes.copy()),
         }
 

@@ -115,6 +115,9 @@ class Method(nn.Module):
     # streams whose masks come from the method's ``label_store`` (a LabelStore submodule), read afresh after
     # every round; the stream itself reads no masks from disk (``labeled: false``)
     label_store_streams: ClassVar[tuple[str, ...]] = ()
+    # loss term -> the trainable networks (trainable_nets names) it must give gradient to; the contract test
+    # checks each, so a term that is identically 0 or detached by mistake fails it
+    loss_terms: ClassVar[dict[str, tuple[str, ...]]] = {"loss": ("net",)}
 
     @classmethod
     def pipeline(cls, cfg: Any) -> list[Stage]:

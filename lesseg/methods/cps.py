@@ -47,6 +47,7 @@ def prediction_overlap(labels1: torch.Tensor, labels2: torch.Tensor, valid: torc
 class CPS(Method):
     Config = CPSConfig
     streams = ("labeled", "unlabeled")
+    loss_terms = {"loss_sup": ("net1", "net2"), "loss_cps": ("net1", "net2")}
 
     def __init__(self, cfg: CPSConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)

@@ -76,6 +76,7 @@ class MeanTeacher(Method):
     Config = MeanTeacherConfig
     streams = ("labeled", "unlabeled")
     strong_streams = ("unlabeled",)
+    loss_terms = {"loss_sup": ("net",), "loss_cons": ("net",)}
 
     def __init__(self, cfg: MeanTeacherConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)

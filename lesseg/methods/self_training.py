@@ -120,6 +120,7 @@ class SelfTraining(Method):
     streams = ("labeled", "pseudo")
     config_streams = ("labeled", "unlabeled")
     stage_names = ("stage1", "pseudo", "train")
+    loss_terms = {"loss_sup": ("net",), "loss_pseudo": ("net",)}
 
     def __init__(self, cfg: SelfTrainingConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)

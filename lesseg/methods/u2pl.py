@@ -141,6 +141,7 @@ class U2PL(Method):
     Config = U2PLConfig
     streams = ("labeled", "unlabeled")
     strong_streams = ("unlabeled",)
+    loss_terms = {"loss_sup": ("student",), "loss_unsup": ("student",), "loss_contra": ("student",)}
 
     def __init__(self, cfg: U2PLConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)
