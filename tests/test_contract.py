@@ -6,8 +6,8 @@ through a checkpoint; a tiny training with an evaluation in the middle keeps eve
 import io
 
 import pytest
-import toy_active  # noqa: F401  (the rounds toy method passes the contract too)
 import torch
+import toy_active  # noqa: F401  (the rounds toy method passes the contract too)
 
 from lesseg import config
 from lesseg.methods import METHODS, RunInfo, build_method

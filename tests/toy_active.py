@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -34,7 +35,7 @@ if "toy_active" not in METHODS:
         Config = ToyActiveConfig
         streams = ("labeled", "target")
         label_store_streams = ("target",)
-        loss_terms = {"loss_sup": ("net",), "loss_target": ("net",)}
+        loss_terms: ClassVar[dict[str, tuple[str, ...]]] = {"loss_sup": ("net",), "loss_target": ("net",)}
 
         def __init__(self, cfg: ToyActiveConfig, model_cfg, info: RunInfo) -> None:
             super().__init__(cfg, model_cfg, info)

@@ -11,6 +11,7 @@ label 255 on labeled ones, where padding cannot be told apart from VOC's ignore 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ def prediction_overlap(labels1: torch.Tensor, labels2: torch.Tensor, valid: torc
 class CPS(Method):
     Config = CPSConfig
     streams = ("labeled", "unlabeled")
-    loss_terms = {"loss_sup": ("net1", "net2"), "loss_cps": ("net1", "net2")}
+    loss_terms: ClassVar[dict[str, tuple[str, ...]]] = {"loss_sup": ("net1", "net2"), "loss_cps": ("net1", "net2")}
 
     def __init__(self, cfg: CPSConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -76,7 +77,7 @@ class MeanTeacher(Method):
     Config = MeanTeacherConfig
     streams = ("labeled", "unlabeled")
     strong_streams = ("unlabeled",)
-    loss_terms = {"loss_sup": ("net",), "loss_cons": ("net",)}
+    loss_terms: ClassVar[dict[str, tuple[str, ...]]] = {"loss_sup": ("net",), "loss_cons": ("net",)}
 
     def __init__(self, cfg: MeanTeacherConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -120,7 +120,7 @@ class SelfTraining(Method):
     streams = ("labeled", "pseudo")
     config_streams = ("labeled", "unlabeled")
     stage_names = ("stage1", "pseudo", "train")
-    loss_terms = {"loss_sup": ("net",), "loss_pseudo": ("net",)}
+    loss_terms: ClassVar[dict[str, tuple[str, ...]]] = {"loss_sup": ("net",), "loss_pseudo": ("net",)}
 
     def __init__(self, cfg: SelfTrainingConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +142,7 @@ class U2PL(Method):
     Config = U2PLConfig
     streams = ("labeled", "unlabeled")
     strong_streams = ("unlabeled",)
-    loss_terms = {"loss_sup": ("student",), "loss_unsup": ("student",), "loss_contra": ("student",)}
+    loss_terms: ClassVar[dict[str, tuple[str, ...]]] = {"loss_sup": ("student",), "loss_unsup": ("student",), "loss_contra": ("student",)}
 
     def __init__(self, cfg: U2PLConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)
