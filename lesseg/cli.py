@@ -27,7 +27,8 @@ def cmd_train(args) -> int:
 
     result = train(_load_cfg(args), resume=args.resume)
     if dist.is_main():  # once under torchrun
-        print(json.dumps({"miou": result.get("miou"), "iou": result.get("iou"), "mode": result.get("mode")}))
+        keys = ("miou", "iou", "map", "ap", "mode", "metric", "score")  # segmentation or tags evaluation
+        print(json.dumps({k: result[k] for k in keys if k in result}))
     return 0
 
 

@@ -161,6 +161,9 @@ class EvalConfig:
     resize: list[int] | None = ranged(None, "[1, inf)")  # whole mode: resize the input to H, W and the logits back
     scales: list[float] = ranged([1.0], "(0, inf)")
     flip: bool = False
+    # the score that picks best.pt: one the method's evaluation returns (segmentation: miou, acc; tags: map);
+    # None: its main one
+    metric: str | None = None
     batch_size: int = ranged(1, "[1, inf)")  # images of different sizes need 1
 
 

@@ -44,7 +44,7 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     """Average precision of each class (column): the mean, over its positives, of the precision at each
     positive's rank when the images are sorted by decreasing score (equal scores keep the given order).
     N,C float ; N,C {0,1} -> C float (NaN for a class with no positive)."""
-    order = scores.float().argsort(0, descending=True, stable=True)  # N,C
+    order = scores.float().argsort(dim=0, descending=True, stable=True)  # N,C
     hits = targets.float().gather(0, order)  # N,C: 1 where the k-th ranked image is a positive
     precision = hits.cumsum(0) / torch.arange(1, hits.shape[0] + 1, device=hits.device).unsqueeze(1)
     positives = hits.sum(0)

@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import dist
-from ..metrics import confusion_matrix, iou_from_confusion
+from ..errors import LessegError
+from ..metrics import confusion_matrix, iou_from_confusion, mean_average_precision
 from ..models import class_map
+from ..registry import Registry
 
-__all__ = ["confusion_matrix", "eval_mode", "evaluate", "iou_from_confusion", "predict_probs", "windows"]
+__all__ = ["EVALUATORS", "confusion_matrix", "eval_mode", "evaluate", "evaluate_tags", "iou_from_confusion",
+           "predict_probs", "windows"]
 
 
 def windows(size: int, crop: int, stride: int) -> list[int]:
@@ -134,3 +137,43 @@ def describe_mode(cfg, crop: list[int]) -> str:
     if cfg.flip:
         parts.append("flip")
     return " ".join(parts)
+
+
+@torch.no_grad()
+def evaluate_tags(net, loader, num_classes: int, cfg, crop: list[int], device: torch.device,
+                  class_names: list[str] | None = None, amp_dtype: torch.dtype | None = None,
+                  progress: bool = True) -> dict:
+    """Multi-label classification of the image tags (a classifier stage): mAP over the classes that occur,
+    from the sigmoid of the network's ``cls`` output on whole images (each process its shard, gathered)."""
+    scores, tags = [], []
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    with eval_mode(net):
+        for batch in tqdm(loader, desc="eval", disable=not (progress and dist.is_main()), leave=False):
+            if "tags" not in batch:
+                raise LessegError("the classification evaluation needs image tags (image_labels.csv, or tags "
+                                  "derived from masks) for every validation image")
+            with autocast:
+                scores.append(net(batch["image"].to(device))["cls"].float().sigmoid())
+            tags.append(batch["tags"].to(device))
+    s = torch.cat(scores) if scores else torch.zeros(0, num_classes, device=device)
+    t = torch.cat(tags) if tags else torch.zeros(0, num_classes, device=device)
+    s, t = _gather_rows(s), _gather_rows(t)
+    return {**mean_average_precision(s.cpu(), t.cpu(), class_names), "mode": "whole, sigmoid of cls"}
+
+
+def _gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Rows of every process (shards may differ by one row: padded, then cut)."""
+    if not dist.is_dist():
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = dist.all_gather_cat(n)
+    padded = torch.cat([t, t.new_zeros(int(sizes.max()) - t.shape[0], *t.shape[1:])])
+    every = dist.all_gather_cat(padded.unsqueeze(0))  # world, max, ...
+    return torch.cat([every[r, : int(k)] for r, k in enumerate(sizes)])
+
+
+EVALUATORS: Registry = Registry("evaluation")
+"""``name -> (function, metrics it returns, the one that picks best.pt by default)``; a method names its
+evaluation (``Method.evaluation``), ``eval.metric`` may pick another of its metrics."""
+EVALUATORS.register("segmentation")((evaluate, ("miou", "acc"), "miou"))
+EVALUATORS.register("tags")((evaluate_tags, ("map",), "map"))

@@ -21,11 +21,11 @@ from tqdm import tqdm
 from .. import config as config_mod
 from .. import dist
 from ..data import build_eval_dataset, build_streams, eval_loader, stream_source
-from ..errors import LessegError
+from ..errors import ConfigError, LessegError
 from ..methods import METHODS, Method, RunInfo, build_method
 from . import checkpoint as ckpt
 from .context import EngineContext
-from .evaluate import eval_mode, evaluate
+from .evaluate import EVALUATORS, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,11 @@ class Trainer:
             self._resume()  # keeps the digest stored in the checkpoint
         else:  # the weights the run started from (build_method loaded them)
             self.pretrained_digest = ckpt.file_digest(cfg.model.pretrained) if cfg.model.pretrained else None
+        self.evaluator, metrics, main_metric = EVALUATORS.get(method_cls.evaluation)
+        self.metric = cfg.eval.metric or main_metric
+        if self.metric not in metrics:
+            raise ConfigError(f"eval.metric {self.metric!r}: the {method_cls.evaluation} evaluation of "
+                              f"{cfg.method.name} gives {', '.join(metrics)}")
         self.rounds = self._round_steps()
         self._attach_label_store()
         self.writer = None
@@ -260,11 +265,14 @@ class Trainer:
         return getattr(net, "module", net)
 
     def evaluate(self) -> dict:
+        """The method's evaluation of its evaluated network on the validation split; ``score`` is the number
+        that picks best.pt (``eval.metric``)."""
         self._sync_buffers()
         c = self.cfg
         loader = eval_loader(self.val_set, c.eval.batch_size, self.rank, self.world, c.data.workers)
-        return evaluate(self.eval_net(), loader, self.info.num_classes, c.eval, list(c.data.crop_size),
-                        self.device, self.info.class_names, self.amp, self.progress)
+        result = self.evaluator(self.eval_net(), loader, self.info.num_classes, c.eval, list(c.data.crop_size),
+                                self.device, self.info.class_names, self.amp, self.progress)
+        return {**result, "metric": self.metric, "score": result[self.metric]}
 
     def _log(self, record: dict) -> None:
         if not self.main:
@@ -365,12 +373,11 @@ class Trainer:
                            "lr": self.optimizer.param_groups[0]["lr"], "it_per_s": rate})
             if do_eval:
                 last_eval = self.evaluate()
-                self._log({"event": "eval", "step": self.step, "miou": last_eval["miou"], "acc": last_eval["acc"],
-                           "iou": last_eval["iou"], "mode": last_eval["mode"]})
+                self._log({"event": "eval", "step": self.step, **{k: v for k, v in last_eval.items() if k != "score"}})
                 if self.main:
-                    bar.write(f"step {self.step}: mIoU {100 * last_eval['miou']:.2f} ({last_eval['mode']})")
-                if last_eval["miou"] > self.best:
-                    self.best = last_eval["miou"]
+                    bar.write(f"step {self.step}: {self.metric} {100 * last_eval['score']:.2f} ({last_eval['mode']})")
+                if last_eval["score"] > self.best:
+                    self.best = last_eval["score"]
                     self.save("best.pt", {"eval": last_eval})
             if do_ckpt:
                 self.save("last.pt", {"eval": last_eval})

@@ -118,6 +118,9 @@ class Method(nn.Module):
     # loss term -> the trainable networks (trainable_nets names) it must give gradient to; the contract test
     # checks each, so a term that is identically 0 or detached by mistake fails it
     loss_terms: ClassVar[dict[str, tuple[str, ...]]] = {"loss": ("net",)}
+    # how the evaluated network is scored (lesseg.engine.evaluate.EVALUATORS): segmentation mIoU, or "tags"
+    # (multi-label mAP of a classifier stage's ``cls`` output)
+    evaluation: ClassVar[str] = "segmentation"
 
     @classmethod
     def pipeline(cls, cfg: Any) -> list[Stage]:
