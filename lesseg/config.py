@@ -78,6 +78,9 @@ class StreamConfig:
     dataset: str | None = None  # None: data.dataset (a stream may come from another dataset, e.g. DA)
     root: str | None = None  # None: data.root
     options: dict[str, Any] | None = None  # None: data.options
+    # this stream's own geometry (e.g. RIPU: source crops 1280x720, target 1280x640): None: data.crop_size
+    crop_size: list[int] | None = ranged(None, "[1, inf)")
+    aug: dict[str, Any] = field(default_factory=dict)  # overrides of data.aug for this stream (same keys)
 
 
 @dataclass
@@ -265,6 +268,17 @@ def _check(cfg: DictConfig, where: str) -> None:
         raise ConfigError(f"{where}: train.amp must be auto, none, bf16 or fp16, not {cfg.train.amp!r}")
     if len(cfg.data.crop_size) != 2:
         raise ConfigError(f"{where}: data.crop_size must be [H, W]")
+    for name, sc in cfg.data.streams.items():
+        if sc.crop_size is not None and len(sc.crop_size) != 2:
+            raise ConfigError(f"{where}: data.streams.{name}.crop_size must be [H, W]")
+        if sc.aug:
+            try:
+                merged = OmegaConf.merge(cfg.data.aug, sc.aug)
+            except OmegaConfBaseException as e:
+                raise _explain(e, where, prefix=f"data.streams.{name}.aug.") from None
+            errors = range_errors(AugConfig, merged, f"data.streams.{name}.aug.")
+            if errors:
+                raise ConfigError(f"{where}: " + "; ".join(errors))
 
 
 def _check_stages(cfg: DictConfig, method: str, where: str) -> None:

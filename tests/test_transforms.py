@@ -103,3 +103,27 @@ def test_rotation_turns_the_mask_with_nearest_labels(rotate):
         assert set(mask.unique().tolist()) <= {0, 1, 2, 3, 255}
         windows += _is_axis_aligned_crop(mask, full)
     assert (windows == 20) if rotate == 0 else (windows <= 2), windows
+
+
+def test_each_stream_has_its_own_crop_and_augmentation(tiny_cfg):
+    """RIPU crops source and target differently: a stream's crop_size and aug overrides apply to it only."""
+    import pytest
+
+    from lesseg.data import build_streams
+    from lesseg.errors import ConfigError
+
+    cfg = tiny_cfg(data={"streams": {
+        "labeled": {"split": "train", "batch_size": 2},
+        "target": {"split": "train", "batch_size": 2, "labeled": False, "crop_size": [16, 24],
+                   "aug": {"scale": [1.0, 1.0], "hflip": False}}}})  # fmt: skip
+    streams = build_streams(cfg.data, ("labeled", "target"), progress=False)
+    lab, tgt = streams["labeled"].dataset[(0, 1)], streams["target"].dataset[(0, 1)]
+    assert lab["image"].shape[-2:] == (32, 32) and tgt["image"].shape[-2:] == (16, 24)
+    assert tgt["valid"].shape == (16, 24)
+    assert cfg.data.streams.target.aug.scale == [1.0, 1.0] and cfg.data.aug.scale == [0.75, 1.25]
+    with pytest.raises(ConfigError, match=r"data\.streams\.target\.aug\.bogus"):
+        tiny_cfg(["data.streams.target.aug.bogus=1"], data={"streams": {
+            "target": {"split": "train", "batch_size": 2, "labeled": False}}})
+    with pytest.raises(ConfigError, match=r"data\.streams\.target\.aug\.blur_p must be in \[0, 1\]"):
+        tiny_cfg(["data.streams.target.aug.blur_p=3"], data={"streams": {
+            "target": {"split": "train", "batch_size": 2, "labeled": False}}})

@@ -95,9 +95,15 @@ def build_streams(data: DictConfig, names: tuple[str, ...], strong: tuple[str, .
             require_clean(src, samples, sc.labeled or sc.true_masks, f"stream {name!r} ({sc.split})", progress)
         ds = SegDataset(src, samples, train=True, labeled=sc.labeled, strong=sc.strong or name in strong,
                         true_masks=sc.true_masks and not sc.labeled,
-                        crop_size=list(data.crop_size), aug=data.aug, mean=list(data.mean), std=list(data.std))
+                        crop_size=list(sc.crop_size or data.crop_size), aug=stream_aug(data, sc),
+                        mean=list(data.mean), std=list(data.std))
         streams[name] = Stream(name, ds, sc.batch_size)
     return streams
+
+
+def stream_aug(data: DictConfig, stream: DictConfig) -> DictConfig:
+    """The augmentation of a stream: ``data.aug`` with the stream's own ``aug`` overrides."""
+    return OmegaConf.merge(data.aug, stream.aug) if stream.aug else data.aug
 
 
 def build_eval_dataset(data: DictConfig, split: str | None = None, check: bool = False,
