@@ -273,7 +273,7 @@ def _check(cfg: DictConfig, where: str) -> None:
             raise ConfigError(f"{where}: data.streams.{name}.crop_size must be [H, W]")
         if sc.aug:
             try:
-                merged = OmegaConf.merge(cfg.data.aug, sc.aug)
+                merged = OmegaConf.merge(OmegaConf.structured(AugConfig), cfg.data.aug, sc.aug)
             except OmegaConfBaseException as e:
                 raise _explain(e, where, prefix=f"data.streams.{name}.aug.") from None
             errors = range_errors(AugConfig, merged, f"data.streams.{name}.aug.")
