@@ -250,3 +250,18 @@ def test_every_process_evaluates_and_saves_rank_0s_batchnorm_statistics(tiny_cfg
                        capture_output=True, text=True, env=env, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "probe.json").read_text())["same"]
+
+
+def test_a_classifier_only_stage_trains_under_two_processes(tiny_cfg, tmp_path):
+    """DDP wraps only the classifier's parameters (encoder + classification head): no parameter without
+    gradient, so no find_unused_parameters; it evaluates by the mAP of the tags and reports it once."""
+    from lesseg import config
+
+    cfg = tiny_cfg(["train.iters=3", "train.eval_every=2", f"out={tmp_path / 'cls'}"], method={"name": "classifier"})
+    config.save(cfg, tmp_path / "cfg.yaml")
+    r = _lesseg("train", str(tmp_path / "cfg.yaml"), torchrun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 1 and lines[0]["metric"] == "map" and 0.0 <= lines[0]["map"] <= 1.0
+    state = ckpt.load(tmp_path / "cls" / "last.pt")
+    assert not any(k.startswith("net.head.") for k in state["method"])  # no decode head at all

@@ -151,7 +151,10 @@ class Method(nn.Module):
         return stage_config(cfg, stages, len(stages) - 1, products)
 
     def trainable_nets(self) -> dict[str, nn.Module]:
-        """Attribute name -> network trained by gradient (these, and only these, are wrapped in DDP)."""
+        """Attribute name -> network trained by gradient (these, and only these, are wrapped in DDP). A stage
+        that trains part of a network returns only that part (the classifier method: encoder + classification
+        head, no decode head), so every wrapped parameter gets gradient and DDP never needs
+        ``find_unused_parameters`` (lesseg never sets it)."""
         return {"net": self.net}
 
     def eval_net(self) -> nn.Module:
