@@ -244,4 +244,6 @@ def test_stage2_scores_the_pseudo_masks_against_true_masks(tiny_cfg):
         conf += confusion_matrix(m, true, 7)
     assert conf.sum() > 0
     assert quality["miou"] == pytest.approx(iou_from_confusion(conf)["miou"])
+    marker = json.loads((pseudo / "done.json").read_text())  # the stage's product quality, recorded
+    assert marker["metrics"] == {"pseudo_miou": quality["miou"], "pseudo_acc": quality["acc"]}
     assert quality["acc"] == pytest.approx(iou_from_confusion(conf)["acc"])

@@ -131,9 +131,13 @@ class PipelineRun:
                 resume = self.resume if k == last else (folder / "last.pt").is_file()
                 trainer = Trainer(scfg, resume=resume)
                 result = trainer.fit()
+                metrics = {trainer.metric: result.get("score")}
             else:
-                self._run_task(stage, scfg, folder, products)
+                metrics = self._run_task(stage, scfg, folder, products)
             marker["id"] = uuid.uuid4().hex
+            marker["metrics"] = self.status[k]["metrics"] = metrics
+            if metrics:
+                self._say(k, "done, " + ", ".join(f"{n} {100 * v:.2f}" for n, v in metrics.items() if v is not None))
             if dist.is_main():
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
@@ -142,15 +146,17 @@ class PipelineRun:
             self._set(k, "done")
         return result
 
-    def _run_task(self, stage: Stage, scfg: DictConfig, folder: Path, products: dict[str, Path]) -> None:
+    def _run_task(self, stage: Stage, scfg: DictConfig, folder: Path, products: dict[str, Path]) -> dict:
+        """The task's product quality (e.g. ``pseudo_miou`` against the true masks where they exist)."""
         from ..data import stream_source
 
         device = dist.init(scfg.train.device)
         ctx = EngineContext(cfg=scfg, device=device, class_names=list(stream_source(scfg.data).classes),
                             amp=amp_dtype(scfg.train.amp, device), progress=scfg.train.progress and dist.is_main(),
                             folder=folder, products=dict(products))
-        stage.run(ctx)
+        metrics = stage.run(ctx) or {}
         dist.barrier()
+        return metrics
 
 
 def run_pipeline(cfg: DictConfig, resume: bool = False) -> dict:

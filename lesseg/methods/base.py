@@ -48,7 +48,8 @@ class Stage:
     A *training* stage (``run`` is None) trains the config ``config(cfg, products)`` returns; its product is
     the checkpoint ``last.pt`` of its folder. A *task* stage calls ``run(ctx)`` with an engine context
     (``ctx.folder``, ``ctx.products``, ``ctx.cfg``, loaders, networks of earlier products, predictions) and
-    its product is its folder (a dataset in the folder format, say). ``given``: a product made elsewhere
+    its product is its folder (a dataset in the folder format, say); ``run`` may return the product's
+    quality (``{"pseudo_miou": ...}``), kept in the done marker and ``stages.json``. ``given``: a product made elsewhere
     (a checkpoint path): the stage is not run. ``inputs(cfg)``: the settings the product depends on, kept
     in its done marker; a finished stage whose inputs changed (or whose upstream products were remade) is
     run again. None: the whole stage config.
@@ -56,7 +57,7 @@ class Stage:
 
     name: str
     config: Callable[[Any, dict[str, Path]], Any] | None = None
-    run: Callable[[Any], None] | None = None
+    run: Callable[[Any], dict | None] | None = None
     given: str | None = None
     inputs: Callable[[Any], dict] | None = None
 

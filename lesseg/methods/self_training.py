@@ -11,7 +11,6 @@ network trained before (the supervised baseline one has anyway).
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,8 +29,6 @@ from .base import METHODS, Method, RunInfo, Stage
 from .common import IGNORE, split_outputs
 from .supervised import SupervisedConfig, sup_loss
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class SelfTrainingConfig(SupervisedConfig):
@@ -49,11 +46,11 @@ def pseudo_mask(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     return pred.masked_fill(conf < threshold, IGNORE).to(torch.uint8)
 
 
-def write_pseudo_dataset(ctx: Any) -> None:
+def write_pseudo_dataset(ctx: Any) -> dict:
     """Stage ``pseudo``: predict the unlabeled stream's split with the ``stage1`` network and write
     ``ctx.folder/{images,masks,classes.txt,splits/train.txt}``. Processes share the images. With
     ``true_masks`` on the unlabeled stream, also ``quality.json``: the pseudo-masks' IoU against the hidden
-    masks (diagnostics; the masks are not used otherwise)."""
+    masks (diagnostics; the masks are not used otherwise), whose mIoU and accuracy it returns."""
     cfg = ctx.cfg
     scored = bool(cfg.data.streams.unlabeled.true_masks)
     data = ctx.dataset("unlabeled", masks=scored)
@@ -73,13 +70,12 @@ def write_pseudo_dataset(ctx: Any) -> None:
             true = item["mask"][0].masked_fill(mask == IGNORE, IGNORE)
             conf += confusion_matrix(mask, true, c).to(conf.device)
     ctx.all_reduce_sum(conf)  # also the processes' meeting point before the files are listed
+    quality = iou_from_confusion(conf.cpu(), ctx.class_names) if scored else None
     if ctx.main:
-        if scored:
-            quality = iou_from_confusion(conf.cpu(), ctx.class_names)
+        if quality is not None:
             (ctx.folder / "quality.json").write_text(json.dumps(quality, indent=1) + "\n")
-            log.info("pseudo-masks vs the unlabeled masks: mIoU %.2f, pixel accuracy %.2f (%s)",
-                     100 * quality["miou"], 100 * quality["acc"], ctx.folder / "quality.json")
         writer.finish()
+    return {} if quality is None else {"pseudo_miou": quality["miou"], "pseudo_acc": quality["acc"]}
 
 
 def stage1_config(cfg: DictConfig, products: dict[str, Path]) -> DictConfig:
