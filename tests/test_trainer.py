@@ -265,3 +265,18 @@ def test_a_classifier_only_stage_trains_under_two_processes(tiny_cfg, tmp_path):
     assert len(lines) == 1 and lines[0]["metric"] == "map" and 0.0 <= lines[0]["map"] <= 1.0
     state = ckpt.load(tmp_path / "cls" / "last.pt")
     assert not any(k.startswith("net.head.") for k in state["method"])  # no decode head at all
+
+
+def test_schedule_phases_are_announced_and_logged(tiny_cfg, capsys):
+    """U2PL's sup_only_epochs counts epochs of the longest stream: the steps it covers are said up front."""
+    cfg = tiny_cfg(["train.iters=10"], method={"name": "u2pl", "sup_only_epochs": 1, "num_queries": 4,
+                                               "num_negatives": 4, "bank_size": 32}, data=TWO_STREAMS)
+    trainer = Trainer(cfg)
+    per_epoch = trainer.info.iters_per_epoch  # 32 images / batch 4
+    trainer.fit()
+    err = capsys.readouterr().err
+    assert f"u2pl: supervised only (sup_only_epochs=1 x {per_epoch} steps per epoch" in err
+    assert f"steps 0-{per_epoch} of 10" in err
+    phases = [json.loads(x) for x in (trainer.out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["event"] == "phases"]
+    assert phases[0]["phases"][0]["end"] == per_epoch == 8

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -323,6 +324,7 @@ class Trainer:
                 if self.resumed_changes:
                     self._log({"event": "resume", "step": self.step,
                                "changed": {k: {"was": a, "now": b} for k, (a, b) in self.resumed_changes.items()}})
+        self._announce_phases()
         t = self.cfg.train
         iters = self.train_loaders()
         sums: dict[str, torch.Tensor] = {}  # per logged term, over the steps since the last log line
@@ -386,6 +388,18 @@ class Trainer:
             self.writer.close()
         self.last_eval = last_eval
         return last_eval
+
+    def _announce_phases(self) -> None:
+        """Say at the start how many steps each phase of the schedule has (and log it)."""
+        phases = [{"phase": d, "start": a, "end": b} for d, a, b in self.method.phases()]
+        phases += [{"phase": f"selection round {i}", "start": r, "end": r} for i, r in enumerate(self.rounds)]
+        if not phases:
+            return
+        if self.main and self.step == 0:
+            for p in phases:
+                span = f"at step {p['start']}" if p["start"] == p["end"] else f"steps {p['start']}-{p['end']}"
+                print(f"{self.cfg.method.name}: {p['phase']}: {span} of {self.max_iters}", file=sys.stderr)
+        self._log({"event": "phases", "step": self.step, "phases": phases})
 
     def _check_finite(self, bad_step: torch.Tensor, bad_terms: torch.Tensor | None, names: list[str]) -> None:
         s = int(bad_step)

@@ -128,6 +128,11 @@ class Method(nn.Module):
         """The stages of a run of ``cfg``; the last is the run's own training (in the run folder)."""
         return [Stage("train", config=lambda c, products: c)]
 
+    def phases(self) -> list[tuple[str, int, int]]:
+        """The schedule-dependent phases of this run, ``(description, first step, end step)``, that the
+        trainer announces when training starts (warm-ups, ramp-ups), so nobody has to guess them."""
+        return []
+
     def round_steps(self) -> list[int]:
         """Steps (optimizer steps done) after which ``run_round`` is called, increasing, below max_iters."""
         return []

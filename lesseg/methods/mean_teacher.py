@@ -91,6 +91,10 @@ class MeanTeacher(Method):
     def eval_net(self) -> nn.Module:
         return self.teacher if self.cfg.eval_teacher else self.net
 
+    def phases(self) -> list[tuple[str, int, int]]:
+        n = min(self.rampup_steps, self.info.max_iters)
+        return [("consistency weight ramp-up (sigmoid)", 0, n)] if n else []
+
     def train(self, mode: bool = True) -> MeanTeacher:
         """The teacher predicts in eval mode (no dropout; BatchNorm running statistics, copied from the
         student), except its BatchNorm layers while training with ``teacher_bn="weak"``."""
