@@ -169,8 +169,9 @@ class U2PL(Method):
 
     def phases(self) -> list[tuple[str, int, int]]:
         n = min(self.sup_only_steps, self.info.max_iters)
-        return [(f"supervised only (sup_only_epochs={self.cfg.sup_only_epochs} x {self.info.iters_per_epoch} "
-                 "steps per epoch of the longest stream)", 0, n)] if n else []
+        what = (f"supervised only (sup_only_epochs={self.cfg.sup_only_epochs} x {self.info.iters_per_epoch} "
+                "steps per epoch of the longest stream)")
+        return [(what, 0, n)] if n else []
 
     def eval_net(self) -> nn.Module:
         """The teacher once the semi-supervised phase has begun (as the authors evaluate), else the student."""
