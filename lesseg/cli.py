@@ -34,37 +34,17 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import dist
-    from .data import build_eval_dataset, eval_loader, stream_source
-    from .engine import checkpoint as ckpt
-    from .engine.evaluate import evaluate
-    from .engine.inference import for_loading, load_method_state
-    from .methods import RunInfo, build_method
-    from .models import Segmentor
+    from .engine.inference import evaluate_checkpoint
 
-    cfg = _load_cfg(args)
-    device = dist.init(cfg.train.device)
-    src = stream_source(cfg.data)
-    info = RunInfo(num_classes=src.num_classes, class_names=list(src.classes))
-    method = build_method(for_loading(cfg), info)
-    state = ckpt.load(args.checkpoint)
-    if state.get("info", {}).get("num_classes", info.num_classes) != info.num_classes:
-        raise LessegError(f"{args.checkpoint} has {state['info']['num_classes']} classes, the dataset "
-                          f"{info.num_classes}")
-    load_method_state(method, state, args.checkpoint)
-    nets = {name: m for name, m in method.named_children() if isinstance(m, Segmentor)}
-    if args.net is not None and args.net not in nets:
-        raise LessegError(f"--net {args.net!r}: {cfg.method.name} has the networks {', '.join(nets)}")
-    net = (nets[args.net] if args.net else method.eval_net()).to(device)
-    ds = build_eval_dataset(cfg.data, split=args.split, check=cfg.data.check)
-    loader = eval_loader(ds, cfg.eval.batch_size, dist.rank(), dist.world(), cfg.data.workers)
-    result = evaluate(net, loader, info.num_classes, cfg.eval, list(cfg.data.crop_size), device, info.class_names)
-    dist.cleanup()
-    if dist.is_main():
-        for name, v in result["iou"].items():
+    result = evaluate_checkpoint(_load_cfg(args), args.checkpoint, net_name=args.net, split=args.split)
+    if dist.is_main():  # once under torchrun (the process group is gone by now; torchrun's RANK tells)
+        per_class = result.get("iou", result.get("ap", {}))  # segmentation IoU, or a classifier's AP
+        for name, v in per_class.items():
             print(f"  {name:>16s}: {'  n/a' if v is None else f'{100 * v:5.2f}'}")
-        print(f"mIoU {100 * result['miou']:.2f} ({result['mode']})", file=sys.stderr)
-        print(json.dumps({"miou": result["miou"], "iou": result["iou"], "acc": result["acc"], "mode": result["mode"],
-                          "net": next(name for name, m in nets.items() if m is net)}))
+        metric = result["metric"]
+        print(f"{'mIoU' if metric == 'miou' else metric} {100 * result[metric]:.2f} ({result['mode']})", file=sys.stderr)
+        keys = ("miou", "iou", "acc", "map", "ap", "mode", "net")
+        print(json.dumps({k: result[k] for k in keys if k in result}))
     return 0
 
 
@@ -200,7 +180,7 @@ def cmd_data(args) -> int:
 
 def cmd_bench(args) -> int:
     from . import bench
-    from .data.formats import ShapesSource
+    from .data.sources.folder import ShapesSource
 
     if args.kind == "speed":
         if not args.config:

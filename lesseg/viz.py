@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from .data.base import IGNORE
-from .data.formats import voc_palette
+from .data.sources.voc import voc_palette
 
 
 def colorize(labels: np.ndarray, num_classes: int) -> Image.Image:

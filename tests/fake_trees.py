@@ -2,7 +2,7 @@
 
 Every builder writes a few 16x32 images under a tmp folder and returns a :class:`FakeTree` with the sample
 names of each standard split and the expected train-id mask of every labeled sample. Expected masks come
-from the id tables written here by hand, independent of ``lesseg.data.formats``, so a wrong table there is
+from the id tables written here by hand, independent of ``lesseg.data.sources``, so a wrong table there is
 caught. Masks are vertical bands of known widths: a class's pixel count is 16 x its band width.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lesseg.data.formats import voc_palette
+from lesseg.data.sources.voc import voc_palette
 
 H, W = 16, 32
 
@@ -204,7 +204,7 @@ def make_synthia(tmp: Path) -> FakeTree:
     ``masks`` holds the 16-class expectation, ``extra["masks13"]`` the 13-class one, ``extra["instances"]``
     the G channel.
     """
-    import cv2  # only SYNTHIA needs OpenCV (see lesseg.data.formats.read_synthia_ids)
+    import cv2  # only SYNTHIA needs OpenCV (see lesseg.data.sources.read_synthia_ids)
 
     root = tmp / "synthia"
     names = ["0000000", "0000001", "0000002"]

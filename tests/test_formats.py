@@ -12,10 +12,12 @@ from PIL import Image
 from lesseg import config
 from lesseg.data import SegDataset, build_source, build_streams
 from lesseg.data.base import SOURCES, SegSource
-from lesseg.data.formats import CityscapesSource, FolderSource, GTAVSource, SynthiaSource, VOCSource
+from lesseg.data.sources.cityscapes import CityscapesSource, GTAVSource, SynthiaSource
+from lesseg.data.sources.folder import FolderSource
+from lesseg.data.sources.voc import VOCSource
 from lesseg.errors import ConfigError, DataError
 
-# The SYNTHIA -> Cityscapes protocols, written out here (not taken from lesseg.data.formats)
+# The SYNTHIA -> Cityscapes protocols, written out here (not taken from lesseg.data.sources)
 CLASSES_16 = [
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "sky", "person", "rider", "car", "bus", "motorcycle", "bicycle",

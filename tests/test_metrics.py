@@ -78,3 +78,18 @@ def test_tags_evaluation_of_a_classifier(tiny_cfg):
     perfect = evaluate_tags(Oracle(1.0), loader, 7, cfg.eval, [32, 32], torch.device("cpu"), progress=False)
     worst = evaluate_tags(Oracle(-1.0), loader, 7, cfg.eval, [32, 32], torch.device("cpu"), progress=False)
     assert perfect["map"] == pytest.approx(1.0) and worst["map"] < 0.9
+
+
+def test_lesseg_eval_of_a_classifier_reports_its_tag_map(tiny_cfg, capsys):
+    from lesseg import config
+    from lesseg.cli import main
+    from lesseg.engine.trainer import train
+
+    cfg = tiny_cfg(["train.iters=2"], method={"name": "classifier"})
+    result = train(cfg)
+    path = f"{cfg.out}/config.yaml"
+    capsys.readouterr()
+    assert main(["eval", path, "--checkpoint", f"{cfg.out}/last.pt"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["map"] == pytest.approx(result["map"]) and out["net"] == "net" and "miou" not in out
+    assert config.load(path).method.name == "classifier"

@@ -158,7 +158,7 @@ def test_written_layout(tmp_path: Path) -> None:
 
 
 def test_folder_loader_reads_it_back(tmp_path: Path) -> None:
-    from lesseg.data.formats import FolderSource
+    from lesseg.data.sources.folder import FolderSource
 
     root = generate_shapes(tmp_path / "real", domain="real", n_train=6, n_val=3, size=32, progress=False)
     src = FolderSource(root)

@@ -12,7 +12,7 @@ import pytest
 from fake_trees import make_folder
 
 from lesseg.data.base import Sample
-from lesseg.data.formats import FolderSource
+from lesseg.data.sources.folder import FolderSource
 from lesseg.data.splits import (
     labeled_count,
     make_splits,

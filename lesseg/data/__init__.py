@@ -7,7 +7,8 @@ from functools import lru_cache
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ConfigError, DataError
-from . import formats, shapes  # noqa: F401  (register the sources)
+from . import shapes  # noqa: F401
+from . import sources as _sources  # noqa: F401  (register the sources; build_streams has a local `sources`)
 from .base import IGNORE, SOURCES, Sample, SegSource
 from .check import require_clean, scan
 from .loader import SegDataset, Stream, batch_problem, eval_loader

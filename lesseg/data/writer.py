@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .formats import IMAGE_SUFFIXES
+from .sources.files import IMAGE_SUFFIXES
 from .splits import write_split
 
 

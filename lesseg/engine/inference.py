@@ -1,4 +1,4 @@
-"""Using a trained checkpoint: rebuild its network, predict files, export to ONNX."""
+"""Using a trained checkpoint: rebuild its network, evaluate it, predict files, export to ONNX."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import config as config_mod
+from .. import dist
+from ..data import build_eval_dataset, eval_loader, stream_source
 from ..data.base import read_rgb
 from ..data.transforms import normalize
 from ..errors import ConfigError, LessegError
 from ..methods import Method, RunInfo, build_method
-from ..models import class_map
+from ..models import Classifier, Segmentor, class_map
 from ..viz import colorize, overlay
 from . import checkpoint as ckpt
-from .evaluate import predict_probs, windows
+from .evaluate import EVALUATORS, predict_probs, windows
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,40 @@ def load_method_state(method: torch.nn.Module, state: dict, path: str | Path) ->
             f"checkpoint {path} does not fit method {type(method).__name__} with this config's model settings "
             f"(use the method and model.* values it was trained with): {detail[:300]}"
         ) from None
+
+
+def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, net_name: str | None = None,
+                        split: str | None = None) -> dict:
+    """Evaluate a checkpoint's network on ``split`` (default ``data.val_split``) of ``cfg``'s dataset, as
+    ``lesseg eval`` does; joins the process group under torchrun (each process evaluates its shard) and leaves
+    it before returning.
+
+    The method of ``cfg`` is rebuilt and loaded with the checkpoint's weights; a checkpoint with another class
+    count than the dataset is a LessegError. ``net_name`` picks one of the method's networks (its named
+    :class:`Segmentor` children; an unknown one is a LessegError listing them), by default the one the method
+    evaluates. Returns the method's evaluation (segmentation mIoU, or a classifier's tag mAP) with ``metric``,
+    its main number's name, and ``net``, the name of the evaluated network.
+    """
+    device = dist.init(cfg.train.device)
+    src = stream_source(cfg.data)
+    info = RunInfo(num_classes=src.num_classes, class_names=list(src.classes))
+    method = build_method(for_loading(cfg), info)
+    state = ckpt.load(checkpoint)
+    if state.get("info", {}).get("num_classes", info.num_classes) != info.num_classes:
+        raise LessegError(f"{checkpoint} has {state['info']['num_classes']} classes, the dataset "
+                          f"{info.num_classes}")
+    load_method_state(method, state, checkpoint)
+    nets = {name: m for name, m in method.named_children() if isinstance(m, (Segmentor, Classifier))}
+    if net_name is not None and net_name not in nets:
+        raise LessegError(f"--net {net_name!r}: {cfg.method.name} has the networks {', '.join(nets)}")
+    net = (nets[net_name] if net_name else method.eval_net()).to(device)
+    ds = build_eval_dataset(cfg.data, split=split, check=cfg.data.check)
+    loader = eval_loader(ds, cfg.eval.batch_size, dist.rank(), dist.world(), cfg.data.workers)
+    evaluator, _, main_metric = EVALUATORS.get(type(method).evaluation)
+    result = evaluator(net, loader, info.num_classes, cfg.eval, list(cfg.data.crop_size), device,
+                       info.class_names)
+    dist.cleanup()
+    return {**result, "metric": main_metric, "net": next(name for name, m in nets.items() if m is net)}
 
 
 def image_tensor(image: np.ndarray, cfg: DictConfig) -> torch.Tensor:
