@@ -109,6 +109,8 @@ class DataConfig:
     streams: dict[str, StreamConfig] = field(default_factory=dict)  # name -> stream; the method says which it reads
     val_split: str = "val"
     aug: AugConfig = field(default_factory=AugConfig)
+    # label budget (1-8, 92, ...) that split paths name as ${data.budget} (paper configs); None: not used
+    budget: str | None = None
 
 
 @dataclass
@@ -235,6 +237,10 @@ def build(layers: list[dict], overrides: list[str] = (), where: str = "config") 
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
         except OmegaConfBaseException as e:
             raise _explain(e, f"override {ov!r}") from None
+    try:  # interpolations (split paths naming ${data.budget}) -> their values, the ones a run uses and saves
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, where) from None
     method = OmegaConf.to_container(cfg.method) if isinstance(cfg.method, DictConfig) else cfg.method
     if not isinstance(method, dict) or "name" not in method:
         raise ConfigError(f"{where}: `method` must be a mapping with a `name`")

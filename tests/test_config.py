@@ -1,4 +1,5 @@
 import pytest
+from omegaconf import OmegaConf
 
 from lesseg import config
 from lesseg.errors import ConfigError
@@ -90,11 +91,49 @@ def test_every_packaged_config_is_valid(path):
 
 
 def test_paper_configs_encode_the_papers_settings():
-    u2pl_city = config.load("cityscapes/u2pl_1-16.yaml")
+    u2pl_city = config.load("cityscapes/u2pl.yaml")
     assert list(u2pl_city.data.crop_size) == [769, 769] and u2pl_city.eval.mode == "slide"
     assert u2pl_city.method.ohem and u2pl_city.model.aux_head and u2pl_city.method.sup_only_epochs == 0
     assert u2pl_city.method.contra_weight == 0.1  # the paper's lambda_c, not the authors' code default 1
-    u2pl_voc = config.load("voc/classic/u2pl_92.yaml")
+    u2pl_voc = config.load("voc/classic/u2pl.yaml")
     assert u2pl_voc.optim.lr == 0.001 and u2pl_voc.train.epochs == 80 and u2pl_voc.method.sup_only_epochs == 1
-    assert config.load("voc/blended/cps_1-8.yaml").method.cps_weight == 1.0
-    assert config.load("cityscapes/cps_1-2.yaml").method.cps_weight == 5.0
+    cps_voc = config.load("voc/blended/cps.yaml")
+    assert cps_voc.method.cps_weight == 1.0 and list(cps_voc.data.crop_size) == [512, 512]
+    assert cps_voc.data.options.aug_masks and "aug_masks" not in config.load("voc/classic/cps.yaml").data.options
+    cps_city = config.load("cityscapes/cps.yaml")
+    assert cps_city.method.cps_weight == 5.0 and cps_city.method.ohem and list(cps_city.eval.crop_size) == [800, 800]
+
+
+PAPER = {"voc/blended": ("voc_blended", "1-16", "1-8"), "voc/classic": ("voc_classic", "92", "366"),
+         "cityscapes": ("cityscapes", "1-16", "1-2")}
+
+
+@pytest.mark.parametrize("method", ["supervised", "cps", "u2pl"])
+@pytest.mark.parametrize("setting", sorted(PAPER))
+def test_paper_config_budget_sets_every_split_path_and_the_run_folder(setting, method):
+    tag, default, other = PAPER[setting]
+    for overrides, budget in (([], default), ([f"data.budget={other}"], other)):
+        cfg = config.load(f"{setting}/{method}.yaml", overrides)
+        streams = ["labeled"] if method == "supervised" else ["labeled", "unlabeled"]
+        assert cfg.data.budget == budget and list(cfg.data.streams) == streams
+        for name in streams:
+            assert cfg.data.streams[name].split == f"data/splits/{tag}/{budget}/{name}.txt"
+        assert cfg.out == f"runs/{tag}/{method}_{budget}"
+
+
+def test_saved_config_states_the_resolved_split_paths(tmp_path):
+    cfg = config.load("voc/blended/u2pl.yaml", ["data.budget=1-8"])
+    config.save(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "${" not in text and "${" not in str(OmegaConf.to_container(cfg))  # also the checkpoint's copy
+    assert "split: data/splits/voc_blended/1-8/labeled.txt" in text
+    assert "split: data/splits/voc_blended/1-8/unlabeled.txt" in text
+    assert "out: runs/voc_blended/u2pl_1-8" in text
+    assert config.load(tmp_path / "config.yaml") == cfg
+
+
+def test_bad_interpolation_is_one_config_error_naming_the_key(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        'train: {iters: 1}\ndata:\n  budget: "92"\n  streams: {labeled: {split: "s/${data.budgte}/l.txt"}}\n')
+    with pytest.raises(ConfigError, match=r"data.streams.labeled.split.*data.budgte"):
+        config.load(tmp_path / "c.yaml")
