@@ -3,10 +3,14 @@ copied from the student (docs/benchmarks.md, "The evaluated teacher's BatchNorm 
 current code saves: last.pt with the teacher's running statistics replaced by the student's, and its final
 evaluation redone.
 
-Training itself is unchanged by that change: with ``teacher_bn=weak`` the teacher labels with the batch
-statistics of the weak views, and its running statistics enter no training step (only evaluations). So the
-rewritten last.pt is the one the current code would have saved at the same step; intermediate evaluations
-and best.pt are not redone.
+Training itself was not changed by that statistics policy while ``teacher_bn=weak`` was in force: the teacher
+labels with the batch statistics of the weak views, and its running statistics enter no training step. But
+until the evaluation mode fix (issue 16) ``teacher_bn=weak`` was in force only up to the first periodic
+evaluation, which put the whole teacher, BatchNorm layers included, in eval mode for the rest of the run: from
+then on the teacher labelled with its running statistics (the student's, under the policy above). Runs made
+before that fix therefore differ from what today's code trains, and the rewritten last.pt is only the
+evaluation of such a run redone with the student's statistics; intermediate evaluations and best.pt are not
+redone. docs/benchmarks.md has the rows retrained with the fix.
 
     python scripts/adopt_student_bn.py RUN_DIR [RUN_DIR ...]           # old and new mIoU, nothing written
     python scripts/adopt_student_bn.py --write RUN_DIR [RUN_DIR ...]   # also rewrite last.pt, log the eval
