@@ -182,6 +182,12 @@ def cmd_bench(args) -> int:
     from . import bench
     from .data.sources.folder import ShapesSource
 
+    if args.kind == "select":
+        size = [int(v) for v in (args.size or "1024x2048").split("x")]
+        rows = bench.bench_select(size[0], size[1], args.classes, repeat=args.repeat)
+        bench.print_select_table(rows, size[0], size[1], args.classes)
+        print(json.dumps(rows))
+        return 0
     if args.kind == "speed":
         if not args.config:
             raise LessegError("bench speed needs a CONFIG")
@@ -301,9 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_data)
 
     sp = sub.add_parser("bench", help="benchmarks that print tables")
-    sp.add_argument("kind", choices=["speed", "semi"],
+    sp.add_argument("kind", choices=["speed", "semi", "select"],
                     help="speed: throughput and peak memory of CONFIG; semi: every semi-supervised method on "
-                         "shapes at 1/16 and 1/8 over seeds, plus the method-specific cost per step")
+                         "shapes at 1/16 and 1/8 over seeds, plus the method-specific cost per step; select: "
+                         "RIPU's score and selection time for one image")
     sp.add_argument("config", nargs="?", help="YAML config (speed)")
     sp.add_argument("overrides", nargs="*", help="key=value overrides")
     sp.add_argument("--iters", type=int, default=20, help="timed steps")
@@ -326,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "first, once) and fine-tune it at a tenth of the head's lr, as the papers do from ImageNet; "
                          "--no-pretrain: from scratch")
     sp.add_argument("--device", default="auto")
+    sp.add_argument("--size", help="select: HxW of the score map (default 1024x2048)")
+    sp.add_argument("--classes", type=int, default=19, help="select: number of classes (default 19)")
+    sp.add_argument("--repeat", type=int, default=3, help="select: timed repetitions (the median is shown)")
     sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("viz", help="entropy maps and reliable/unreliable pixels; training curves")
