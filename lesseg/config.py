@@ -118,7 +118,7 @@ class ModelConfig:
     encoder: str = "resnet18"  # any timm model with features_only
     head: str = "deeplabv3plus"  # deeplabv3plus | deeplabv2
     output_stride: int = 16
-    pretrained: str | None = None  # local checkpoint for the encoder
+    pretrained: str | None = None  # imagenet | timm:[ARCH.]TAG | a local checkpoint (models/pretrained.py)
     # load a checkpoint of another encoder for what matches (otherwise refused, naming what differs)
     pretrained_partial: bool = False
     decoder_channels: int = ranged(256, "[1, inf)")

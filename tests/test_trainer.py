@@ -158,6 +158,10 @@ def test_pretrained_from_a_lesseg_checkpoint_takes_its_evaluated_networks_encode
 
     started_from = ckpt.file_digest(f"{cfg.out}/last.pt")
     assert ckpt.load(f"{tmp_path}/second/last.pt")["pretrained_sha256"] == started_from
+    assert ckpt.load(f"{tmp_path}/second/last.pt")["pretrained"] == {
+        "spec": f"{cfg.out}/last.pt", "source": "file", "tag": None,
+        "file": os.path.abspath(f"{cfg.out}/last.pt"), "sha256": started_from}
+    assert state["pretrained"] is None
     assert state["pretrained_sha256"] is None
     # the file changes (a retrained pretraining) before the run resumes: the run still records the version it
     # started from, not today's file, whose weights it never used
@@ -168,6 +172,7 @@ def test_pretrained_from_a_lesseg_checkpoint_takes_its_evaluated_networks_encode
                     "train.eval_every=0"]), resume=True)
     resumed = ckpt.load(f"{tmp_path}/second/last.pt")
     assert resumed["step"] == 2 and resumed["pretrained_sha256"] == started_from
+    assert resumed["pretrained"]["sha256"] == started_from
     os.remove(f"{cfg.out}/last.pt")
     _, loaded, _, _ = load_checkpoint_net(f"{tmp_path}/second/last.pt")  # the run's config still says
     assert loaded.model.pretrained == f"{cfg.out}/last.pt"  # where it started, the file is not needed

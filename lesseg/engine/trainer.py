@@ -24,6 +24,7 @@ from .. import dist
 from ..data import build_eval_dataset, build_streams, eval_loader, stream_source
 from ..errors import ConfigError, LessegError
 from ..methods import METHODS, Method, RunInfo, build_method
+from ..models.pretrained import resolve_pretrained
 from . import checkpoint as ckpt
 from .context import EngineContext
 from .evaluate import EVALUATORS, eval_mode
@@ -125,9 +126,10 @@ class Trainer:
         self.resumed_changes: dict[str, tuple] = {}
         self.resumed_from: int | None = None  # the checkpoint step a resumed run started at
         if resume:
-            self._resume()  # keeps the digest stored in the checkpoint
-        else:  # the weights the run started from (build_method loaded them)
-            self.pretrained_digest = ckpt.file_digest(cfg.model.pretrained) if cfg.model.pretrained else None
+            self._resume()  # keeps the record stored in the checkpoint
+        else:  # the weights the run started from (build_method loaded them): spec, tag, file, sha256
+            self.pretrained = resolve_pretrained(cfg.model)
+            self.pretrained_digest = self.pretrained["sha256"] if self.pretrained else None
         self.evaluator, metrics, main_metric = EVALUATORS.get(method_cls.evaluation)
         self.metric = cfg.eval.metric or main_metric
         if self.metric not in metrics:
@@ -195,6 +197,7 @@ class Trainer:
             "info": dataclasses.asdict(self.info),
             "eval_net": self.eval_net_name(),  # whose weights model.pretrained takes from this checkpoint
             "pretrained_sha256": self.pretrained_digest,
+            "pretrained": self.pretrained,  # what model.pretrained resolved to (resolve_pretrained), None without
         }
 
     def eval_net_name(self) -> str:
@@ -245,6 +248,7 @@ class Trainer:
         self.best = state["best"]
         self.last_eval = state.get("eval", {})
         self.pretrained_digest = state.get("pretrained_sha256")  # None: saved before checkpoints kept it
+        self.pretrained = state.get("pretrained")  # None: saved before checkpoints kept it
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)

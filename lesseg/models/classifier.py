@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .heads import ClassificationHead
-from .pretrained import load_encoder_weights
+from .pretrained import load_pretrained
 from .segmentor import create_encoder
 
 
@@ -41,6 +41,5 @@ class Classifier(nn.Module):
 def build_classifier(cfg, num_classes: int) -> Classifier:
     """The classifier of ``model.*`` (encoder, output stride, pretrained weights; the decode head unused)."""
     encoder = create_encoder(cfg.encoder, cfg.output_stride)
-    if cfg.pretrained:
-        load_encoder_weights(encoder, cfg.pretrained, partial=cfg.pretrained_partial)
+    load_pretrained(encoder, cfg)
     return Classifier(encoder, num_classes)

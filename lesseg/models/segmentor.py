@@ -17,7 +17,7 @@ from lesseg.models.heads import (
     FCNHead,
     RepresentationHead,
 )
-from lesseg.models.pretrained import load_encoder_weights
+from lesseg.models.pretrained import load_pretrained
 from lesseg.registry import Registry
 
 if TYPE_CHECKING:
@@ -164,8 +164,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Segmentor:
     if cfg.head not in HEADS:
         raise ConfigError(f"unknown model.head {cfg.head!r}; known: {', '.join(HEADS.names())}")
     encoder = create_encoder(cfg.encoder, cfg.output_stride)
-    if cfg.pretrained:
-        load_encoder_weights(encoder, cfg.pretrained, partial=cfg.pretrained_partial)
+    load_pretrained(encoder, cfg)
     channels = encoder.feature_info.channels()
     reductions = encoder.feature_info.reduction()
     head = HEADS.get(cfg.head)(cfg, channels, reductions, num_classes)
