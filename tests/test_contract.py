@@ -46,7 +46,8 @@ def build(name: str, **method_over):
 
 def method_defaults(name: str) -> dict:
     """Small settings so that every branch of a method runs in the first steps."""
-    return {"u2pl": {"sup_only_epochs": 0, "num_queries": 4, "num_negatives": 4, "bank_size": 32}}.get(name, {})
+    return {"u2pl": {"sup_only_epochs": 0, "num_queries": 4, "num_negatives": 4, "bank_size": 32},
+            "ripu": {"rounds": [0.5], "nl_tau": 0.9}}.get(name, {})  # nl: every entry qualifies
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -113,7 +114,7 @@ def stream_config(method_cls) -> dict:
     """Tiny streams for a method: ``unlabeled`` and label-store streams read no masks."""
     return {name: {"split": "train", "batch_size": 4,
                    "labeled": name not in ("unlabeled",) and name not in method_cls.label_store_streams}
-            for name in method_cls.streams}
+            for name in method_cls.streams}  # (a label-store stream's images have masks: gt annotators)
 
 
 @pytest.mark.parametrize("name", METHODS.names())

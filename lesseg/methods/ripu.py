@@ -1,0 +1,139 @@
+"""RIPU: active domain adaptation by region impurity and prediction uncertainty (methods.md section 8; Xie et
+al., CVPR 2022).
+
+One network trained on a labeled source stream and a target stream whose labels come only from the label
+store: at 5 rounds inside the training (the authors: 10k, 12k, 14k, 16k, 18k of 40k steps, i.e. 25 % to
+45 % of the run), every target image is scored and its best regions (RA: (2k+1)^2 squares) or pixels (PA)
+are selected (lesseg.methods.active.selection) and labeled by the annotator: ``gt`` copies the target
+ground truth (the paper's simulation). Loss: source CE + target CE on the labeled pixels + 0.1 local
+consistency on source boundaries + 1.0 negative learning on target pixels. ``score`` also gives the
+paper's baselines at the same budget (random, entropy-only, impurity-only).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import ranged
+from ..data.label_store import LabelStore
+from ..errors import ConfigError
+from ..models import build_model
+from .active.losses import local_consistency, negative_learning
+from .active.selection import (
+    baseline_scores,
+    pixel_budget,
+    pixel_scores,
+    region_budget,
+    region_scores,
+    select_pixels,
+    select_regions,
+)
+from .base import METHODS, Method, RunInfo
+from .common import ce_loss, split_outputs
+from .supervised import SupervisedConfig, sup_loss
+
+SCORES = ("ripu", "random", "entropy", "impurity")
+
+
+@dataclass
+class RIPUConfig(SupervisedConfig):
+    name: str = "ripu"
+    mode: str = "region"  # region (RA: squares) | pixel (PA: single pixels)
+    ratio: float = ranged(0.022, "(0, 1]")  # RA: share of each target image's pixels labeled over all rounds
+    pixels: float = ranged(40.0, "(0, inf)")  # PA: pixels per 1280x640 image over all rounds (scaled by size)
+    k: int = ranged(1, "[0, inf)")  # RA: region radius (squares of (2k+1)^2)
+    pa_k: int = ranged(32, "[0, inf)")  # PA: radius of the impurity window of the score
+    pa_radius: int = ranged(1, "[0, inf)")  # PA: suppression radius around a labeled pixel
+    rounds: list[float] = field(default_factory=lambda: [0.25, 0.30, 0.35, 0.40, 0.45])  # fractions of the run
+    score: str = "ripu"  # ripu | random | entropy | impurity (the paper's baselines)
+    log_norm: float | None = None  # normaliser of P and U; None: ln C (the authors use ln 19 everywhere)
+    annotator: str = "gt"  # gt: labels copied from the target ground truth (simulation)
+    lc_weight: float = ranged(0.1, "[0, inf)")  # local consistency on source semantic boundaries
+    nl_weight: float = ranged(1.0, "[0, inf)")  # negative learning on target pixels
+    nl_tau: float = ranged(0.05, "(0, 1)")
+
+
+@METHODS.register("ripu")
+class RIPU(Method):
+    Config = RIPUConfig
+    streams = ("source", "target")
+    label_store_streams = ("target",)
+    loss_terms: ClassVar[dict[str, tuple[str, ...]]] = {
+        "loss_src": ("net",), "loss_tgt": ("net",), "loss_lc": ("net",), "loss_nl": ("net",)}
+
+    def __init__(self, cfg: RIPUConfig, model_cfg, info: RunInfo) -> None:
+        super().__init__(cfg, model_cfg, info)
+        if cfg.mode not in ("region", "pixel"):
+            raise ConfigError(f"method.mode must be region or pixel, not {cfg.mode!r}")
+        if cfg.score not in SCORES:
+            raise ConfigError(f"method.score must be one of {SCORES}, not {cfg.score!r}")
+        if cfg.annotator != "gt":
+            raise ConfigError(f"method.annotator {cfg.annotator!r}: only gt (the target ground truth) is available")
+        if not cfg.rounds or any(not 0 < f < 1 for f in cfg.rounds):
+            raise ConfigError(f"method.rounds {cfg.rounds}: fractions of the run, each in (0, 1)")
+        self.net = build_model(model_cfg, info.num_classes)
+        self.label_store = LabelStore(info.stream_sizes.get("target", 0))  # 0: sized by a checkpoint
+
+    def round_steps(self) -> list[int]:
+        return [round(f * self.info.max_iters) for f in self.cfg.rounds]
+
+    def phases(self) -> list[tuple[str, int, int]]:
+        unit = (f"{100 * self.cfg.ratio:g} % of each target image's pixels in {self.cfg.k * 2 + 1}x"
+                f"{self.cfg.k * 2 + 1} regions" if self.cfg.mode == "region"
+                else f"{self.cfg.pixels:g} pixels per 1280x640 target image")
+        return [(f"target labels: {unit}, split over {len(self.cfg.rounds)} rounds", 0, self.info.max_iters)]
+
+    # -- selection -----------------------------------------------------------------------------------
+    def score_map(self, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The configured score of one image. C,H,W logits -> H,W"""
+        c = self.cfg
+        if c.score != "ripu":
+            return baseline_scores(c.score, logits, c.k, generator)
+        if c.mode == "pixel":
+            return pixel_scores(logits, c.pa_k, c.log_norm)
+        return region_scores(logits, c.k, c.log_norm)[0]
+
+    def select(self, score: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """H,W bool mask of the pixels to label in this round of one image."""
+        c, (h, w) = self.cfg, score.shape
+        if c.mode == "pixel":
+            return select_pixels(score, pixel_budget(c.pixels, len(c.rounds), (h, w)), c.pa_radius, active)[1]
+        return select_regions(score, region_budget(h, w, c.ratio, len(c.rounds), c.k), c.k, active)[1]
+
+    def run_round(self, index: int, ctx: Any) -> dict:
+        """Score every target image (each process its shard), select, ask the annotator, store the labels on
+        every process."""
+        store, picks, seconds = ctx.label_store, [], 0.0
+        generator = torch.Generator(device=ctx.device).manual_seed(1000 * ctx.step + index)  # random baseline
+        for item in ctx.loader("target", masks=True):
+            i, image, truth = int(item["index"]), item["image"], item["mask"][0]
+            size = tuple(image.shape[-2:])
+            logits = ctx.predict(self.net, image)[0].clamp_min(1e-12).log()  # C,H,W (log-probabilities)
+            t = time.perf_counter()
+            chosen = self.select(self.score_map(logits, generator), store.labeled(i, size).to(ctx.device)).cpu()
+            seconds += time.perf_counter() - t
+            pixels = chosen.flatten().nonzero().flatten()
+            picks.append((i, pixels, truth.flatten()[pixels].to(torch.uint8), size))  # the gt annotator
+        added, images, total_seconds = 0, 0, 0.0
+        for shard, secs in ctx.gather((picks, seconds)):
+            total_seconds += secs
+            for i, pixels, labels, size in shard:
+                added += store.add(i, pixels, labels, index, size)
+                images += 1
+        return {"pixels": added, "labeled_pixels": store.count(), "images": images,
+                "select_s_per_image": total_seconds / max(images, 1)}
+
+    # -- training ------------------------------------------------------------------------------------
+    def training_step(self, batch, step):
+        src, tgt = batch["source"], batch["target"]
+        out_s, out_t = split_outputs(self.net(torch.cat([src["image"], tgt["image"]])), src["image"].shape[0])
+        loss_src = sup_loss(out_s, src["mask"], self.cfg)
+        loss_tgt = ce_loss(out_t["logits"], tgt["mask"])  # 0 until a round has labeled target pixels
+        loss_lc = local_consistency(out_s["logits"].float().softmax(1), src["mask"])
+        loss_nl = negative_learning(out_t["logits"].float().softmax(1), tgt["valid"], self.cfg.nl_tau)
+        loss = loss_src + loss_tgt + self.cfg.lc_weight * loss_lc + self.cfg.nl_weight * loss_nl
+        return {"loss": loss, "loss_src": loss_src, "loss_tgt": loss_tgt, "loss_lc": loss_lc, "loss_nl": loss_nl}

@@ -1,0 +1,75 @@
+"""RIPU (methods.md section 8): its loss terms by hand, and a tiny domain-adaptation run whose rounds label
+target regions from the ground truth."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lesseg.engine.trainer import Trainer
+from lesseg.methods.active.losses import boundary_pixels, local_consistency, negative_learning
+
+
+def test_boundary_pixels_by_hand():
+    labels = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [255, 255, 1, 1]]])
+    edge = boundary_pixels(labels)[0]
+    # (2, 2) touches the valid 0 at (1, 1) diagonally; the 255 pixels are never boundary pixels
+    assert edge.tolist() == [[False, True, True, False], [False, True, True, False], [False, False, True, False]]
+    assert not boundary_pixels(torch.zeros(1, 4, 4, dtype=torch.long)).any()
+
+
+def test_local_consistency_by_hand():
+    """Two classes on a 1x3 strip, labels [0, 0, 1]: boundary pixels 1 and 2. With replicate padding the 3x3
+    mean of column j averages columns j-1, j, j+1 (edges repeated)."""
+    p = torch.tensor([[[[1.0, 0.5, 0.0]], [[0.0, 0.5, 1.0]]]])  # B=1,C=2,H=1,W=3
+    labels = torch.tensor([[[0, 0, 1]]])
+    mean = [(1.0 + 1.0 + 0.5) / 3, (1.0 + 0.5 + 0.0) / 3, (0.5 + 0.0 + 0.0) / 3]  # class 0, columns 0..2
+    d1 = 2 * abs(0.5 - mean[1])  # both classes move by the same amount
+    d2 = 2 * abs(0.0 - mean[2])
+    assert local_consistency(p, labels).item() == pytest.approx((d1 + d2) / 2)
+    assert local_consistency(p, torch.zeros(1, 1, 3, dtype=torch.long)).item() == 0.0  # no boundary
+
+
+def test_negative_learning_by_hand_and_never_nan():
+    p = torch.tensor([0.01, 0.5, 0.49]).view(1, 3, 1, 1)
+    valid = torch.ones(1, 1, 1, dtype=torch.bool)
+    assert negative_learning(p, valid, 0.05).item() == pytest.approx(-math.log(0.99))
+    q = torch.tensor([0.01, 0.02, 0.97]).view(1, 3, 1, 1)
+    both = torch.cat([p, q], 3)
+    expected = -(math.log(0.99) * 2 + math.log(0.98)) / 3
+    assert negative_learning(both, torch.ones(1, 1, 2, dtype=torch.bool), 0.05).item() == pytest.approx(expected)
+    none = negative_learning(torch.full((1, 3, 2, 2), 1 / 3), torch.ones(1, 2, 2, dtype=torch.bool), 0.05)
+    assert none.item() == 0.0 and not torch.isnan(none)
+    assert negative_learning(p, torch.zeros(1, 1, 1, dtype=torch.bool), 0.05).item() == 0.0  # padding only
+
+
+STREAMS = {"streams": {"source": {"split": "train", "batch_size": 4},
+                       "target": {"split": "val", "batch_size": 4, "labeled": False}}}
+
+
+@pytest.mark.parametrize("mode", ["region", "pixel"])
+def test_a_tiny_adaptation_run_labels_the_budget_from_the_ground_truth(tiny_cfg, mode):
+    cfg = tiny_cfg(["train.iters=6"], method={"name": "ripu", "mode": mode, "rounds": [0.34, 0.67], "ratio": 0.05,
+                                              "pixels": 4000.0}, data=STREAMS)
+    trainer = Trainer(cfg)
+    assert trainer.rounds == [2, 4]
+    trainer.fit()
+    rounds = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["event"] == "round"]
+    store, data = trainer.method.label_store, trainer.streams["target"].dataset
+    n = len(data)
+    per_round = (math.ceil(32 * 32 * 0.05 / 2 / 9) if mode == "region" else
+                 math.ceil(4000 * 32 * 32 / (640 * 1280) / 2))
+    assert [r["images"] for r in rounds] == [n, n]
+    for r in rounds:
+        assert r["pixels"] <= per_round * (9 if mode == "region" else 1) * n and r["pixels"] > 0
+    for i in range(n):  # the stored labels are the ground truth's
+        truth = torch.from_numpy(data.source.read_mask(data.samples[i].mask)).long()
+        got = torch.from_numpy(store.rasterize(i, (32, 32))).long()
+        known = got != 255
+        assert known.any() and torch.equal(got[known], truth[known])
+    assert rounds[-1]["labeled_pixels"] == store.count()
