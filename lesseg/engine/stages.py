@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..methods import METHODS
 from ..methods.base import Stage, stage_config, stage_folder, stage_product
 from .context import EngineContext
-from .trainer import RESUMABLE_PREFIXES, Trainer, amp_dtype
+from .trainer import RESUMABLE_PREFIXES, Trainer, amp_dtype, flatten
 
 log = logging.getLogger(__name__)
 MARKER = "done.json"
@@ -39,18 +39,8 @@ def _inputs(stage: Stage, scfg: DictConfig) -> dict:
     if stage.inputs is not None:
         raw = stage.inputs(scfg)
     else:
-        raw = {k: v for k, v in _flat(OmegaConf.to_container(scfg)).items() if not k.startswith(RESUMABLE_PREFIXES)}
+        raw = {k: v for k, v in flatten(OmegaConf.to_container(scfg)).items() if not k.startswith(RESUMABLE_PREFIXES)}
     return json.loads(json.dumps(raw, sort_keys=True, default=str))
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _read_marker(folder: Path) -> dict | None:

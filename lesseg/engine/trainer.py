@@ -415,11 +415,12 @@ class Trainer:
             )
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty mappings stay values)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -429,7 +430,7 @@ def resume_changes(stored: dict, now: dict, path: Path) -> dict[str, tuple]:
     """The keys whose value differs between a checkpoint's config and the resuming one: ``{key: (was, now)}``
     for the ones a resume may change (RESUMABLE_PREFIXES); any other difference is one error naming every
     such key. Keys that exist on one side only (added or removed since the checkpoint) are not compared."""
-    a, b = _flatten(stored), _flatten(now)
+    a, b = flatten(stored), flatten(now)
     changed = {k: (a[k], b[k]) for k in a.keys() & b.keys() if a[k] != b[k]}
     refused = sorted(k for k in changed if not k.startswith(RESUMABLE_PREFIXES))
     if refused:
