@@ -10,7 +10,6 @@ network trained before (the supervised baseline one has anyway).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,7 +22,6 @@ from .. import config as config_mod
 from ..config import ranged
 from ..data.writer import FolderWriter
 from ..errors import ConfigError
-from ..metrics import confusion_matrix, iou_from_confusion
 from ..models import build_model
 from .base import METHODS, Method, RunInfo, Stage
 from .common import IGNORE, split_outputs
@@ -59,22 +57,15 @@ def write_pseudo_dataset(ctx: Any) -> dict:
         writer.clear()  # leftovers of an interrupted stage
     ctx.barrier()
     net = ctx.network("stage1")
-    c = ctx.num_classes
-    conf = torch.zeros(c, c, dtype=torch.long, device=ctx.device)
     for item in tqdm(ctx.loader("unlabeled", masks=scored), desc="pseudo-labels", disable=not ctx.progress,
                      leave=False):
         i = int(item["index"])
         mask = pseudo_mask(ctx.predict(net, item["image"]), cfg.method.threshold)[0].cpu()  # H,W
-        writer.write(i, data.samples[i].image, mask.numpy(), data.source.read_image)
-        if scored:  # pixels left unlabeled (below the threshold) are not scored
-            true = item["mask"][0].masked_fill(mask == IGNORE, IGNORE)
-            conf += confusion_matrix(mask, true, c).to(conf.device)
-    ctx.all_reduce_sum(conf)  # also the processes' meeting point before the files are listed
-    quality = iou_from_confusion(conf.cpu(), ctx.class_names) if scored else None
+        writer.write(i, data.samples[i].image, mask.numpy(), data.source.read_image,
+                     true=item["mask"][0] if scored else None)
+    quality = writer.quality(ctx.all_reduce_sum)  # also the processes' meeting point before the files are listed
     if ctx.main:
-        if quality is not None:
-            (ctx.folder / "quality.json").write_text(json.dumps(quality, indent=1) + "\n")
-        writer.finish()
+        writer.finish(quality)
     return {} if quality is None else {"pseudo_miou": quality["miou"], "pseudo_acc": quality["acc"]}
 
 
