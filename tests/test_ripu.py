@@ -73,3 +73,14 @@ def test_a_tiny_adaptation_run_labels_the_budget_from_the_ground_truth(tiny_cfg,
         known = got != 255
         assert known.any() and torch.equal(got[known], truth[known])
     assert rounds[-1]["labeled_pixels"] == store.count()
+
+
+def test_paper_configs_set_the_authors_geometry_and_schedule():
+    from lesseg import config
+
+    gtav = config.load("cityscapes/ripu_gtav.yaml")
+    assert gtav.data.streams.source.dataset == "gtav" and list(gtav.data.streams.source.crop_size) == [720, 1280]
+    assert list(gtav.data.crop_size) == [640, 1280] and gtav.model.head == "deeplabv2" and gtav.model.freeze_bn
+    assert list(gtav.method.rounds) == [0.25, 0.30, 0.35, 0.40, 0.45] and gtav.train.iters == 40000
+    synthia = config.load("cityscapes/ripu_synthia.yaml")
+    assert synthia.data.options.classes == synthia.data.streams.source.options.classes == 16
