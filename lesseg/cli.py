@@ -84,18 +84,19 @@ def cmd_export(args) -> int:
 
 def cmd_splits(args) -> int:
     from .data import stream_source
-    from .data.splits import write_partition
+    from .data.splits import write_complement, write_partition
 
     cfg = _load_cfg(args)
     split = args.split or cfg.data.streams[next(iter(cfg.data.streams))].split
     src = stream_source(cfg.data)
-    result = write_partition(src, split, args.labeled, args.seed, Path(args.out))
-    if args.unlabeled_from:  # e.g. VOC classic: labeled from `train`, unlabeled = the rest of `train_aug`
-        from .data.splits import write_split
-
-        labeled = set(Path(result["labeled_path"]).read_text().split())
-        rest = [s.name for s in src.samples(args.unlabeled_from) if s.name not in labeled]
-        result["unlabeled"], result["unlabeled_path"] = len(rest), write_split(Path(args.out) / "unlabeled.txt", rest)
+    out = Path(args.out)
+    if args.labeled_list:  # the labeled images are chosen already: unlabeled.txt = the rest of the split
+        result = write_complement(src, args.unlabeled_from or split, args.labeled_list, out)
+    else:
+        result = write_partition(src, split, args.labeled, args.seed, out)
+        if args.unlabeled_from:  # e.g. VOC classic: labeled from `train`, unlabeled = the rest of `train_aug`
+            rest = write_complement(src, args.unlabeled_from, str(result["labeled_path"]), out)
+            result.update(unlabeled=rest["unlabeled"], unlabeled_path=rest["unlabeled_path"])
     print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.items()}))
     return 0
 
@@ -136,13 +137,13 @@ def _stream_problems(cfg) -> list[str]:
 
 def cmd_data(args) -> int:
     from .data import scan
-    from .data.check import label_warning
+    from .data.check import label_warning, resized_warning
 
     cfg = _load_cfg(args)
     if args.action == "stats":
         split, src, _ = _data_splits(cfg, args.split)[0]
         samples = src.samples(split)
-        problems, counts = scan(src, samples, True, progress=True, desc=f"reading {split}", require_masks=False)
+        problems, counts, _ = scan(src, samples, True, progress=True, desc=f"reading {split}", require_masks=False)
         if problems:
             raise LessegError(f"{len(problems)} bad file(s), run `lesseg data check`; first: {problems[0]}")
         total = int(counts.sum())
@@ -167,13 +168,14 @@ def cmd_data(args) -> int:
             print(f"{split}: {e}")
             bad += 1
             continue
-        problems, counts = scan(src, samples, labeled, progress=True, desc=f"checking {split}")
+        problems, counts, resized = scan(src, samples, labeled, progress=True, desc=f"checking {split}")
         for p in problems:
             print(p)
-        warning = label_warning(src, counts, split) if labeled else None
-        if warning:
+        warnings = [label_warning(src, counts, split) if labeled else None, resized_warning(resized, split)]
+        for warning in filter(None, warnings):
             print(f"warning: {warning}", file=sys.stderr)
-        print(f"{split}: {len(samples)} images, {len(problems)} problem(s)", file=sys.stderr)
+        noted = f", {len(resized)} resized mask(s)" if resized else ""
+        print(f"{split}: {len(samples)} images, {len(problems)} problem(s){noted}", file=sys.stderr)
         bad += len(problems)
     return 1 if bad else 0
 
@@ -293,7 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("splits", help="write labeled/unlabeled split files")
     with_config(sp)
-    sp.add_argument("--labeled", required=True, help="count (92) or fraction (1/16, 0.0625)")
+    amount = sp.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--labeled", help="draw this many labeled images: count (92) or fraction (1/16, 0.0625)")
+    amount.add_argument("--labeled-list", metavar="FILE",
+                        help="the labeled images are those FILE lists (a split name or file): write only "
+                             "unlabeled.txt, the rest of the split (the split 'SPLIT - FILE')")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--split", help="split to partition (default: the first stream's)")
     sp.add_argument("--unlabeled-from", help="take the unlabeled part from this split instead (minus the labeled)")

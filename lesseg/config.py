@@ -68,7 +68,7 @@ def range_errors(schema: type, node: Any, prefix: str = "") -> list[str]:
 class StreamConfig:
     """One named stream of training batches ("labeled", "unlabeled", "source", "target", ...)."""
 
-    split: str = "train"  # a standard split name of the dataset or the path of a split file
+    split: str = "train"  # a split name, a split file, or a difference "train - labeled" (train minus labeled)
     batch_size: int = ranged(8, "[1, inf)")  # per process
     labeled: bool = True  # read masks; False gives only a `valid` map (padding excluded)
     strong: bool = False  # also return a strongly augmented copy sharing the weak view's geometry

@@ -113,13 +113,13 @@ def _palette_image(indices: np.ndarray, palette: np.ndarray, path: Path) -> None
 VOC_COLORMAP = voc_palette()  # only decorates the files: masks are read as indices
 
 
-def make_voc(tmp: Path) -> FakeTree:
-    """VOC 2012 + SBD: JPEG images, palette SegmentationClass masks with 255 borders, grayscale
-    SegmentationClassAug masks (also for the VOC ids, there without borders), ImageSets lists.
+def make_voc(tmp: Path, folder: str = "voc") -> FakeTree:
+    """VOC 2012 + SBD in ``tmp/folder``: JPEG images, palette SegmentationClass masks with 255 borders,
+    grayscale SegmentationClassAug masks (also for the VOC ids, there without borders), ImageSets lists.
 
     ``extra``: ``aug`` (name -> expected SegmentationClassAug mask), ``no_mask`` (an id without any mask).
     """
-    root = tmp / "voc"
+    root = tmp / folder
     objects = {"2007_000032": (1, 15), "2007_000039": (20, 5), "2007_000033": (7, 9)}  # fine (VOC) ids
     sbd = {"2008_000002": (12, 3), "2008_000003": (4, 11)}  # SBD-only ids
     masks, aug = {}, {}
@@ -180,9 +180,10 @@ def make_cityscapes(tmp: Path) -> FakeTree:
 
 
 def make_gtav(tmp: Path, mismatched: bool = True) -> FakeTree:
-    """GTA5: ``images/<5-digit>.png`` and palette-PNG ``labels`` of Cityscapes label ids. With
-    ``mismatched``, the label of ``extra["mismatched"]`` is half the image size (H/2 x W/2); its expected
-    mask is the nearest-neighbour upsampling to the image size."""
+    """GTA5: ``images/<5-digit>.png``, palette-PNG ``labels`` of Cityscapes label ids and, at the root,
+    ``train.txt`` listing the first two images by file name (``00001.png``), as the GTAV lists of the
+    domain-adaptation code bases do. With ``mismatched``, the label of ``extra["mismatched"]`` is half the
+    image size (H/2 x W/2); its expected mask is the nearest-neighbour upsampling to the image size."""
     root = tmp / "gtav"
     names = ["00001", "00002", "00003"]
     palette = np.random.default_rng(0).integers(0, 256, (256, 3))
@@ -194,7 +195,9 @@ def make_gtav(tmp: Path, mismatched: bool = True) -> FakeTree:
         if mismatched and name == names[-1]:
             raw = raw[::2, ::2]  # each label pixel covers 2x2 image pixels
         _palette_image(raw, palette, root / "labels" / f"{name}.png")
-    return FakeTree(root, {"all": names}, masks, {"mismatched": names[-1] if mismatched else None})
+    (root / "train.txt").write_text("".join(f"{n}.png\n" for n in names[:2]))
+    splits = {"all": names, "train": names[:2]}
+    return FakeTree(root, splits, masks, {"mismatched": names[-1] if mismatched else None})
 
 
 def make_synthia(tmp: Path) -> FakeTree:
@@ -230,9 +233,10 @@ def make_folder(
     binary: bool = False,
     suffixes: Sequence[str] = (".png", ".jpg", ".jpeg"),
     modes: Sequence[str] = ("RGB",),
+    masks_dir: str = "masks",
 ) -> FakeTree:
     """The generic folder format: one image per entry of ``class_sets`` with a mask of those classes (equal
-    bands, one column of 255), then ``unlabeled`` images without a mask; ``classes.txt``,
+    bands, one column of 255) in ``masks_dir``, then ``unlabeled`` images without a mask; ``classes.txt``,
     ``splits/train.txt`` (all), ``splits/labeled.txt`` (those with masks), ``image_labels.csv`` (the class
     sets). ``binary``: masks saved as 0/255 (classes must then be 2). Image ``i`` gets suffix
     ``suffixes[i % len]`` and, when PNG, colour mode ``modes[i % len]`` (RGB, L, I;16, P or RGBA).
@@ -262,7 +266,7 @@ def make_folder(
                 labels[:, 0] = 255  # an ignore column
                 stored = labels
             masks[name] = labels
-            _save(stored, root / "masks" / f"{name}.png")
+            _save(stored, root / masks_dir / f"{name}.png")
             tags.append(f"{name},{';'.join(str(c) for c in present)}\n")
     (root / "image_labels.csv").write_text("".join(tags))
     (root / "splits" / "train.txt").write_text("".join(f"{n}\n" for n in names))

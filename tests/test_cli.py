@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_dict
-from fake_trees import make_folder
+from fake_trees import make_folder, make_gtav
 from PIL import Image
 
 from lesseg import config
@@ -341,3 +341,76 @@ def test_data_check_reports_every_problem_once_with_its_path(tmp_path, capsys):
     clean = folder_tree(tmp_path / "clean")
     rc, out, err = run_cli(capsys, "data", "check", folder_config(tmp_path / "clean", clean.root))
     assert rc == 0 and "problem" not in out, out + err
+
+
+def test_splits_labeled_list_writes_the_rest_of_the_split_as_unlabeled(tmp_path, capsys):
+    tree = make_folder(tmp_path, unlabeled=2)  # train: img_000..img_004; labeled.txt: img_000..img_002
+    cfg_path = folder_config(tmp_path, tree.root)
+    mine = tmp_path / "mine.txt"
+    mine.write_text("img_001\nimg_004\n")
+    rc, out, err = run_cli(capsys, "splits", cfg_path, "--split", "train", "--labeled-list", mine,
+                           "--out", tmp_path / "s")
+    assert rc == 0, err
+    assert last_json(out) == {"labeled": 2, "unlabeled": 3, "unlabeled_path": str(tmp_path / "s" / "unlabeled.txt")}
+    assert _split(tmp_path / "s" / "unlabeled.txt") == ["img_000", "img_002", "img_003"]
+    assert not (tmp_path / "s" / "labeled.txt").exists()  # the list is the user's: not rewritten
+    # a split name works too, and the unlabeled part may come from another split
+    rc, out, err = run_cli(capsys, "splits", cfg_path, "--labeled-list", "labeled", "--unlabeled-from", "train",
+                           "--out", tmp_path / "t")
+    assert rc == 0, err
+    assert _split(tmp_path / "t" / "unlabeled.txt") == ["img_003", "img_004"]
+    for amounts, message in (
+        (["--labeled", "1", "--labeled-list", mine], "not allowed with"),
+        ([], "one of the arguments --labeled --labeled-list is required"),
+    ):  # exactly one of --labeled and --labeled-list
+        rc, _, err = run_cli(capsys, "splits", cfg_path, *amounts, "--out", tmp_path / "u")
+        assert rc == 2 and message in err, err
+    rc, _, err = run_cli(capsys, "splits", cfg_path, "--split", "labeled", "--labeled-list", "labeled",
+                         "--out", tmp_path / "u")
+    assert rc == 2 and "split 'labeled - labeled' of" in err and "is empty" in err, err
+
+
+def test_splits_unlabeled_from_takes_the_rest_of_another_split(tmp_path, capsys):
+    tree = make_folder(tmp_path, unlabeled=2)
+    cfg_path = folder_config(tmp_path, tree.root)
+    rc, out, err = run_cli(capsys, "splits", cfg_path, "--split", "labeled", "--labeled", "2",
+                           "--unlabeled-from", "train", "--out", tmp_path / "s")
+    assert rc == 0, err
+    labeled, unlabeled = _split(tmp_path / "s" / "labeled.txt"), _split(tmp_path / "s" / "unlabeled.txt")
+    assert len(labeled) == 2 and set(labeled) < set(tree.splits["labeled"])
+    assert sorted(labeled + unlabeled) == tree.splits["train"]
+    assert last_json(out)["unlabeled"] == 3
+
+
+def test_data_check_and_stats_read_a_split_difference(tmp_path, capsys):
+    tree = make_folder(tmp_path, unlabeled=2)
+    cfg_path = folder_config(tmp_path, tree.root, val="labeled")
+    unlabeled = "data.streams.unlabeled={split: 'train - labeled', batch_size: 2, labeled: false}"
+    rc, out, err = run_cli(capsys, "data", "check", cfg_path, unlabeled)
+    assert rc == 0, out + err
+    assert "train - labeled: 2 images, 0 problem(s)" in err
+    rc, out, err = run_cli(capsys, "data", "stats", cfg_path, "--split", "train - labeled")
+    assert rc == 0, err
+    assert last_json(out)["images"] == 2 and sum(last_json(out)["pixels"].values()) == 0
+
+
+def test_data_check_lists_resized_gtav_masks_as_warnings_not_problems(tmp_path, capsys):
+    tree = make_gtav(tmp_path)  # 00003's label is half its image's size
+    second = tree.root / "labels" / "00001.png"
+    with Image.open(second) as im:
+        im.crop((0, 0, 30, 16)).save(second)  # 30x16 for a 32x16 image
+    d = tiny_dict(tree.root, tmp_path / "run")
+    d["data"].update(dataset="gtav", options={}, val_split="all", streams={"labeled": {"split": "all", "batch_size": 2}})
+    cfg_path = tmp_path / "gtav.yaml"
+    cfg_path.write_text(yaml.safe_dump(d))
+    rc, out, err = run_cli(capsys, "data", "check", cfg_path)
+    assert rc == 0, out + err
+    assert out == ""  # no problem
+    first = tree.root / "labels" / "00003.png"
+    assert (f"warning: 2 mask(s) of all differ in size from their image and are resized to it (nearest "
+            f"neighbour):\n  {second} (30x16, image {tree.root / 'images' / '00001.png'} 32x16)\n"
+            f"  {first} (16x8, image {tree.root / 'images' / '00003.png'} 32x16)\n") in err
+    assert err.count("labels/") == 2
+    assert "all: 3 images, 0 problem(s), 2 resized mask(s)" in err
+    rc, out, err = run_cli(capsys, "data", "check", cfg_path, "--split", "train")  # root/train.txt
+    assert rc == 0 and "train: 2 images, 0 problem(s), 1 resized mask(s)" in err, out + err

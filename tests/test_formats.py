@@ -12,6 +12,7 @@ from PIL import Image
 from lesseg import config
 from lesseg.data import SegDataset, build_source, build_streams
 from lesseg.data.base import SOURCES, SegSource
+from lesseg.data.check import require_clean, resized_warning, scan
 from lesseg.data.sources.cityscapes import CityscapesSource, GTAVSource, SynthiaSource
 from lesseg.data.sources.folder import FolderSource
 from lesseg.data.sources.voc import VOCSource
@@ -56,7 +57,7 @@ def test_sources_are_registered() -> None:
 @pytest.mark.parametrize(
     ("cls", "build", "known"),
     [
-        (FolderSource, make_folder, "binary_mask"),
+        (FolderSource, make_folder, "binary_mask, masks_dir"),
         (VOCSource, make_voc, "aug_masks, tags"),
         (CityscapesSource, make_cityscapes, "classes"),
         (GTAVSource, make_gtav, "none"),
@@ -107,6 +108,83 @@ def test_empty_split_is_an_error(tmp_path) -> None:
     src = VOCSource(make_voc(tmp_path).root)
     with pytest.raises(DataError, match="lists no images"):
         src.samples(str(write(tmp_path / "empty.txt", [""])))
+
+
+# ---------------------------------------------------------------- split differences: "train - labeled"
+
+
+def test_split_difference_is_the_rest_of_a_split_in_its_order(tmp_path) -> None:
+    tree = make_folder(tmp_path, unlabeled=3)
+    src = FolderSource(tree.root)
+    rest = src.samples("train - labeled")
+    assert names(rest) == ["img_003", "img_004", "img_005"]
+    assert all(s.mask is None for s in rest)
+    write(tree.root / "splits" / "hard.txt", ["img_004"])
+    assert names(src.samples("train - labeled - hard")) == ["img_003", "img_005"]
+    assert names(src.samples("  train   -   labeled  ")) == names(rest)  # spaces around the terms
+
+
+def test_split_difference_matches_names_of_pair_lists_and_standard_splits(tmp_path) -> None:
+    tree = make_voc(tmp_path)
+    src = VOCSource(tree.root)
+    # a U2PL-style list of pairs: names are the image stems
+    pairs = write(tmp_path / "labeled.txt", ["JPEGImages/2008_000002.jpg SegmentationClassAug/2008_000002.png"])
+    assert names(src.samples(f"train_aug - {pairs}")) == sorted(set(tree.splits["train_aug"]) - {"2008_000002"})
+    assert names(src.samples("train_aug - train")) == sorted(set(tree.splits["train_aug"]) - set(tree.splits["train"]))
+    # names of the excluded split that the first does not have (val is not in train_aug) are ignored
+    assert names(src.samples("train_aug - trainval")) == names(src.samples("train_aug - train"))
+
+
+def test_split_difference_ignores_missing_files_of_the_images_it_removes(tmp_path) -> None:
+    tree = make_folder(tmp_path, unlabeled=2)
+    (tree.root / "images" / "img_003.png").unlink()  # unlabeled img_003, excluded below
+    write(tree.root / "splits" / "gone.txt", ["img_003"])
+    src = FolderSource(tree.root)
+    assert names(src.samples("train - gone")) == ["img_000", "img_001", "img_002", "img_004"]
+    with pytest.raises(DataError, match=r"1 file\(s\) of split 'train - labeled' of .*/images/img_003\.\{png"):
+        src.samples("train - labeled")  # the missing image is in the difference: reported under its name
+
+
+def test_split_difference_that_removes_nothing_is_one_warning(tmp_path, caplog) -> None:
+    tree = make_folder(tmp_path, unlabeled=1)
+    write(tree.root / "splits" / "other.txt", ["elsewhere_1", "elsewhere_2"])
+    src = FolderSource(tree.root)
+    for _ in range(3):  # listed again and again (check, streams, evaluation): warned once
+        assert names(src.samples("train - other")) == tree.splits["train"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        (
+            "split 'train - other': none of the 2 images of 'other' is in 'train', so it removes nothing (is it "
+            "the list of another split or dataset?)"
+        )
+    ]
+
+
+def test_split_difference_errors_name_the_split_and_what_is_wrong(tmp_path) -> None:
+    tree = make_folder(tmp_path, unlabeled=0)
+    src = FolderSource(tree.root)
+    with pytest.raises(DataError, match=r"^split 'train - labeled' of .* is empty: each of the 3 images of "
+                                        r"'train' is in 'labeled'$"):
+        src.samples("train - labeled")
+    with pytest.raises(DataError, match=r"^split 'train - labeld': split 'labeld' of .* is not one of its "
+                                        r"splits \(labeled, train\)"):
+        src.samples("train - labeld")
+    with pytest.raises(DataError, match=r"^split 'trian - labeled': split 'trian'"):
+        src.samples("trian - labeled")
+    with pytest.raises(ConfigError, match=r"split 'train - ' has an empty term"):
+        src.samples("train - ")
+    # without spaces it is one name (labeled_1-16 is a split name), and the message says how to subtract
+    with pytest.raises(DataError, match=r"to take the images of 'train' that 'labeled' does not list, write "
+                                        r"'train - labeled'"):
+        src.samples("train-labeled")
+
+
+def test_split_difference_streams_train_on_the_rest(tmp_path) -> None:
+    tree = make_folder(tmp_path, unlabeled=2)
+    data = data_cfg("folder", tree.root, {}, labeled={"split": "labeled", "batch_size": 2},
+                    unlabeled={"split": "train - labeled", "batch_size": 2, "labeled": False})
+    streams = build_streams(data, ("labeled", "unlabeled"), progress=False)
+    assert [s.name for s in streams["unlabeled"].dataset.samples] == ["img_003", "img_004"]
 
 
 # ---------------------------------------------------------------- folder
@@ -166,6 +244,22 @@ def test_folder_binary_masks_map_255_to_1(tmp_path) -> None:
         src.read_mask(bad)
     with pytest.raises(ConfigError, match="2 classes"):
         FolderSource(make_folder(tmp_path / "multi", binary=False).root, binary_mask=True)
+
+
+def test_folder_masks_dir_reads_masks_from_another_folder(tmp_path) -> None:
+    tree = make_folder(tmp_path, [(0, 1), (1,), (0,)], classes=("background", "lesion"), unlabeled=1,
+                       binary=True, masks_dir="masks_binary")
+    assert not (tree.root / "masks").exists()
+    src = FolderSource(tree.root, binary_mask=True, masks_dir="masks_binary")
+    samples = src.samples("train")
+    assert [s.mask for s in samples] == [tree.root / "masks_binary" / f"{n}.png" for n in tree.splits["labeled"]] + [None]
+    for s in samples[:3]:
+        np.testing.assert_array_equal(src.read_mask(s.mask), tree.masks[s.name])
+    assert all(s.mask is None for s in FolderSource(tree.root).samples("train"))  # default masks/: none
+    absolute = FolderSource(tree.root, binary_mask=True, masks_dir=str(tree.root / "masks_binary"))
+    assert [s.mask for s in absolute.samples("train")] == [s.mask for s in samples]
+    with pytest.raises(DataError, match=rf"masks folder {tree.root / 'masks_bin'} \(option masks_dir\) does not"):
+        FolderSource(tree.root, masks_dir="masks_bin")
 
 
 def test_out_of_range_mask_value_names_the_file(tmp_path) -> None:
@@ -334,6 +428,18 @@ def test_voc_unreadable_masks_are_one_tag_error_unless_not_strict(tmp_path) -> N
 # ---------------------------------------------------------------- Cityscapes
 
 
+def test_voc_root_at_the_devkit_level_names_the_voc2012_folder(tmp_path) -> None:
+    tree = make_voc(tmp_path / "VOCdevkit", folder="VOC2012")
+    for root in (tmp_path / "VOCdevkit", tmp_path):  # the devkit folder, and the folder the tar was unpacked in
+        with pytest.raises(DataError, match=rf"^dataset root {root} has no JPEGImages/ folder, but {tree.root} "
+                                            rf"has: set data.root \(or the stream's root\) to {tree.root}$"):
+            VOCSource(root)
+    assert names(VOCSource(tree.root).samples("train")) == tree.splits["train"]
+    make_voc(tmp_path / "VOCdevkit", folder="VOC2007")
+    with pytest.raises(DataError, match=rf"to {tree.root} \(also found in {tmp_path / 'VOCdevkit' / 'VOC2007'}\)"):
+        VOCSource(tmp_path / "VOCdevkit")
+
+
 def test_cityscapes_standard_splits_use_label_ids(tmp_path) -> None:
     tree = make_cityscapes(tmp_path)
     src = CityscapesSource(tree.root)
@@ -443,6 +549,35 @@ def test_gtav_lists_all_and_resizes_a_mismatched_label_to_its_image(tmp_path) ->
         image2, mask2 = src.align(image, mask, s)
         assert image2 is image
         np.testing.assert_array_equal(mask2, tree.masks[s.name])
+
+
+def test_gtav_lists_at_the_root_are_splits_by_name(tmp_path) -> None:
+    tree = make_gtav(tmp_path)
+    src = GTAVSource(tree.root)
+    samples = src.samples("train")  # root/train.txt: 00001.png, 00002.png
+    assert names(samples) == tree.splits["train"]
+    assert [s.mask for s in samples] == [tree.root / "labels" / f"{n}.png" for n in tree.splits["train"]]
+    assert names(src.samples("all - train")) == [tree.extra["mismatched"]]
+    with pytest.raises(DataError, match=r"split 'val' of .* is not one of its splits \(all, train\) and no "
+                                        rf"split file exists at {tree.root / 'val.txt'}"):
+        src.samples("val")
+
+
+def test_check_notes_resized_gtav_masks_and_the_training_check_logs_them(tmp_path, caplog) -> None:
+    tree = make_gtav(tmp_path)
+    src = GTAVSource(tree.root)
+    samples = src.samples("all")
+    result = scan(src, samples, progress=False)
+    label, image = (tree.root / d / f"{tree.extra['mismatched']}.png" for d in ("labels", "images"))
+    assert result.problems == [] and result.resized == [f"{label} (16x8, image {image} 32x16)"]
+    assert result.counts.sum() == 3 * 3 * 8 * H  # 3 labeled bands of 8 columns per mask, all at the image size
+    require_clean(src, samples, True, "stream 'source' (all)", progress=False)
+    assert (f"1 mask(s) of stream 'source' (all) differ in size from their image and are resized to it (nearest "
+            f"neighbour):\n  {label} (16x8") in caplog.text
+    notes = [f"labels/{i}.png" for i in range(7)]
+    assert resized_warning(notes, "all", shown=5).endswith(
+        "labels/4.png\n  ... and 2 more (lesseg data check lists them all)")
+    assert resized_warning(notes, "all").count("labels/") == 7 and resized_warning([], "all") is None
 
 
 def test_gtav_advent_style_file_names(tmp_path) -> None:

@@ -18,6 +18,8 @@ from lesseg.data.splits import (
     make_splits,
     parse_amount,
     read_split_file,
+    split_terms,
+    write_complement,
     write_partition,
     write_split,
 )
@@ -182,3 +184,41 @@ def test_write_partition_writes_files_the_source_reads_back(tmp_path) -> None:
     covered = set().union(*(np.unique(src.read_mask(s.mask)).tolist() for s in labeled)) - {255}
     assert covered == {0, 1, 2, 3}
     assert write_partition(src, "train", "3", seed=0, out_dir=tmp_path / "again")["labeled"] == 3
+
+
+# ---------------------------------------------------------------- differences: "train - labeled"
+
+
+@pytest.mark.parametrize(
+    ("split", "terms"),
+    [
+        ("train", ["train"]),
+        ("labeled_1-16", ["labeled_1-16"]),  # a bare "-" belongs to the name
+        ("train - labeled_75", ["train", "labeled_75"]),
+        ("train_aug - splits/1-8/labeled.txt - val", ["train_aug", "splits/1-8/labeled.txt", "val"]),
+        (" train  -  labeled ", ["train", "labeled"]),
+    ],
+)
+def test_split_terms(split, terms) -> None:
+    assert split_terms(split) == terms
+
+
+@pytest.mark.parametrize("split", ["train - ", " - labeled", "a -  - b"])
+def test_split_terms_rejects_empty_terms(split) -> None:
+    with pytest.raises(ConfigError, match=f"split {split!r} has an empty term"):
+        split_terms(split)
+
+
+def test_write_complement_writes_the_rest_of_the_split(tmp_path) -> None:
+    tree = make_folder(tmp_path, [(0, 1), (0, 2), (0, 3), (0, 1)], unlabeled=2, suffixes=(".png",))
+    src = FolderSource(tree.root)
+    mine = tmp_path / "my_labeled.txt"  # a hand-picked list: pair lines and names, one not in the split
+    mine.write_text("images/img_001.png masks/img_001.png\nimg_003\nimg_999\n")
+    out = write_complement(src, "train", str(mine), tmp_path / "out")
+    assert out == {"labeled": 2, "unlabeled": 4, "unlabeled_path": tmp_path / "out" / "unlabeled.txt"}
+    assert read_split_file(out["unlabeled_path"]) == [(n, None) for n in ("img_000", "img_002", "img_004", "img_005")]
+    assert [s.name for s in src.samples(str(out["unlabeled_path"]))] == [
+        s.name for s in src.samples(f"train - {mine}")
+    ]
+    with pytest.raises(DataError, match=r"is empty: each of the 6 images of 'train' is in 'train'"):
+        write_complement(src, "train", "train", tmp_path / "none")

@@ -3,6 +3,10 @@
 A split file has one sample per line: a bare name (``2007_000032``) or ``image_path [mask_path]`` relative
 to the dataset root, as in the U2PL and UniMatch split lists. :func:`make_splits` draws a labeled subset that
 covers every class when it can, deterministically for a seed.
+
+Wherever a split is named (a stream's ``split``, ``data.val_split``, ``--split``), ``a - b`` is the images of
+split ``a`` that split ``b`` does not list (:func:`split_terms`); :func:`write_complement` writes such a
+difference to a file (``lesseg splits --labeled-list``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,19 @@ from ..errors import ConfigError, DataError
 from .base import IGNORE, Sample, SegSource
 
 log = logging.getLogger(__name__)
+
+MINUS = " - "  # a split difference: "train - labeled_75" (a bare "-" is part of names such as labeled_1-16)
+
+
+def split_terms(split: str) -> list[str]:
+    """A split and the splits subtracted from it: ``"train - labeled_75 - hard"`` -> ``["train",
+    "labeled_75", "hard"]``; a split without `` - `` is one term. An empty term is a ConfigError."""
+    terms = [t.strip() for t in split.split(MINUS)]
+    if len(terms) > 1 and not all(terms):
+        raise ConfigError(
+            f"split {split!r} has an empty term; write a split, or a split minus others: 'train - labeled_75'"
+        )
+    return terms
 
 
 def read_split_file(path: Path) -> list[tuple[str, str | None]]:
@@ -159,4 +176,17 @@ def write_partition(
         "unlabeled": len(unlabeled_names),
         "labeled_path": write_split(out / "labeled.txt", labeled_names),
         "unlabeled_path": write_split(out / "unlabeled.txt", unlabeled_names),
+    }
+
+
+def write_complement(source: SegSource, split: str, labeled: str, out_dir: str | Path) -> dict:
+    """Write ``out_dir/unlabeled.txt``: the images of ``split`` that the split (file) ``labeled`` does not
+    list, i.e. the split ``split - labeled``. Returns the counts (``labeled``: the images of ``split`` that
+    ``labeled`` lists) and the path."""
+    pool = source.samples(split, strict=False)  # only counted: the files that matter are checked below
+    rest = [s.name for s in source.samples(f"{split}{MINUS}{labeled}")]
+    return {
+        "labeled": len(pool) - len(rest),
+        "unlabeled": len(rest),
+        "unlabeled_path": write_split(Path(out_dir) / "unlabeled.txt", rest),
     }

@@ -128,11 +128,20 @@ class GTAVSource(CityscapesLabels):
     """GTA5 (Playing for Data)::
 
         root/images/<5-digit>.png   root/labels/<5-digit>.png (palette PNG of Cityscapes label ids)
+        [root/<name>.txt: split lists such as train.txt, one image name (00001.png) or path per line]
 
-    Split ``all`` or split files. A few real pairs differ in size; the label is resized to its image.
+    Split ``all``, a list ``<name>.txt`` at the root (split ``train`` is ``root/train.txt``, as the GTAV
+    lists of the domain-adaptation code bases are kept), or split files. A few real pairs differ in size:
+    the label is resized to its image (:meth:`align`; ``lesseg data check`` lists them as warnings).
     """
 
     standard_splits = ("all",)
+
+    def split_candidates(self, split: str) -> list[Path]:
+        return [self.root / f"{split}.txt", *super().split_candidates(split)]
+
+    def known_splits(self) -> list[str]:
+        return [*self.standard_splits, *sorted(p.stem for p in self.root.glob("*.txt"))]
 
     def image_path(self, name: str) -> Path:
         return self.root / "images" / f"{name}.png"

@@ -5,10 +5,14 @@ Each format is a small :class:`SegSource` registered by name (:mod:`.folder`, :m
 as a standard split name or as a split file, whose lines are U2PL/UniMatch ``image_path [mask_path]`` pairs
 relative to the root or bare names; when a line has no mask path, the mask is found from the layout (None when
 there is none); and one DataError listing every listed file that does not exist.
+
+A split may also be a difference, ``train - labeled_75`` (a minus with a space on each side): the images of
+the first split that none of the others lists, matched by sample name (see :func:`~..splits.split_terms`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,7 +21,9 @@ import numpy as np
 
 from ...errors import ConfigError, DataError
 from ..base import IGNORE, Sample, SegSource, check_label_range
-from ..splits import read_split_file
+from ..splits import MINUS, read_split_file, split_terms
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -65,6 +71,7 @@ class FileSource(SegSource):
         self.options: dict[str, Any] = self.check_options(options)
         super().__init__(root)
         self.tags: dict[str, tuple[int, ...]] = {}
+        self.warned: set[tuple[str, str]] = set()  # (split, excluded split) pairs already warned about
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -98,15 +105,11 @@ class FileSource(SegSource):
 
     # -- shared
     def samples(self, split: str, strict: bool = True) -> list[Sample]:
-        if split in self.standard_splits:
-            where = f"split {split!r} of {self.root}"
-            found = self.standard_split(split)
+        base, *excluded = split_terms(split)
+        if excluded:
+            where, found = f"split {split!r} of {self.root}", self.difference(split, base, excluded)
         else:
-            path = self.split_file(split)
-            where = f"split file {path}"
-            found = self.read_entries(path)
-        if not found:
-            raise DataError(f"{where} lists no images")
+            where, found = self.listing(base)
         missing = [str(p) for s in found for p in (s.image, s.mask) if p is not None and not p.exists()]
         if missing and strict:
             more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
@@ -114,6 +117,43 @@ class FileSource(SegSource):
                 f"{len(missing)} file(s) of {where} do not exist: {', '.join(missing[:10])}{more}"
             )
         return found
+
+    def listing(self, split: str) -> tuple[str, list[Sample]]:
+        """Where a standard split or a split file is (for messages) and the samples it lists (files not
+        checked); none is a DataError."""
+        if split in self.standard_splits:
+            where, found = f"split {split!r} of {self.root}", self.standard_split(split)
+        else:
+            path = self.split_file(split)
+            where, found = f"split file {path}", self.read_entries(path)
+        if not found:
+            raise DataError(f"{where} lists no images")
+        return where, found
+
+    def difference(self, split: str, base: str, excluded: list[str]) -> list[Sample]:
+        """The samples of split ``base`` whose name no split of ``excluded`` lists (``split`` is the whole
+        expression, for messages).
+
+        Names of an excluded split that ``base`` does not have are ignored (``train_aug - trainval`` is the
+        usual set difference); an excluded split none of whose names is in ``base`` is logged as a warning,
+        once: it is most likely the list of another split or dataset."""
+        try:
+            found = self.listing(base)[1]
+            lists = {term: {s.name for s in self.listing(term)[1]} for term in excluded}
+        except DataError as e:
+            raise DataError(f"split {split!r}: {e}") from None
+        names = {s.name for s in found}
+        for term, listed in lists.items():
+            if not listed & names and (split, term) not in self.warned:
+                self.warned.add((split, term))
+                log.warning("split %r: none of the %d images of %r is in %r, so it removes nothing (is it the "
+                            "list of another split or dataset?)", split, len(listed), term, base)
+        drop = set().union(*lists.values())
+        kept = [s for s in found if s.name not in drop]
+        if not kept:
+            raise DataError(f"split {split!r} of {self.root} is empty: each of the {len(found)} images of "
+                            f"{base!r} is in {' or '.join(map(repr, excluded))}")
+        return kept
 
     def split_candidates(self, split: str) -> list[Path]:
         """Where the split file ``split`` may be: relative to the root, then to the working directory."""
@@ -123,10 +163,10 @@ class FileSource(SegSource):
         candidates = list(dict.fromkeys(self.split_candidates(split)))
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:
-            known = ", ".join(self.known_splits()) or "none"
+            known = self.known_splits()
             raise DataError(
-                f"split {split!r} of {self.root} is not one of its splits ({known}) and no split "
-                f"file exists at {' or '.join(str(p) for p in candidates)}"
+                f"split {split!r} of {self.root} is not one of its splits ({', '.join(known) or 'none'}) and "
+                f"no split file exists at {' or '.join(str(p) for p in candidates)}{minus_hint(split, known)}"
             )
         return found
 
@@ -171,6 +211,15 @@ class FileSource(SegSource):
         if raw.dtype != np.uint8:
             check_label_range(raw, self.num_classes, path)
         return raw.astype(np.uint8, copy=False)
+
+
+def minus_hint(split: str, known: list[str]) -> str:
+    """A hint when ``split`` reads as a difference of known splits written without spaces (``train-val``)."""
+    for i in (i for i, c in enumerate(split) if c == "-"):
+        a, b = split[:i].strip(), split[i + 1 :].strip()
+        if a in known and b in known:
+            return f"; to take the images of {a!r} that {b!r} does not list, write {a + MINUS + b!r}"
+    return ""
 
 
 def read_lines(path: Path, what: str) -> list[str]:

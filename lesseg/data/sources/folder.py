@@ -24,10 +24,12 @@ class FolderSource(FileSource):
 
     Masks hold class indices with 255 = ignore (grayscale, palette or 16-bit PNG); an image without a mask
     file is unlabeled. Tags come only from image_labels.csv (never derived from masks). Split ``name`` is
-    ``splits/<name>.txt``. Option ``binary_mask``: masks saved as 0/255 are read as classes 0/1.
+    ``splits/<name>.txt``. Option ``binary_mask``: masks saved as 0/255 are read as classes 0/1. Option
+    ``masks_dir``: the masks' folder, relative to the root (``masks_binary``) or absolute; one other than
+    ``masks`` must exist (``masks`` may not: a dataset without masks).
     """
 
-    defaults: ClassVar[dict[str, Any]] = {"binary_mask": False}
+    defaults: ClassVar[dict[str, Any]] = {"binary_mask": False, "masks_dir": "masks"}
 
     def __init__(self, root: str | Path, **options: Any) -> None:
         super().__init__(root, **options)
@@ -41,6 +43,9 @@ class FolderSource(FileSource):
             )
         if (self.root / "image_labels.csv").exists():
             self.tags = read_tags(self.root / "image_labels.csv", self.num_classes)
+        self.mask_folder = self.root / self.options["masks_dir"]
+        if self.options["masks_dir"] != self.defaults["masks_dir"] and not self.mask_folder.is_dir():
+            raise DataError(f"masks folder {self.mask_folder} (option masks_dir) does not exist")
 
     def split_candidates(self, split: str) -> list[Path]:
         return [self.root / "splits" / f"{split}.txt", *super().split_candidates(split)]
@@ -55,7 +60,7 @@ class FolderSource(FileSource):
         return first_existing(candidates) or self.root / "images" / f"{name}.{{{suffixes}}}"
 
     def find_mask(self, name: str, image: Path) -> Path | None:
-        return first_existing([self.root / "masks" / f"{name}.png"])
+        return first_existing([self.mask_folder / f"{name}.png"])
 
     def map_labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
         if not self.options["binary_mask"]:

@@ -42,7 +42,8 @@ def tags_from_mask(mask: np.ndarray) -> tuple[int, ...]:
 
 @SOURCES.register("voc")
 class VOCSource(FileSource):
-    """PASCAL VOC 2012 with the SBD augmented masks::
+    """PASCAL VOC 2012 with the SBD augmented masks, the root being the ``VOC2012`` folder (a root above it,
+    such as the devkit folder ``VOCdevkit``, is an error naming the right path)::
 
         root/JPEGImages/<id>.jpg
         root/SegmentationClass/<id>.png (palette)   root/SegmentationClassAug/<id>.png (grayscale)
@@ -70,6 +71,21 @@ class VOCSource(FileSource):
     def __init__(self, root: str | Path, **options: Any) -> None:
         super().__init__(root, **options)
         self.derived_tags: dict[Path, tuple[int, ...]] = {}  # mask file -> tags derived from it
+        if not (self.root / "JPEGImages").is_dir():
+            self.point_below()
+
+    def point_below(self) -> None:
+        """A root above the VOC folder (the devkit ``VOCdevkit/`` holding ``VOC2012/``, or the folder holding
+        ``VOCdevkit/``) is an error naming the folder below it that holds ``JPEGImages/`` (``VOC2012`` first)."""
+        below = [p.parent for pattern in ("*/JPEGImages", "*/*/JPEGImages") for p in sorted(self.root.glob(pattern))]
+        if not below:
+            return
+        best = next((p for p in below if p.name == "VOC2012"), below[0])
+        others = [str(p) for p in below if p != best]
+        raise DataError(
+            f"dataset root {self.root} has no JPEGImages/ folder, but {best} has: set data.root (or the stream's "
+            f"root) to {best}" + (f" (also found in {', '.join(others)})" if others else "")
+        )
 
     def samples(self, split: str, strict: bool = True) -> list[Sample]:
         found = super().samples(split, strict)
