@@ -1,4 +1,4 @@
-"""``lesseg`` command line: train, eval, predict, export, splits, data stats|check, demo."""
+"""``lesseg`` command line: train, pretrain, eval, predict, export, splits, data stats|check, demo."""
 
 from __future__ import annotations
 
@@ -29,6 +29,17 @@ def cmd_train(args) -> int:
     if dist.is_main():  # once under torchrun
         keys = ("miou", "iou", "map", "ap", "mode", "metric", "score")  # segmentation or tags evaluation
         print(json.dumps({k: result[k] for k in keys if k in result}))
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from . import dist
+    from .pretrain import load, pretrain
+
+    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+    result = pretrain(load(args.config, overrides), resume=args.resume)
+    if dist.is_main():  # once under torchrun
+        print(json.dumps(result))
     return 0
 
 
@@ -267,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="run folder (default: the config's `out`, or runs/<config name>)")
     sp.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("pretrain", help="self-supervised encoder pretraining on unlabeled images; model.pretrained "
+                                         "takes <out>/encoder.pt (last line: JSON)")
+    with_config(sp)
+    sp.add_argument("--out", help="run folder (default: the config's `out`, or runs/pretrain_<config name>)")
+    sp.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    sp.set_defaults(func=cmd_pretrain)
 
     sp = sub.add_parser("eval", help="evaluate a checkpoint (last line: JSON with miou and per-class iou)")
     with_config(sp)

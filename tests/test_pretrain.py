@@ -1,0 +1,228 @@
+"""`lesseg pretrain`: self-supervised encoder pretraining (lightly's heads, losses and augmentations).
+
+Tiny and on CPU: timm's test encoder on the 32x32 shapes dataset of conftest."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("lightly")
+
+from conftest import TINY, tiny_dict
+from lightly.utils.scheduler import cosine_warmup_schedule
+
+from lesseg import config, dist
+from lesseg.engine import checkpoint as ckpt
+from lesseg.engine.trainer import NonFiniteLoss
+from lesseg.errors import ConfigError, LessegError
+from lesseg.models import build_model, create_encoder
+from lesseg.pretrain import SSL_METHODS, Pretrainer, from_dict, pretrain
+from lesseg.pretrain.data import ViewPairs, image_split, view_transform
+
+METHODS = ("simclr", "densecl")
+
+
+def pre_dict(root, out, **pretrain_opts) -> dict:
+    opts = {
+        "iters": 4,
+        "batch_size": 8,
+        "image_size": 32,
+        "log_every": 2,
+        "queue_size": 64,
+        "proj_dim": 16,
+        **pretrain_opts,
+    }
+    return tiny_dict(root, out, pretrain=opts)
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pretrained_encoder_loads_through_model_pretrained(shapes_root, tmp_path, method):
+    out = tmp_path / "run"
+    summary = pretrain(from_dict(pre_dict(shapes_root, out, method=method)))
+    assert summary["steps"] == 4 and summary["images"] == 32 and np.isfinite(summary["loss"])
+    stored = weights(summary["encoder"])
+    for product in ("encoder.pt", "last.pt"):  # the product, and the resumable checkpoint itself
+        cfg = config.from_dict(
+            tiny_dict(shapes_root, tmp_path / "sup"), [f"model.pretrained={out / product}"]
+        )
+        encoder = build_model(cfg.model, 7).encoder.state_dict()
+        assert set(encoder) == set(stored)
+        assert all(torch.equal(encoder[k], v) for k, v in stored.items())
+    initial = create_encoder(TINY, 16).state_dict()
+    assert not all(torch.equal(initial[k], v) for k, v in stored.items())  # the steps changed the encoder
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_steps_lower_the_loss_on_a_fixed_batch(shapes_root, tmp_path, method):
+    cfg = from_dict(pre_dict(shapes_root, tmp_path, method=method, queue_size=0))  # in-batch negatives
+    torch.manual_seed(0)
+    model = SSL_METHODS.get(method)(create_encoder(TINY, 16), cfg.pretrain)
+    source, split = image_split(cfg)
+    views = ViewPairs(source, source.samples(split)[:8], view_transform(cfg))
+    batch = torch.utils.data.default_collate([views[(i, i)] for i in range(8)])
+    opt = torch.optim.AdamW(model.student.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = model.training_step(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.after_step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(shapes_root, tmp_path, monkeypatch, method):
+    opts = {"method": method, "iters": 6, "ckpt_every": 3}
+    pretrain(from_dict(pre_dict(shapes_root, tmp_path / "whole", **opts)))
+
+    step = Pretrainer.train_step
+
+    def dies_at_step_4(self, batch):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return step(self, batch)
+
+    cut = from_dict(pre_dict(shapes_root, tmp_path / "cut", **opts))
+    monkeypatch.setattr(Pretrainer, "train_step", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cut)
+    assert (
+        weights(tmp_path / "cut" / "last.pt")["step"] == 3 and not (tmp_path / "cut" / "encoder.pt").exists()
+    )
+    monkeypatch.setattr(Pretrainer, "train_step", step)
+    pretrain(cut, resume=True)
+
+    a, b = weights(tmp_path / "whole" / "last.pt"), weights(tmp_path / "cut" / "last.pt")
+    assert b["step"] == 6
+    assert a["method"].keys() == b["method"].keys()
+    for k, v in a["method"].items():  # student, heads, momentum encoder, memory banks
+        assert torch.equal(v, b["method"][k]) if torch.is_tensor(v) else v.keys() == b["method"][k].keys(), k
+    if method == "densecl":
+        banks = a["method"]["_extra_state"]
+        assert all(torch.equal(v, b["method"]["_extra_state"][k]) for k, v in banks.items())
+    enc_a, enc_b = weights(tmp_path / "whole" / "encoder.pt"), weights(tmp_path / "cut" / "encoder.pt")
+    assert all(torch.equal(v, enc_b[k]) for k, v in enc_a.items())
+    steps = [
+        [json.loads(line)["step"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("whole", "cut")
+    ]
+    assert steps[0] == steps[1] == [2, 3, 4, 6]  # what the killed run logged after step 3 is not repeated
+
+
+def test_resume_refuses_a_changed_setting_and_takes_more_steps(shapes_root, tmp_path):
+    d = pre_dict(shapes_root, tmp_path / "run", method="densecl")
+    pretrain(from_dict(d))
+    with pytest.raises(LessegError, match=r"pretrain\.lr"):
+        Pretrainer(from_dict(d, ["pretrain.lr=0.5"]), resume=True)
+    longer = Pretrainer(from_dict(d, ["pretrain.iters=6"]), resume=True)
+    cosine = cosine_warmup_schedule(
+        4, 6, start_value=1.0, end_value=0.001, warmup_steps=0, warmup_start_value=0.0
+    )
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * cosine)  # the schedule stretched
+    assert longer.fit()["steps"] == 6
+    with pytest.raises(LessegError, match="no checkpoint"):
+        Pretrainer(from_dict(pre_dict(shapes_root, tmp_path / "none")), resume=True)
+
+
+def test_config_errors_name_the_key(shapes_root, tmp_path):
+    d = pre_dict(shapes_root, tmp_path)
+    with pytest.raises(ConfigError, match="pretrain.bogus"):
+        from_dict(d, ["pretrain.bogus=1"])
+    with pytest.raises(ConfigError, match=r"pretrain\.method must be one of densecl, simclr"):
+        from_dict(d, ["pretrain.method=byol"])
+    with pytest.raises(ConfigError, match=r"pretrain\.temperature must be in \(0, inf\)"):
+        from_dict(d, ["pretrain.temperature=0"])
+    with pytest.raises(ConfigError, match="pretrain.stream 'target' is not in data.streams"):
+        from_dict(d, ["pretrain.stream=target"])
+    with pytest.raises(ConfigError, match="pretrain.batch_size"):
+        Pretrainer(from_dict(d, ["pretrain.batch_size=64"]))
+    with pytest.raises(ConfigError, match="pretrain.iters or pretrain.epochs"):
+        from_dict(d, ["pretrain.iters=0"])
+
+
+def test_any_split_or_stream_gives_the_images(shapes_root, tmp_path):
+    d = pre_dict(shapes_root, tmp_path)
+    assert len(Pretrainer(from_dict(d, ["pretrain.split=unlabeled_1-16"])).stream.dataset) == 30
+    listing = tmp_path / "some.txt"
+    listing.write_text("\n".join(s.name for s in image_split(from_dict(d))[0].samples("val")[:9]))
+    assert len(Pretrainer(from_dict(d, [f"pretrain.split={listing}"])).stream.dataset) == 9
+    cfg = from_dict(
+        d,
+        [
+            "pretrain.stream=labeled",
+            "data.streams.labeled.split=val",
+            "pretrain.epochs=1",
+            "pretrain.iters=0",
+        ],
+    )
+    trainer = Pretrainer(cfg)
+    assert len(trainer.stream.dataset) == 15 and trainer.max_iters == 1  # 15 // 8
+
+
+def test_views_are_a_function_of_index_and_seed(shapes_root, tmp_path):
+    cfg = from_dict(pre_dict(shapes_root, tmp_path, image_size=24))
+    source, split = image_split(cfg)
+    views = ViewPairs(source, source.samples(split), view_transform(cfg))
+    np.random.seed(1)
+    torch.manual_seed(1)
+    state = np.random.get_state()[1].copy(), torch.get_rng_state()
+    a, b, c = views[(3, 7)], views[(3, 7)], views[(3, 8)]
+    assert a["view0"].shape == (3, 24, 24)
+    assert torch.equal(a["view0"], b["view0"]) and torch.equal(a["view1"], b["view1"])
+    assert not torch.equal(a["view0"], c["view0"]) and not torch.equal(a["view0"], a["view1"])
+    assert np.array_equal(np.random.get_state()[1], state[0]) and torch.equal(torch.get_rng_state(), state[1])
+
+
+def test_a_non_finite_loss_stops_without_a_checkpoint(shapes_root, tmp_path, monkeypatch):
+    from lesseg.pretrain.simclr import SimCLR
+
+    step = SimCLR.training_step
+    monkeypatch.setattr(
+        SimCLR, "training_step", lambda self, batch: {"loss": step(self, batch)["loss"] * np.nan}
+    )
+    with pytest.raises(NonFiniteLoss, match="non-finite loss"):
+        pretrain(from_dict(pre_dict(shapes_root, tmp_path / "run", method="simclr")))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def _ddp_worker(rank: int, port: int, d: dict, folder: str) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    trainer = Pretrainer(from_dict(d))
+    try:
+        trainer.fit()
+        torch.save(ckpt.unwrap_state(trainer.method.state_dict(), ["student"]), f"{folder}/rank{rank}.pt")
+    finally:
+        dist.cleanup()
+
+
+@pytest.mark.parametrize("method", [pytest.param("simclr", marks=pytest.mark.slow), "densecl"])
+def test_two_processes_ddp_keep_one_state(shapes_root, tmp_path, method):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = pre_dict(shapes_root, tmp_path / "run", method=method, batch_size=4)
+    torch.multiprocessing.spawn(_ddp_worker, args=(port, d, str(tmp_path)), nprocs=2)
+    assert weights(tmp_path / "run" / "last.pt")["step"] == 4
+    ranks = [weights(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for k, v in ranks[0].items():  # DDP's weights; the momentum encoder and the memory banks gathered alike
+        if torch.is_tensor(v):
+            assert torch.equal(v, ranks[1][k]), k
+        else:
+            assert all(torch.equal(t, ranks[1][k][name]) for name, t in v.items()), k
+    encoder = weights(tmp_path / "run" / "encoder.pt")
+    assert all(torch.equal(v, ranks[0][f"student.encoder.{k}"]) for k, v in encoder.items())
