@@ -73,6 +73,7 @@ def test_a_tiny_adaptation_run_labels_the_budget_from_the_ground_truth(tiny_cfg,
         known = got != 255
         assert known.any() and torch.equal(got[known], truth[known])
     assert rounds[-1]["labeled_pixels"] == store.count()
+    assert rounds[-1]["labeled_share"] == pytest.approx(store.count() / (n * 32 * 32))
 
 
 def test_paper_configs_set_the_authors_geometry_and_schedule():

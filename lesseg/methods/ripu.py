@@ -118,14 +118,16 @@ class RIPU(Method):
             seconds += time.perf_counter() - t
             pixels = chosen.flatten().nonzero().flatten()
             picks.append((i, pixels, truth.flatten()[pixels].to(torch.uint8), size))  # the gt annotator
-        added, images, total_seconds = 0, 0, 0.0
+        added, images, area, total_seconds = 0, 0, 0, 0.0
         for shard, secs in ctx.gather((picks, seconds)):
             total_seconds += secs
             for i, pixels, labels, size in shard:
                 added += store.add(i, pixels, labels, index, size)
                 images += 1
-        return {"pixels": added, "labeled_pixels": store.count(), "images": images,
-                "select_s_per_image": total_seconds / max(images, 1)}
+                area += size[0] * size[1]
+        # the budget actually spent (the per-image budget is rounded up: on small images it exceeds the ratio)
+        return {"pixels": added, "labeled_pixels": store.count(), "labeled_share": store.count() / max(area, 1),
+                "images": images, "select_s_per_image": total_seconds / max(images, 1)}
 
     # -- training ------------------------------------------------------------------------------------
     def training_step(self, batch, step):
