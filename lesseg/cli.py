@@ -233,7 +233,7 @@ def cmd_bench(args) -> int:
                                                       train_missing=not args.finished_only)
     table = bench.summarize_semi(rows)
     if rows:
-        bench.print_semi_table(table)
+        bench.print_semi_table(table, rows)
     costs = [] if args.no_cost or args.finished_only else bench.bench_costs(
         methods, out, list(args.overrides), args.device, iters=3 if args.quick else args.iters)
     out.mkdir(parents=True, exist_ok=True)

@@ -412,3 +412,16 @@ def test_cost_reference_replays_the_passes_of_a_real_step(shapes_root, tmp_path,
                             "unlabeled": {"split": "train", "batch_size": 3, "labeled": False, "strong": True}}
     trainer, (batch,) = steady_trainer(config.from_dict(d))
     assert [(n, k, g) for n, _, k, g in bench.record_passes(trainer, batch)] == expected
+
+
+def test_bench_rows_say_what_each_run_started_from(tmp_path):
+    from lesseg.bench.semi import starting_weights
+    from lesseg.engine import checkpoint as ckpt
+
+    record = {"spec": "imagenet", "source": "timm", "tag": "resnet18.a1_in1k", "file": "/x", "sha256": "ab" * 32}
+    ckpt.save_atomic({"pretrained": record, "config": {}}, tmp_path / "a.pt")
+    assert starting_weights(tmp_path / "a.pt") == "imagenet (sha256 abababababab)"
+    ckpt.save_atomic({"pretrained_sha256": "cd" * 32, "config": {"model": {"pretrained": "enc.pt"}}}, tmp_path / "b.pt")
+    assert starting_weights(tmp_path / "b.pt") == "enc.pt (sha256 cdcdcdcdcdcd)"  # before the whole record
+    ckpt.save_atomic({"pretrained": None, "pretrained_sha256": None, "config": {"model": {}}}, tmp_path / "c.pt")
+    assert starting_weights(tmp_path / "c.pt") == "random init" and starting_weights(tmp_path / "none.pt") is None

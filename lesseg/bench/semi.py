@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 
 from .. import config
+from ..engine import checkpoint as ckpt
 from .pretrain import pretrain_synthetic
 from .runs import finished_or_train, last_logged, mean_rate, read_numbers, train_records
 
@@ -74,10 +75,25 @@ def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tupl
         records = train_records(run_dir / "metrics.jsonl")
         rate = mean_rate(records)
         rows.append({"method": method, "budget": budget, "seed": seed, "miou": result["miou"],
+                     "start": starting_weights(run_dir / "last.pt"),
                      "s_per_iter": 1 / rate if rate else None, "wall_s": wall, "peak_mib": peak,
                      "pl_miou": last_logged(records, "pl_miou"), "pl_c0": last_logged(records, "pl_c0"),
                      "true_c0": last_logged(records, "true_c0")})
     return rows
+
+
+def starting_weights(checkpoint: Path) -> str | None:
+    """What a run started from, as its checkpoint records it: the spec and the file's sha256 prefix (None
+    without a checkpoint)."""
+    if not checkpoint.is_file():
+        return None
+    state = ckpt.load(checkpoint)
+    record = state.get("pretrained")
+    if record:
+        return f"{record['spec']} (sha256 {record['sha256'][:12]})"
+    digest = state.get("pretrained_sha256")  # runs made before checkpoints kept the whole record
+    spec = state["config"].get("model", {}).get("pretrained")
+    return f"{spec} (sha256 {digest[:12]})" if digest else (spec or "random init")
 
 
 def summarize_semi(rows: list[dict]) -> list[dict]:
@@ -110,9 +126,12 @@ def _mean_or_none(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def print_semi_table(table: list[dict]) -> None:
+def print_semi_table(table: list[dict], rows: list[dict] = ()) -> None:
     """One row per method and budget; the last columns are the pseudo-labels at the end of training (mIoU
-    against the unlabeled images' masks; share of class 0 in them / in the masks)."""
+    against the unlabeled images' masks; share of class 0 in them / in the masks). ``rows`` (the runs) tell
+    the starting weights, printed first: the results depend on them."""
+    for start in sorted({r["start"] for r in rows if r.get("start")}):
+        print(f"started from: {start}")
     print(f"\n{'method':<14s} {'labels':>6s} {'seeds':>5s} {'mIoU':>7s} {'+-':>5s} {'vs sup':>7s} "
           f"{'gap closed':>10s} {'s/iter':>7s} {'peak MiB':>9s} {'PL mIoU':>7s} {'PL c0/true':>10s}")
     for r in table:
