@@ -1,8 +1,10 @@
 """Reading ``.pt``/``.pth`` files without executing code from them (``weights_only=True``), with one message
-per failure that names the file: used for checkpoints, pretrained weights and stage products alike."""
+per failure that names the file: used for checkpoints, pretrained weights and stage products alike; and the
+file digest that records which version of a weights file a run started from."""
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 import warnings
@@ -34,3 +36,12 @@ def torch_load(path: str | Path, map_location: str | torch.device = "cpu", what:
     # torch.load reports a truncated or foreign file as RuntimeError, EOFError, KeyError, ValueError, ... by format
     except Exception as e:  # noqa: BLE001
         raise error(f"cannot load {what} {path}: {str(e).splitlines()[0]}") from None
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file, in hex: which version of a weights file a run started from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

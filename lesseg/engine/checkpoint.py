@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..safe_load import torch_load
+from ..safe_load import file_digest, torch_load  # noqa: F401  (file_digest: what callers of ckpt use)
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:
@@ -69,17 +69,6 @@ def state_differences(stored: dict[str, torch.Tensor], expected: dict[str, torch
             for k, v in expected.items() if k in stored and torch.is_tensor(v) and torch.is_tensor(stored[k])
             and tuple(stored[k].shape) != tuple(v.shape)]
     return out
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file: which version of a weights file a run started from."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

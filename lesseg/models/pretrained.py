@@ -23,7 +23,6 @@ are matched through that renaming.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -43,7 +42,7 @@ from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import Tensor, nn
 
 from lesseg.errors import ConfigError
-from lesseg.safe_load import torch_load
+from lesseg.safe_load import file_digest, torch_load
 
 if TYPE_CHECKING:
     from timm.models import PretrainedCfg
@@ -158,7 +157,7 @@ class PackagedWeights:
                 f"package {self.distribution} has no {self.folder}/{self.file_name} "
                 f"(torchvision's {self.weights}); reinstall it: {reinstall}"
             )
-        digest = file_sha256(path)
+        digest = file_digest(path)
         if not digest.startswith(self.sha256_prefix):
             raise ConfigError(
                 f"{path} (package {self.distribution}) is not torchvision's {self.weights}: its sha256 {digest} does "
@@ -212,7 +211,7 @@ def resolve_pretrained(cfg: ModelConfig) -> dict[str, str | None] | None:
         "source": found.source,
         "tag": found.tag,
         "file": str(found.file.absolute()),
-        "sha256": file_sha256(found.file),
+        "sha256": file_digest(found.file),
     }
 
 
@@ -239,15 +238,6 @@ def locate_pretrained(cfg: ModelConfig) -> Pretrained | None:
     if packaged is not None and packaged.package_dir() is not None:
         return Pretrained("torchvision", packaged.weights, packaged.checked_file())
     return Pretrained("timm", tag, _download_hub_file(spec, tag, timm_cfg, packaged))
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, in hex: which version of a weights file a run started from."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _arch(encoder: str) -> str:
