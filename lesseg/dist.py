@@ -61,6 +61,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
+def cleanup(finished: bool = False) -> None:
+    """Leave the process group. ``finished`` (a normal end): first wait for every process, so that none
+    exits while a peer still tears down its connections (seen to abort the peer: "terminate called without an
+    active exception"); after an error, leave at once (the others may never arrive)."""
     if is_dist():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

@@ -99,7 +99,7 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, net_name: str |
     evaluator, _, main_metric = EVALUATORS.get(type(method).evaluation)
     result = evaluator(net, loader, info.num_classes, cfg.eval, list(cfg.data.crop_size), device,
                        info.class_names)
-    dist.cleanup()
+    dist.cleanup(finished=True)
     return {**result, "metric": main_metric, "net": next(name for name, m in nets.items() if m is net)}
 
 

@@ -457,7 +457,10 @@ def train(cfg: DictConfig, resume: bool = False) -> dict:
     pipeline (finished ones are skipped), ``resume`` continuing the last one."""
     from .stages import run_pipeline  # stages builds Trainers
 
+    finished = False
     try:
-        return run_pipeline(cfg, resume)
+        result = run_pipeline(cfg, resume)
+        finished = True
+        return result
     finally:
-        dist.cleanup()
+        dist.cleanup(finished)

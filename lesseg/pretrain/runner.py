@@ -316,7 +316,10 @@ def pretrain_resume_changes(stored: dict, now: dict, path: Path) -> dict[str, tu
 def pretrain(cfg: DictConfig, resume: bool = False) -> dict:
     """Pretrain an encoder self-supervised (the Python API behind ``lesseg pretrain``); returns the summary,
     whose ``encoder`` is the file ``model.pretrained`` takes."""
+    finished = False
     try:
-        return Pretrainer(cfg, resume).fit()
+        result = Pretrainer(cfg, resume).fit()
+        finished = True
+        return result
     finally:
-        dist.cleanup()
+        dist.cleanup(finished)
