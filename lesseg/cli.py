@@ -1,4 +1,5 @@
-"""``lesseg`` command line: train, pretrain, eval, predict, export, splits, data stats|check, demo."""
+"""``lesseg`` command line: train, pretrain, eval, predict, export, splits, active export|import, data stats|check,
+bench, viz, demo."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import LessegError
+from .errors import PAUSED_EXIT, LessegError, Paused
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -191,6 +192,31 @@ def cmd_data(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_active(args) -> int:
+    from .engine.annotation import export_requests, import_labels
+
+    if args.action == "export":
+        if not args.out:
+            raise LessegError("lesseg active export RUN --out DIR: say where to write the requests")
+        summary = export_requests(args.run, args.out, device=args.device)
+        print(f"round {summary['round']}: {summary['regions']} regions ({summary['pixels']} pixels) in "
+              f"{summary['images']} images written to {summary['out']}; instructions: {summary['out']}/README.txt",
+              file=sys.stderr)
+        print(json.dumps(summary))
+        return 0
+    if not args.labels:
+        raise LessegError("lesseg active import RUN DIR|ZIP: say where the labels are")
+    report = import_labels(args.run, args.labels)
+    for line in report.lines():
+        print(line, file=sys.stderr)
+    print(f"resume the training with --resume (the run folder {args.run})", file=sys.stderr)
+    print(json.dumps({"round": report.round, "pixels": report.labeled_pixels,
+                      "requested_pixels": report.requested_pixels, "images": report.images,
+                      "unlabeled_regions": report.unlabeled_regions, "outside": report.outside,
+                      "missing": report.missing}))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import bench
     from .data.sources.folder import ShapesSource
@@ -324,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="folder for labeled.txt / unlabeled.txt")
     sp.set_defaults(func=cmd_splits)
 
+    sp = sub.add_parser("active", help="a person as the annotator of an active-learning run paused at a round "
+                        "(method.annotator=human): export the requested regions, import the labels")
+    sp.add_argument("action", choices=["export", "import"])
+    sp.add_argument("run", help="the run folder (holds last.pt)")
+    sp.add_argument("labels", nargs="?", help="import: a folder of labels/<name>.png (class indices, 255 = not "
+                    "labeled), or a CVAT 'Segmentation mask 1.1' export (zip or unpacked)")
+    sp.add_argument("--out", help="export: a new folder for the images, regions, pre-labels and CVAT archive")
+    sp.add_argument("--device", default="cpu", help="export: device of the pre-label predictions")
+    sp.set_defaults(func=cmd_active)
+
     sp = sub.add_parser("data", help="dataset statistics and checks")
     sp.add_argument("action", choices=["stats", "check"])
     with_config(sp)
@@ -387,6 +423,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
+    except Paused as e:
+        from . import dist
+
+        if dist.is_main():  # once under torchrun
+            print(f"lesseg: paused: {e}", file=sys.stderr)
+        return PAUSED_EXIT
     except LessegError as e:
         print(f"lesseg: error: {e}", file=sys.stderr)
         return 2

@@ -11,3 +11,11 @@ class ConfigError(LessegError):
 
 class DataError(LessegError):
     """A missing, unreadable or invalid data file (image, mask, split list)."""
+
+
+class Paused(LessegError):
+    """Training stopped on purpose and is resumable: it waits for something from outside (a person's labels
+    of a round's regions). The CLI exits with status 3 (``PAUSED_EXIT``) and says how to go on."""
+
+
+PAUSED_EXIT = 3

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .. import config as config_mod
 from .. import dist
 from ..data import build_eval_dataset, build_streams, eval_loader, stream_source
-from ..errors import ConfigError, LessegError
+from ..errors import ConfigError, LessegError, Paused
 from ..methods import METHODS, Method, RunInfo, build_method
 from ..models.pretrained import resolve_pretrained
 from . import checkpoint as ckpt
@@ -328,6 +328,7 @@ class Trainer:
                 if self.resumed_changes:
                     self._log({"event": "resume", "step": self.step,
                                "changed": {k: {"was": a, "now": b} for k, (a, b) in self.resumed_changes.items()}})
+        self._pause_if_waiting()
         self._announce_phases()
         t = self.cfg.train
         iters = self.train_loaders()
@@ -387,11 +388,28 @@ class Trainer:
                     self.save("best.pt", {"eval": last_eval})
             if do_ckpt:
                 self.save("last.pt", {"eval": last_eval})
+            if in_round:
+                self._pause_if_waiting(bar)
         bar.close()
         if self.writer is not None:
             self.writer.close()
         self.last_eval = last_eval
         return last_eval
+
+    def _pause_if_waiting(self, bar: tqdm | None = None) -> None:
+        """Stop (resumably: last.pt is written) while the method waits for labels from a person."""
+        waiting = self.method.waiting()
+        if waiting is None:
+            return
+        if bar is not None:
+            bar.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        run = self.out
+        raise Paused(f"{waiting}; training is paused at step {self.step} of {self.max_iters} ({run / 'last.pt'}). "
+                     f"Go on with: lesseg active export {run} --out DIR; label the regions (DIR/README.txt); "
+                     f"lesseg active import {run} DIR; then the same lesseg train command with --resume")
 
     def _announce_phases(self) -> None:
         """Say at the start how many steps each phase of the schedule has (and log it)."""
@@ -462,5 +480,8 @@ def train(cfg: DictConfig, resume: bool = False) -> dict:
         result = run_pipeline(cfg, resume)
         finished = True
         return result
+    except Paused:
+        finished = True  # every process pauses at the same step, after the same checkpoint
+        raise
     finally:
         dist.cleanup(finished)

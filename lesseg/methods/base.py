@@ -142,6 +142,12 @@ class Method(nn.Module):
         training loaders (datasets read the label store anew) and checkpoints."""
         raise NotImplementedError(f"{type(self).__name__} declares rounds but does not implement run_round")
 
+    def waiting(self) -> str | None:
+        """What the method waits for from outside before training can go on (e.g. a round's regions that a
+        person must label), or None. After a round the trainer checkpoints and pauses while this is set; a
+        resume refuses to start until it clears (``lesseg active import``)."""
+        return None
+
     def __init__(self, cfg: Any, model_cfg: Any, info: RunInfo) -> None:
         super().__init__()
         self.cfg = cfg

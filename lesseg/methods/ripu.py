@@ -5,7 +5,8 @@ One network trained on a labeled source stream and a target stream whose labels 
 store: at 5 rounds inside the training (the authors: 10k, 12k, 14k, 16k, 18k of 40k steps, i.e. 25 % to
 45 % of the run), every target image is scored and its best regions (RA: (2k+1)^2 squares) or pixels (PA)
 are selected (lesseg.methods.active.selection) and labeled by the annotator: ``gt`` copies the target
-ground truth (the paper's simulation). Loss: source CE + target CE on the labeled pixels + 0.1 local
+ground truth (the paper's simulation); ``human`` pauses the run after the round's checkpoint until a person's
+labels of the requested regions are imported (``lesseg active export`` / ``import``, engine/annotation.py). Loss: source CE + target CE on the labeled pixels + 0.1 local
 consistency on source boundaries + 1.0 negative learning on target pixels. ``score`` also gives the
 paper's baselines at the same budget (random, entropy-only, impurity-only).
 """
@@ -37,6 +38,7 @@ from .common import ce_loss, split_outputs
 from .supervised import SupervisedConfig, sup_loss
 
 SCORES = ("ripu", "random", "entropy", "impurity")
+ANNOTATORS = ("gt", "human")
 
 
 @dataclass
@@ -51,7 +53,7 @@ class RIPUConfig(SupervisedConfig):
     rounds: list[float] = field(default_factory=lambda: [0.25, 0.30, 0.35, 0.40, 0.45])  # fractions of the run
     score: str = "ripu"  # ripu | random | entropy | impurity (the paper's baselines)
     log_norm: float | None = None  # normaliser of P and U; None: ln C (the authors use ln 19 everywhere)
-    annotator: str = "gt"  # gt: labels copied from the target ground truth (simulation)
+    annotator: str = "gt"  # gt: labels copied from the target ground truth (simulation); human: a person
     lc_weight: float = ranged(0.1, "[0, inf)")  # local consistency on source semantic boundaries
     nl_weight: float = ranged(1.0, "[0, inf)")  # negative learning on target pixels
     nl_tau: float = ranged(0.05, "(0, 1)")
@@ -71,8 +73,8 @@ class RIPU(Method):
             raise ConfigError(f"method.mode must be region or pixel, not {cfg.mode!r}")
         if cfg.score not in SCORES:
             raise ConfigError(f"method.score must be one of {SCORES}, not {cfg.score!r}")
-        if cfg.annotator != "gt":
-            raise ConfigError(f"method.annotator {cfg.annotator!r}: only gt (the target ground truth) is available")
+        if cfg.annotator not in ANNOTATORS:
+            raise ConfigError(f"method.annotator must be one of {ANNOTATORS}, not {cfg.annotator!r}")
         if not cfg.rounds or any(not 0 < f < 1 for f in cfg.rounds):
             raise ConfigError(f"method.rounds {cfg.rounds}: fractions of the run, each in (0, 1)")
         self.net = build_model(model_cfg, info.num_classes)
@@ -98,36 +100,53 @@ class RIPU(Method):
         return region_scores(logits, c.k, c.log_norm)[0]
 
     def select(self, score: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """H,W bool mask of the pixels to label in this round of one image."""
+        """H,W int64 map of the regions to label in this round of one image: region id (0, 1, ... in the order
+        picked) on the selected pixels, -1 elsewhere. A PA pixel is a region of its own."""
         c, (h, w) = self.cfg, score.shape
         if c.mode == "pixel":
-            return select_pixels(score, pixel_budget(c.pixels, len(c.rounds), (h, w)), c.pa_radius, active)[1]
-        return select_regions(score, region_budget(h, w, c.ratio, len(c.rounds), c.k), c.k, active)[1]
+            picks = select_pixels(score, pixel_budget(c.pixels, len(c.rounds), (h, w)), c.pa_radius, active)[0]
+            return _region_map(picks, 0, h, w)
+        picks = select_regions(score, region_budget(h, w, c.ratio, len(c.rounds), c.k), c.k, active)[0]
+        return _region_map(picks, c.k, h, w)
 
     def run_round(self, index: int, ctx: Any) -> dict:
-        """Score every target image (each process its shard), select, ask the annotator, store the labels on
-        every process."""
+        """Score every target image (each process its shard), select, then on every process: store the gt
+        annotator's labels, or the requests a person will label (the run then pauses, ``waiting``)."""
         store, picks, seconds = ctx.label_store, [], 0.0
+        human = self.cfg.annotator == "human"
         generator = torch.Generator(device=ctx.device).manual_seed(1000 * ctx.step + index)  # random baseline
-        for item in ctx.loader("target", masks=True):
-            i, image, truth = int(item["index"]), item["image"], item["mask"][0]
+        for item in ctx.loader("target", masks=not human):
+            i, image = int(item["index"]), item["image"]
             size = tuple(image.shape[-2:])
             logits = ctx.predict(self.net, image)[0].clamp_min(1e-12).log()  # C,H,W (log-probabilities)
             t = time.perf_counter()
-            chosen = self.select(self.score_map(logits, generator), store.labeled(i, size).to(ctx.device)).cpu()
+            regions = self.select(self.score_map(logits, generator), store.labeled(i, size).to(ctx.device))
             seconds += time.perf_counter() - t
-            pixels = chosen.flatten().nonzero().flatten()
-            picks.append((i, pixels, truth.flatten()[pixels].to(torch.uint8), size))  # the gt annotator
+            regions = regions.flatten().cpu()
+            pixels = (regions >= 0).nonzero().flatten()
+            given = regions[pixels] if human else item["mask"][0].flatten()[pixels].to(torch.uint8)  # gt labels
+            picks.append((i, pixels, given, size))
         added, images, area, total_seconds = 0, 0, 0, 0.0
         for shard, secs in ctx.gather((picks, seconds)):
             total_seconds += secs
-            for i, pixels, labels, size in shard:
-                added += store.add(i, pixels, labels, index, size)
+            for i, pixels, given, size in shard:
+                write = store.request if human else store.add
+                added += write(i, pixels, given, index, size)
                 images += 1
                 area += size[0] * size[1]
+        record = {"images": images, "select_s_per_image": total_seconds / max(images, 1)}
+        if human:
+            return {**record, "requested_pixels": added, "requested_regions": (store.pending() or {}).get("regions", 0)}
         # the budget actually spent (the per-image budget is rounded up: on small images it exceeds the ratio)
-        return {"pixels": added, "labeled_pixels": store.count(), "labeled_share": store.count() / max(area, 1),
-                "images": images, "select_s_per_image": total_seconds / max(images, 1)}
+        return {**record, "pixels": added, "labeled_pixels": store.count(),
+                "labeled_share": store.count() / max(area, 1)}
+
+    def waiting(self) -> str | None:
+        p = self.label_store.pending()
+        if p is None:
+            return None
+        return (f"selection round {p['round']} asks a person to label {p['regions']} regions ({p['pixels']} pixels) "
+                f"in {p['images']} target images")
 
     # -- training ------------------------------------------------------------------------------------
     def training_step(self, batch, step):
@@ -139,3 +158,14 @@ class RIPU(Method):
         loss_nl = negative_learning(out_t["logits"].float().softmax(1), tgt["valid"], self.cfg.nl_tau)
         loss = loss_src + loss_tgt + self.cfg.lc_weight * loss_lc + self.cfg.nl_weight * loss_nl
         return {"loss": loss, "loss_src": loss_src, "loss_tgt": loss_tgt, "loss_lc": loss_lc, "loss_nl": loss_nl}
+
+
+def _region_map(centres: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
+    """H,W region ids of the clipped (2k+1)^2 squares around ``centres`` (flat indices, in the order picked;
+    id = position in that order), -1 outside. The selection keeps centres more than 2k apart, so no pixel is
+    within k of two centres: a max-pool of ``id + 1`` placed at the centres gives each square its id."""
+    ids = torch.zeros(h * w, device=centres.device)
+    ids[centres] = torch.arange(1, centres.numel() + 1, device=centres.device, dtype=ids.dtype)
+    if k:
+        ids = torch.nn.functional.max_pool2d(ids.view(1, 1, h, w), 2 * k + 1, 1, k).flatten()
+    return ids.view(h, w).long() - 1
