@@ -7,7 +7,7 @@ from functools import lru_cache
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ConfigError, DataError
-from . import shapes  # noqa: F401
+from . import fashion, shapes  # noqa: F401  (fashion registers the `fashion` source)
 from . import sources as _sources  # noqa: F401  (register the sources; build_streams has a local `sources`)
 from .base import IGNORE, SOURCES, Sample, SegSource
 from .check import require_clean, scan
