@@ -180,7 +180,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    out: str | None = None  # run folder; None: runs/<config name>
+    out: str | None = None  # run folder; None: runs/<config name> (packaged: runs/<family>/<config name>)
     # per-stage overrides of a multi-stage method: stages.<stage name>.<section>.<key> (e.g. the first stage's
     # stages.stage1.train.iters); the stage names are the method's (lesseg.methods.base.Method.stage_names)
     stages: dict[str, Any] = field(default_factory=dict)
@@ -327,9 +327,10 @@ def load(path: str | Path, overrides: list[str] = ()) -> DictConfig:
     """Load a YAML config (with its optional ``base:``) and apply overrides."""
     path = resolve_path(path)
     cfg = build(_raw_layers(path), list(overrides), where=str(path))
-    if cfg.out is None:
+    if cfg.out is None:  # a packaged config's family keeps shapes/u2pl.yaml and fashion/u2pl.yaml apart
         OmegaConf.set_readonly(cfg, False)
-        cfg.out = str(Path("runs") / path.stem)
+        packaged = path.resolve().is_relative_to(PACKAGED.resolve())
+        cfg.out = str(Path("runs") / (path.parent.name if packaged else "") / path.stem)
         OmegaConf.set_readonly(cfg, True)
     return cfg
 
