@@ -217,6 +217,35 @@ def cmd_active(args) -> int:
     return 0
 
 
+def _bench_active(args) -> int:
+    from .bench.active import (
+        QUICK,
+        VARIANTS,
+        bench_active,
+        curve_points,
+        print_active_table,
+        summarize_active,
+    )
+    from .methods.active.pictures import labels_curve
+
+    if args.config:  # `lesseg bench active k=v ...`: no config, only overrides
+        args.overrides = [args.config, *args.overrides]
+    variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else tuple(VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise LessegError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    out = Path(args.out or ("runs/bench_active_quick" if args.quick else "runs/bench_active"))
+    seeds = tuple(range(1 if args.quick else args.seeds))
+    rows = bench_active(out, variants, seeds, (QUICK if args.quick else []) + list(args.overrides), args.device,
+                        train_missing=not args.finished_only, family=args.dataset)
+    table = summarize_active(rows)
+    print_active_table(table)
+    if rows:
+        print(f"picture: {labels_curve(curve_points(rows), out / 'labels_curve.png')}", file=sys.stderr)
+    print(json.dumps({"table": table, "rows": rows}))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import bench
     from .data.sources.folder import ShapesSource
@@ -227,6 +256,8 @@ def cmd_bench(args) -> int:
         bench.print_select_table(rows, size[0], size[1], args.classes)
         print(json.dumps(rows))
         return 0
+    if args.kind == "active":
+        return _bench_active(args)
     if args.kind == "speed":
         if not args.config:
             raise LessegError("bench speed needs a CONFIG")
@@ -256,7 +287,7 @@ def cmd_bench(args) -> int:
         raise LessegError("--cost-only excludes --no-cost and --finished-only")
     rows = [] if args.cost_only else bench.bench_semi(out, methods, budgets, seeds, quick + list(args.overrides),
                                                       args.device, pretrain=args.pretrain,
-                                                      train_missing=not args.finished_only)
+                                                      train_missing=not args.finished_only, family=args.dataset)
     table = bench.summarize_semi(rows)
     if rows:
         bench.print_semi_table(table, rows)
@@ -301,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("train", help="train a method from a config")
     with_config(sp)
-    sp.add_argument("--out", help="run folder (default: the config's `out`, or runs/<config name>)")
+    sp.add_argument("--out", help="run folder (default: the config's `out`, or runs/<config name>; packaged configs: runs/<family>/<name>)")
     sp.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     sp.set_defaults(func=cmd_train)
 
@@ -367,17 +398,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_data)
 
     sp = sub.add_parser("bench", help="benchmarks that print tables")
-    sp.add_argument("kind", choices=["speed", "semi", "select"],
+    sp.add_argument("kind", choices=["speed", "semi", "select", "active"],
                     help="speed: throughput and peak memory of CONFIG; semi: every semi-supervised method on "
                          "shapes at 1/16 and 1/8 over seeds, plus the method-specific cost per step; select: "
-                         "RIPU's score and selection time for one image")
+                         "RIPU's score and selection time for one image; active: RIPU and its baselines, "
+                         "synthetic -> real shapes, per label budget")
     sp.add_argument("config", nargs="?", help="YAML config (speed)")
+    sp.add_argument("--dataset", default="shapes", help="semi, active: the embedded dataset whose packaged configs "
+                    "are run (shapes, fashion)")
+    sp.add_argument("--variants", help="active: comma-separated subset of the variants (default: all)")
     sp.add_argument("overrides", nargs="*", help="key=value overrides")
     sp.add_argument("--iters", type=int, default=20, help="timed steps")
     sp.add_argument("--warmup", type=int, default=3)
     sp.add_argument("--profile", action="store_true",
                     help="speed: print torch.profiler's per-op table of --iters steps instead of the timing")
-    sp.add_argument("--quick", action="store_true", help="semi: a short smoke run (1 seed, 1/16, 30 steps)")
+    sp.add_argument("--quick", action="store_true", help="semi: a short smoke run (1 seed, 1/16, 30 steps); active: "
+                    "1 seed, 150 steps")
     sp.add_argument("--seeds", type=int, default=2, help="semi: number of seeds")
     sp.add_argument("--methods", help="semi: comma-separated subset")
     sp.add_argument("--budgets", help="semi: comma-separated label budgets (default 1-16,1-8; also 1-4, 1-2)")

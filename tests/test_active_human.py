@@ -121,7 +121,7 @@ def _paused_run(tiny_cfg, tmp_path) -> tuple[Path, Path, list[np.ndarray]]:
 def test_import_takes_only_the_regions_and_reports_what_is_missing_or_outside(tiny_cfg, tmp_path):
     run, export, truths = _paused_run(tiny_cfg, tmp_path)
     req = json.loads((export / "requests.json").read_text())
-    first, second, third = (item["name"] for item in req["images"][:3])
+    _, second, third = (item["name"] for item in req["images"][:3])
     _write_true_labels(export, truths, skip={third})
     # the second image: labeled everywhere (outside the regions too) except its first region
     regions = json.loads((export / "regions" / f"{second}.json").read_text())

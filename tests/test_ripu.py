@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from lesseg.engine.trainer import Trainer
 from lesseg.methods.active.losses import boundary_pixels, local_consistency, negative_learning
@@ -51,10 +52,10 @@ STREAMS = {"streams": {"source": {"split": "train", "batch_size": 4},
                        "target": {"split": "val", "batch_size": 4, "labeled": False}}}
 
 
-@pytest.mark.parametrize("mode", ["region", "pixel"])
-def test_a_tiny_adaptation_run_labels_the_budget_from_the_ground_truth(tiny_cfg, mode):
+@pytest.mark.parametrize("mode, regions", [("region", "square"), ("pixel", "square"), ("region", "superpixel")])
+def test_a_tiny_adaptation_run_labels_the_budget_from_the_ground_truth(tiny_cfg, mode, regions):
     cfg = tiny_cfg(["train.iters=6"], method={"name": "ripu", "mode": mode, "rounds": [0.34, 0.67], "ratio": 0.05,
-                                              "pixels": 4000.0}, data=STREAMS)
+                                              "pixels": 4000.0, "regions": regions}, data=STREAMS)
     trainer = Trainer(cfg)
     assert trainer.rounds == [2, 4]
     trainer.fit()
@@ -62,11 +63,18 @@ def test_a_tiny_adaptation_run_labels_the_budget_from_the_ground_truth(tiny_cfg,
               if json.loads(x)["event"] == "round"]
     store, data = trainer.method.label_store, trainer.streams["target"].dataset
     n = len(data)
-    per_round = (math.ceil(32 * 32 * 0.05 / 2 / 9) if mode == "region" else
-                 math.ceil(4000 * 32 * 32 / (640 * 1280) / 2))
     assert [r["images"] for r in rounds] == [n, n]
-    for r in rounds:
-        assert r["pixels"] <= per_round * (9 if mode == "region" else 1) * n and r["pixels"] > 0
+    if regions == "superpixel":  # whole superpixels until the round's pixels reach the budget
+        budget = math.ceil(32 * 32 * 0.05 / 2)
+        for r in rounds:
+            assert budget * n <= r["pixels"] < 3 * budget * n
+    else:
+        per_round = (math.ceil(32 * 32 * 0.05 / 2 / 9) if mode == "region" else
+                     math.ceil(4000 * 32 * 32 / (640 * 1280) / 2))
+        for r in rounds:
+            assert r["pixels"] <= per_round * (9 if mode == "region" else 1) * n and r["pixels"] > 0
+    for k in (0, 1):  # each round's picture: images, score maps, the selected regions
+        assert Image.open(Path(cfg.out) / "rounds" / f"round{k}.png").size[1] > 100
     for i in range(n):  # the stored labels are the ground truth's
         truth = torch.from_numpy(data.source.read_mask(data.samples[i].mask)).long()
         got = torch.from_numpy(store.rasterize(i, (32, 32))).long()

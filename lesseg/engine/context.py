@@ -33,7 +33,7 @@ class EngineContext:
     class_names: list[str]
     amp: torch.dtype | None = None
     progress: bool = True
-    folder: Path | None = None  # a task stage's folder (its product)
+    folder: Path | None = None  # a task stage's folder (its product); a round's: the run folder
     products: dict[str, Path] = field(default_factory=dict)  # earlier stages' products, by stage name
     step: int = 0  # a round's step
     label_store: Any = None

@@ -166,7 +166,7 @@ class Trainer:
         new labels (the caller rebuilds them) and a checkpoint (a resume never redoes or skips a round)."""
         index = self.rounds.index(self.step)
         ctx = EngineContext(cfg=self.cfg, device=self.device, class_names=self.info.class_names, amp=self.amp,
-                            progress=self.progress, step=self.step,
+                            progress=self.progress, step=self.step, folder=self.out,
                             label_store=getattr(self.method, "label_store", None), log=self._log)
         self._sync_buffers()
         with eval_mode(self.method), torch.no_grad():

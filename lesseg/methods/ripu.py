@@ -13,10 +13,12 @@ paper's baselines at the same budget (random, entropy-only, impurity-only).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from ..config import ranged
@@ -24,6 +26,7 @@ from ..data.label_store import LabelStore
 from ..errors import ConfigError
 from ..models import build_model
 from .active.losses import local_consistency, negative_learning
+from .active.pictures import round_picture
 from .active.selection import (
     baseline_scores,
     pixel_budget,
@@ -33,6 +36,7 @@ from .active.selection import (
     select_pixels,
     select_regions,
 )
+from .active.superpixels import select_superpixels, slic_segments, superpixel_scores
 from .base import METHODS, Method, RunInfo
 from .common import ce_loss, split_outputs
 from .supervised import SupervisedConfig, sup_loss
@@ -44,9 +48,12 @@ ANNOTATORS = ("gt", "human")
 @dataclass
 class RIPUConfig(SupervisedConfig):
     name: str = "ripu"
-    mode: str = "region"  # region (RA: squares) | pixel (PA: single pixels)
+    mode: str = "region"  # region (RA) | pixel (PA: single pixels)
+    regions: str = "square"  # RA: square ((2k+1)^2, the paper's) | superpixel (SLIC: regions a person can label)
+    superpixel_size: int = ranged(0, "[0, inf)")  # pixels per superpixel; 0: an eighth of a round's budget (>= 9)
+    pictures: int = ranged(4, "[0, inf)")  # target images drawn per round into <out>/rounds/round<i>.png
     ratio: float = ranged(0.022, "(0, 1]")  # RA: share of each target image's pixels labeled over all rounds
-    pixels: float = ranged(40.0, "(0, inf)")  # PA: pixels per 1280x640 image over all rounds (scaled by size)
+    pixels: float = ranged(40.0, "[0, inf)")  # PA: pixels per 1280x640 image over all rounds (scaled; 0: none)
     k: int = ranged(1, "[0, inf)")  # RA: region radius (squares of (2k+1)^2)
     pa_k: int = ranged(32, "[0, inf)")  # PA: radius of the impurity window of the score
     pa_radius: int = ranged(1, "[0, inf)")  # PA: suppression radius around a labeled pixel
@@ -71,6 +78,8 @@ class RIPU(Method):
         super().__init__(cfg, model_cfg, info)
         if cfg.mode not in ("region", "pixel"):
             raise ConfigError(f"method.mode must be region or pixel, not {cfg.mode!r}")
+        if cfg.regions not in ("square", "superpixel"):
+            raise ConfigError(f"method.regions must be square or superpixel, not {cfg.regions!r}")
         if cfg.score not in SCORES:
             raise ConfigError(f"method.score must be one of {SCORES}, not {cfg.score!r}")
         if cfg.annotator not in ANNOTATORS:
@@ -84,14 +93,15 @@ class RIPU(Method):
         return [round(f * self.info.max_iters) for f in self.cfg.rounds]
 
     def phases(self) -> list[tuple[str, int, int]]:
-        unit = (f"{100 * self.cfg.ratio:g} % of each target image's pixels in {self.cfg.k * 2 + 1}x"
-                f"{self.cfg.k * 2 + 1} regions" if self.cfg.mode == "region"
-                else f"{self.cfg.pixels:g} pixels per 1280x640 target image")
+        c = self.cfg
+        shape = "superpixels" if c.regions == "superpixel" else f"{c.k * 2 + 1}x{c.k * 2 + 1} regions"
+        unit = (f"{100 * c.ratio:g} % of each target image's pixels in {shape}" if c.mode == "region"
+                else f"{c.pixels:g} pixels per 1280x640 target image")
         return [(f"target labels: {unit}, split over {len(self.cfg.rounds)} rounds", 0, self.info.max_iters)]
 
     # -- selection -----------------------------------------------------------------------------------
     def score_map(self, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The configured score of one image. C,H,W logits -> H,W"""
+        """The configured per-pixel score of one image. C,H,W logits -> H,W"""
         c = self.cfg
         if c.score != "ripu":
             return baseline_scores(c.score, logits, c.k, generator)
@@ -109,19 +119,46 @@ class RIPU(Method):
         picks = select_regions(score, region_budget(h, w, c.ratio, len(c.rounds), c.k), c.k, active)[0]
         return _region_map(picks, c.k, h, w)
 
+    def superpixel_size(self, h: int, w: int) -> int:
+        c = self.cfg
+        return c.superpixel_size or max(9, math.ceil(h * w * c.ratio / len(c.rounds) / 8))
+
+    def pick(self, logits: torch.Tensor, active: torch.Tensor, generator: torch.Generator,
+             rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's regions of this round (H,W ids, -1 elsewhere) and its H,W score map (for pictures).
+        Superpixels (SLIC on ``rgb``) are scored by impurity x uncertainty over the superpixel (or the
+        baseline's share of it) and taken greedily up to the round's pixel budget."""
+        c, (h, w) = self.cfg, logits.shape[1:]
+        if not (c.mode == "region" and c.regions == "superpixel"):
+            score = self.score_map(logits, generator)
+            return self.select(score, active), score
+        segments = slic_segments(rgb, self.superpixel_size(h, w)).to(logits.device)
+        ripu, impurity, uncertainty = superpixel_scores(logits, segments, c.log_norm)
+        score = {"ripu": ripu, "impurity": impurity, "entropy": uncertainty}.get(c.score)
+        if score is None:  # random
+            score = torch.rand(ripu.shape, generator=generator, device=ripu.device)
+        ids = select_superpixels(score, segments, math.ceil(h * w * c.ratio / len(c.rounds)), active)[0]
+        order = torch.full_like(score, -1, dtype=torch.long)
+        order[ids] = torch.arange(ids.numel(), device=ids.device)
+        return order[segments], score[segments]
+
     def run_round(self, index: int, ctx: Any) -> dict:
         """Score every target image (each process its shard), select, then on every process: store the gt
         annotator's labels, or the requests a person will label (the run then pauses, ``waiting``)."""
-        store, picks, seconds = ctx.label_store, [], 0.0
+        store, picks, seconds, drawn = ctx.label_store, [], 0.0, []
         human = self.cfg.annotator == "human"
         generator = torch.Generator(device=ctx.device).manual_seed(1000 * ctx.step + index)  # random baseline
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in (ctx.cfg.data.mean, ctx.cfg.data.std))
         for item in ctx.loader("target", masks=not human):
             i, image = int(item["index"]), item["image"]
             size = tuple(image.shape[-2:])
+            rgb = ((image[0] * std + mean) * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
             logits = ctx.predict(self.net, image)[0].clamp_min(1e-12).log()  # C,H,W (log-probabilities)
             t = time.perf_counter()
-            regions = self.select(self.score_map(logits, generator), store.labeled(i, size).to(ctx.device))
+            regions, score = self.pick(logits, store.labeled(i, size).to(ctx.device), generator, rgb)
             seconds += time.perf_counter() - t
+            if len(drawn) < self.cfg.pictures and ctx.main and ctx.folder is not None:
+                drawn.append((rgb, score.float().cpu().numpy(), (regions >= 0).cpu().numpy()))
             regions = regions.flatten().cpu()
             pixels = (regions >= 0).nonzero().flatten()
             given = regions[pixels] if human else item["mask"][0].flatten()[pixels].to(torch.uint8)  # gt labels
@@ -134,6 +171,11 @@ class RIPU(Method):
                 added += write(i, pixels, given, index, size)
                 images += 1
                 area += size[0] * size[1]
+        if drawn:
+            c = self.cfg
+            what = "pixels" if c.mode == "pixel" else "superpixels" if c.regions == "superpixel" else "squares"
+            round_picture(*map(list, zip(*drawn)), ctx.folder / "rounds" / f"round{index}.png",
+                          f"round {index} at step {ctx.step}: {c.score} score, {what}")
         record = {"images": images, "select_s_per_image": total_seconds / max(images, 1)}
         if human:
             return {**record, "requested_pixels": added, "requested_regions": (store.pending() or {}).get("regions", 0)}
