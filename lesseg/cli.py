@@ -460,11 +460,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Paused as e:
+        import os
+
         from . import dist
 
         if dist.is_main():  # once under torchrun
             print(f"lesseg: paused: {e}", file=sys.stderr)
-        return PAUSED_EXIT
+            print(json.dumps({"paused": str(e)}))
+        # torchrun reports any non-zero exit of a worker as a failure (with tracebacks): there, a pause exits 0
+        # and the JSON line above tells
+        return PAUSED_EXIT if int(os.environ.get("WORLD_SIZE", "1")) == 1 else 0
     except LessegError as e:
         print(f"lesseg: error: {e}", file=sys.stderr)
         return 2

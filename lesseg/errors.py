@@ -15,7 +15,8 @@ class DataError(LessegError):
 
 class Paused(LessegError):
     """Training stopped on purpose and is resumable: it waits for something from outside (a person's labels
-    of a round's regions). The CLI exits with status 3 (``PAUSED_EXIT``) and says how to go on."""
+    of a round's regions). The CLI says how to go on, prints ``{"paused": message}`` and exits with status 3
+    (``PAUSED_EXIT``); under torchrun with 0, since torchrun reports a worker's non-zero exit as a failure."""
 
 
 PAUSED_EXIT = 3

@@ -93,3 +93,43 @@ def test_paper_configs_set_the_authors_geometry_and_schedule():
     assert list(gtav.method.rounds) == [0.25, 0.30, 0.35, 0.40, 0.45] and gtav.train.iters == 40000
     synthia = config.load("cityscapes/ripu_synthia.yaml")
     assert synthia.data.options.classes == synthia.data.streams.source.options.classes == 16
+
+
+@pytest.mark.parametrize("annotator", ["gt", "human"])
+def test_two_processes_select_every_target_image_once_per_round(tiny_cfg, tmp_path, annotator):
+    """Under torchrun each process scores its shard; the gathered picks reach one identical store. With a
+    person as the annotator both processes pause at the first round, and the message is printed once (exit 0:
+    torchrun turns a worker's exit 3 into a failure report; the JSON line tells)."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from lesseg import config
+    from lesseg.data.label_store import LabelStore
+    from lesseg.engine import checkpoint as ckpt
+
+    out = tmp_path / "ddp"
+    cfg = tiny_cfg(["train.iters=6", f"out={out}"], method={"name": "ripu", "rounds": [0.34, 0.67], "ratio": 0.05,
+                                                            "annotator": annotator}, data=STREAMS)
+    path = tmp_path / "cfg.yaml"
+    config.save(cfg, path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(Path(__file__).parent / "toy_active.py"), "train", str(path)],
+                       capture_output=True, text=True, env=env, timeout=300, check=False)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [x for x in records if x["event"] == "round"]
+    store = LabelStore()
+    store.set_extra_state(ckpt.load(out / "last.pt")["method"]["label_store._extra_state"])
+    if annotator == "human":
+        assert r.returncode == 0, r.stderr[-3000:]  # torchrun would report exit 3 as a failed worker
+        assert r.stderr.count("lesseg: paused:") == 1 and r.stdout.count('{"paused":') == 1
+        assert [x["images"] for x in rounds] == [15] and store.pending()["images"] == 15
+        return
+    assert r.returncode == 0, r.stdout[-1000:] + r.stderr[-3000:]
+    assert [x["images"] for x in rounds] == [15, 15]  # both shards, every image once
+    assert store.count() == sum(x["pixels"] for x in rounds) > 0
+    per_image = math.ceil(32 * 32 * 0.05 / 2 / 9) * 9 * 2
+    assert all(0 < len(p) <= per_image and len(np.unique(p)) == len(p) for p in store._pixels)
