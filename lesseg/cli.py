@@ -271,8 +271,10 @@ def cmd_bench(args) -> int:
         return 0
     if args.config:  # `lesseg bench semi k=v ...`: no config, only overrides
         args.overrides = [args.config, *args.overrides]
-    out = Path(args.out or ("runs/bench_semi_quick" if args.quick else "runs/bench_semi")
-               + ("_pretrained" if args.pretrain and not args.out else ""))
+    start = args.start or ("synthetic" if args.pretrain else "scratch")
+    suffix = {"synthetic": "_pretrained", "imagenet": "_imagenet", "scratch": ""}[start]
+    suffix += "" if args.dataset == "shapes" else f"_{args.dataset}"
+    out = Path(args.out or ("runs/bench_semi_quick" if args.quick else "runs/bench_semi") + suffix)
     quick = ["train.iters=30", "train.eval_every=0", "train.log_every=10"] if args.quick else []
     methods = tuple(args.methods.split(",")) if args.methods else bench.SEMI_METHODS
     seeds = tuple(range(1 if args.quick else args.seeds))
@@ -286,7 +288,8 @@ def cmd_bench(args) -> int:
     if args.cost_only and (args.no_cost or args.finished_only):
         raise LessegError("--cost-only excludes --no-cost and --finished-only")
     rows = [] if args.cost_only else bench.bench_semi(out, methods, budgets, seeds, quick + list(args.overrides),
-                                                      args.device, pretrain=args.pretrain,
+                                                      args.device, pretrain={"synthetic": True, "imagenet": "imagenet",
+                                                                             "scratch": False}[start],
                                                       train_missing=not args.finished_only, family=args.dataset)
     table = bench.summarize_semi(rows)
     if rows:
@@ -428,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="semi: start every run from the encoder of a supervised run on synthetic shapes (trained "
                          "first, once) and fine-tune it at a tenth of the head's lr, as the papers do from ImageNet; "
                          "--no-pretrain: from scratch")
+    sp.add_argument("--start", choices=["synthetic", "imagenet", "scratch"],
+                    help="semi: what every run starts from: the synthetic-shapes encoder (the default, = --pretrain), "
+                         "torchvision's ImageNet MobileNetV2 (model.encoder=mobilenetv2_100), or random init "
+                         "(= --no-pretrain)")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--size", help="select: HxW of the score map (default 1024x2048)")
     sp.add_argument("--classes", type=int, default=19, help="select: number of classes (default 19)")

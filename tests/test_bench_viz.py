@@ -215,20 +215,39 @@ def test_curves_draw_the_true_class0_share_into_the_pseudo_label_panel(tmp_path,
     assert sorted(titles) == ["loss", "pl_c0"] and dashed == ["true_c0"]
 
 
-@pytest.mark.parametrize("flag, folder, pretrain", [(None, "runs/bench_semi_pretrained", True),
-                                                    ("--no-pretrain", "runs/bench_semi", False)])
-def test_bench_semi_pretrains_by_default_and_keeps_scratch_runs_apart(flag, folder, pretrain, tmp_path, capsys,
-                                                                      monkeypatch):
+@pytest.mark.parametrize("flags, folder, pretrain, family", [
+    ([], "runs/bench_semi_pretrained", True, "shapes"),
+    (["--no-pretrain"], "runs/bench_semi", False, "shapes"),
+    (["--start", "imagenet", "--dataset", "fashion"], "runs/bench_semi_imagenet_fashion", "imagenet", "fashion")])
+def test_bench_semi_pretrains_by_default_and_keeps_scratch_runs_apart(flags, folder, pretrain, family, tmp_path,
+                                                                      capsys, monkeypatch):
     from test_cli import run_cli
 
     from lesseg import bench
 
     calls = []
-    monkeypatch.setattr(bench, "bench_semi", lambda out, *a, pretrain, **k: calls.append((out, pretrain)) or [])
+    monkeypatch.setattr(bench, "bench_semi",
+                        lambda out, *a, pretrain, family, **k: calls.append((out, pretrain, family)) or [])
     monkeypatch.chdir(tmp_path)
-    rc, _, err = run_cli(capsys, "bench", "semi", "--methods", "u2pl", "--no-cost", *([flag] if flag else []))
+    rc, _, err = run_cli(capsys, "bench", "semi", "--methods", "u2pl", "--no-cost", *flags)
     assert rc == 0, err
-    assert calls == [(Path(folder), pretrain)]
+    assert calls == [(Path(folder), pretrain, family)]
+
+
+def test_bench_semi_imagenet_start_fine_tunes_torchvisions_mobilenetv2(tmp_path, monkeypatch):
+    from lesseg import bench
+    from lesseg.engine import trainer
+
+    seen = []
+
+    def fake_train(cfg, resume=False):
+        seen.append((cfg.model.encoder, cfg.model.pretrained, cfg.optim.lr, cfg.optim.head_lr_mult))
+        Path(cfg.out).mkdir(parents=True)
+        return {"miou": 0.5}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    bench.bench_semi(tmp_path, ("u2pl",), ("1-16",), (0,), pretrain="imagenet")
+    assert seen == [("mobilenetv2_100", "imagenet", 0.0002, 10.0)]
 
 
 def test_bench_semi_reuses_a_finished_run_only_with_the_same_config(tmp_path, monkeypatch):

