@@ -340,5 +340,12 @@ def from_dict(data: dict, overrides: list[str] = ()) -> DictConfig:
     return build([data], list(overrides), where="config")
 
 
-def save(cfg: DictConfig, path: str | Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(cfg))
+def save(cfg: DictConfig, path: str | Path, started_from: dict | None = None) -> None:
+    """Write ``cfg`` as YAML. ``started_from`` (``models.pretrained.resolve_pretrained``'s record) is written as
+    a comment at the top: what ``model.pretrained`` resolved to and its sha256, while the file stays a config
+    that ``lesseg train|eval`` load as it is."""
+    head = ""
+    if started_from:
+        what = " ".join(str(started_from[k]) for k in ("source", "tag", "file") if started_from.get(k))
+        head = f"# started from: {started_from['spec']} -> {what} (sha256 {started_from['sha256']})\n"
+    Path(path).write_text(head + OmegaConf.to_yaml(cfg))

@@ -2,11 +2,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lesseg import config
 from lesseg.engine import checkpoint as ckpt
 from lesseg.engine.trainer import NonFiniteLoss, Trainer, train
 from lesseg.errors import ConfigError
@@ -163,6 +165,11 @@ def test_pretrained_from_a_lesseg_checkpoint_takes_its_evaluated_networks_encode
         "file": os.path.abspath(f"{cfg.out}/last.pt"), "sha256": started_from}
     assert state["pretrained"] is None
     assert state["pretrained_sha256"] is None
+    # config.yaml says it too (a comment: the file stays a config that loads as it is)
+    head = Path(f"{tmp_path}/second/config.yaml").read_text().splitlines()[0]
+    assert head.startswith(f"# started from: {cfg.out}/last.pt -> file") and started_from in head
+    assert config.load(f"{tmp_path}/second/config.yaml").model.pretrained == f"{cfg.out}/last.pt"
+    assert not Path(f"{cfg.out}/config.yaml").read_text().startswith("#")  # random init: nothing to say
     # the file changes (a retrained pretraining) before the run resumes: the run still records the version it
     # started from, not today's file, whose weights it never used
     changed = {**state, "method": {k: v + 1 if v.is_floating_point() else v for k, v in state["method"].items()}}

@@ -320,7 +320,7 @@ class Trainer:
             # labeler, the cost bench) leaves no run folder behind
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(self.out)
-            config_mod.save(self.cfg, self.out / "config.yaml")
+            config_mod.save(self.cfg, self.out / "config.yaml", self.pretrained)  # what it started from, too
             if self.resumed_from is not None:
                 truncate_metrics(self.out / "metrics.jsonl", self.resumed_from)
                 for key, (was, now) in self.resumed_changes.items():
