@@ -32,13 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import timm
 import torch
-from huggingface_hub import constants as hf_constants
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
-from huggingface_hub.file_download import repo_folder_name
-from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
-from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import Tensor, nn
 
 from lesseg.errors import ConfigError
@@ -241,12 +235,17 @@ def locate_pretrained(cfg: ModelConfig) -> Pretrained | None:
 
 
 def _arch(encoder: str) -> str:
+    from timm.models import split_model_name_tag
+
     return split_model_name_tag(encoder)[0]
 
 
 def _timm_tag(spec: str, encoder: str) -> tuple[str, PretrainedCfg]:
     """timm's ``arch.tag`` that ``spec`` names for ``encoder`` (``imagenet``: the encoder's tag, else timm's
     default one), and its pretrained config."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
     arch = _arch(encoder)
     name = encoder
     if spec != IMAGENET:
@@ -279,6 +278,9 @@ def _hub_location(timm_cfg: PretrainedCfg) -> tuple[str, str | None, tuple[str, 
 
 def _cached_hub_file(timm_cfg: PretrainedCfg) -> Path | None:
     """timm's weights file in the Hugging Face cache, looked up as the hub client does (refs -> snapshot)."""
+    from huggingface_hub import constants as hf_constants
+    from huggingface_hub import try_to_load_from_cache
+
     repo, revision, names = _hub_location(timm_cfg)
     for name in names:
         found = try_to_load_from_cache(repo, name, cache_dir=hf_constants.HF_HUB_CACHE, revision=revision)
@@ -292,6 +294,12 @@ def _download_hub_file(
 ) -> Path:
     """timm's weights file, downloaded into the Hugging Face cache; where that cannot be, one error that names
     the cache and says how to place the file there."""
+    import timm
+    from huggingface_hub import constants as hf_constants
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
     repo, revision, names = _hub_location(timm_cfg)
     cache = Path(hf_constants.HF_HUB_CACHE)
     reason = "offline mode is on (HF_HUB_OFFLINE=1)"
@@ -338,6 +346,8 @@ def _timm_state(tag: str, file: Path) -> dict[str, Tensor]:
     """The state dict of timm's full model of ``tag`` with the weights of ``file``, loaded by timm itself (its
     checkpoint filter, a strict load). The full model, not a `features_only` one: timm loads those leniently
     (the classifier dropped), so a file lacking tensors would pass unnoticed."""
+    import timm
+
     try:
         model = timm.create_model(tag, pretrained=True, pretrained_cfg_overlay={"file": str(file)})
     except Exception as e:  # noqa: BLE001  (a wrong or corrupt file fails in many ways; the user needs one message)
@@ -488,6 +498,8 @@ def _dropped_by_features_only(encoder: nn.Module) -> set[str]:
 
     The full model is built on the meta device, so this allocates no weights.
     """
+    import timm
+
     arch = getattr(encoder, "pretrained_cfg", {}).get("architecture")
     if arch is None or not timm.is_model(arch):
         return set()

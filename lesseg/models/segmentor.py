@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import timm
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -141,6 +140,8 @@ class Segmentor(nn.Module):
 
 def create_encoder(name: str, output_stride: int) -> nn.Module:
     """A timm `features_only` encoder (random init) whose last stages are dilated to `output_stride`."""
+    import timm  # here, not at the top: commands that build no network (data stats|check) skip its import
+
     if output_stride not in ASPP_RATES:
         raise ConfigError(f"model.output_stride must be 8 or 16, got {output_stride}")
     if not timm.is_model(name):
