@@ -84,8 +84,10 @@ def test_human_annotator_pauses_exports_imports_and_ends_like_the_gt_annotator(t
         req = _write_true_labels(export, truths)
         n = len(req["images"])
         assert n == len(truths)  # every target image got regions
-        for sub in ("images", "regions", "prelabels"):
-            assert len(list((export / sub).iterdir())) >= n
+        for sub in ("images", "prelabels"):
+            assert len(list((export / sub).iterdir())) == n
+        assert len(list((export / "regions").glob("*_overlay.png"))) == n
+        assert len(list((export / "regions").glob("*.json"))) == n
         report = import_labels(run, export)
         ignored = sum(int((truths[i["index"]][np.array(Image.open(export / "regions" / f"{i['name']}.png")) == 255]
                            == 255).sum()) for i in req["images"])  # the ground truth's own 255 border

@@ -4,6 +4,7 @@
 
     DIR/images/<name>.<ext>       the image (copied as it is on disk)
     DIR/regions/<name>.png        the regions to label: 255 inside, 0 outside
+    DIR/regions/<name>_overlay.png  the image with the regions tinted and outlined (to look at)
     DIR/regions/<name>.json       the regions: id, pixel count, bounding box
     DIR/prelabels/<name>.png      the current network's prediction (palette PNG, a starting point)
     DIR/requests.json             run, round, classes, and per image its index, source file and size
@@ -37,10 +38,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ..data.base import IGNORE
+from ..data.base import IGNORE, read_rgb
 from ..data.sources.voc import voc_palette
 from ..errors import DataError, LessegError
 from ..methods import METHODS
+from ..methods.active.pictures import overlay
 from ..models import class_map
 from ..viz import colorize
 from . import checkpoint as ckpt
@@ -129,6 +131,8 @@ def export_requests(run: str | Path, out: str | Path, device: str = "cpu", progr
         inside = np.zeros(h * w, np.uint8)
         inside[pixels] = 255
         Image.fromarray(inside.reshape(h, w)).save(out / "regions" / f"{name}.png")
+        Image.fromarray(overlay(read_rgb(Path(sample.image)), inside.reshape(h, w) > 0)).save(
+            out / "regions" / f"{name}_overlay.png")
         (out / "regions" / f"{name}.json").write_text(json.dumps(_region_list(pixels, regions, w), indent=1))
         pred = class_map(ctx.predict(net, item["image"][None]))[0].to(torch.uint8).cpu().numpy()
         colorize(pred, len(r.classes)).save(out / "prelabels" / f"{name}.png")
