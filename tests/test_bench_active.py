@@ -15,6 +15,7 @@ def _tiny(root) -> list[str]:
     return [f"data.root={root}", f"data.options={opts}", f"data.streams.source.root={root}",
             f"data.streams.source.options={opts}", "data.crop_size=[32,32]", "data.workers=0",
             "data.streams.source.batch_size=4", "data.streams.target.batch_size=4", f"model.encoder={TINY}",
+            "model.pretrained=null",
             "model.decoder_channels=16", "model.rep_dim=16", "train.iters=6", "train.eval_every=0",
             "train.log_every=2", "eval.batch_size=8", "method.rounds=[0.34,0.67]"]
 
