@@ -10,9 +10,11 @@ from lesseg.bench.active import VARIANTS, bench_active, curve_points, print_acti
 from lesseg.cli import main
 
 
-def _tiny(root) -> list[str]:
+def _tiny(root, source_root) -> list[str]:
+    """The tiny shapes tree as the target; the source (the synthetic domain) in a folder of its own: pointing
+    it at the shared tree would regenerate that as synthetic under the other tests."""
     opts = "{n_train: 32, n_val: 15, size: 32}"
-    return [f"data.root={root}", f"data.options={opts}", f"data.streams.source.root={root}",
+    return [f"data.root={root}", f"data.options={opts}", f"data.streams.source.root={source_root}",
             f"data.streams.source.options={opts}", "data.crop_size=[32,32]", "data.workers=0",
             "data.streams.source.batch_size=4", "data.streams.target.batch_size=4", f"model.encoder={TINY}",
             "model.pretrained=null",
@@ -22,7 +24,8 @@ def _tiny(root) -> list[str]:
 
 def test_variants_label_what_their_names_say(shapes_root, tmp_path, capsys):
     names = ("source only", "RIPU RA 5%", "full target")
-    rows = bench_active(tmp_path, names, (0,), _tiny(shapes_root), device="cpu")
+    tiny = _tiny(shapes_root, tmp_path / "synthetic")
+    rows = bench_active(tmp_path, names, (0,), tiny, device="cpu")
     share = {r["variant"]: r["labeled_share"] for r in rows}
     assert share["source only"] == 0.0
     assert share["full target"] == pytest.approx(1.0)  # one round labels every target pixel
@@ -37,7 +40,7 @@ def test_variants_label_what_their_names_say(shapes_root, tmp_path, capsys):
     points = {p["series"]: p for p in curve_points(rows)}
     assert points["source only"]["pixels"] == 0 and points["RIPU RA"]["pixels"] > 0
     assert points["full target"]["pixels"] == 32 * 32 * 32  # the 32 target (train) images, every pixel
-    again = bench_active(tmp_path, names, (0,), _tiny(shapes_root), device="cpu", train_missing=False)
+    again = bench_active(tmp_path, names, (0,), tiny, device="cpu", train_missing=False)
     assert [r["miou"] for r in again] == [r["miou"] for r in rows]  # finished runs are reused
 
 
