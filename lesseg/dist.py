@@ -63,9 +63,15 @@ def barrier() -> None:
 
 def cleanup(finished: bool = False) -> None:
     """Leave the process group. ``finished`` (a normal end): first wait for every process, so that none
-    exits while a peer still tears down its connections (seen to abort the peer: "terminate called without an
-    active exception"); after an error, leave at once (the others may never arrive)."""
+    exits while a peer still tears down its connections; after an error, leave at once (the others may never
+    arrive). Objects that hold the group (DDP modules) must be gone by then: a group they keep alive is
+    destroyed at interpreter exit with its gloo threads still running, which aborts the process ("terminate
+    called without an active exception", seen in the two-process tests); the garbage collection here frees
+    the ones only cycles still hold."""
     if is_dist():
+        import gc
+
+        gc.collect()
         if finished:
             dist.barrier()
         dist.destroy_process_group()

@@ -475,13 +475,13 @@ def train(cfg: DictConfig, resume: bool = False) -> dict:
     pipeline (finished ones are skipped), ``resume`` continuing the last one."""
     from .stages import run_pipeline  # stages builds Trainers
 
-    finished = False
+    finished, paused = False, None
     try:
         result = run_pipeline(cfg, resume)
         finished = True
         return result
-    except Paused:
-        finished = True  # every process pauses at the same step, after the same checkpoint
-        raise
+    except Paused as e:  # every process pauses at the same step, after the same checkpoint
+        finished, paused = True, str(e)  # raised anew below: this one's traceback holds the DDP modules
     finally:
         dist.cleanup(finished)
+    raise Paused(paused)
