@@ -133,3 +133,19 @@ def test_two_processes_select_every_target_image_once_per_round(tiny_cfg, tmp_pa
     assert store.count() == sum(x["pixels"] for x in rounds) > 0
     per_image = math.ceil(32 * 32 * 0.05 / 2 / 9) * 9 * 2
     assert all(0 < len(p) <= per_image and len(np.unique(p)) == len(p) for p in store._pixels)
+
+
+def test_margin_keeps_region_centres_away_from_the_border(tiny_cfg):
+    from lesseg.engine.trainer import Trainer as T
+
+    cfg = tiny_cfg(["train.iters=3"], method={"name": "ripu", "rounds": [0.5], "ratio": 0.2, "margin": 5},
+                   data=STREAMS)
+    method = T(cfg).method
+    score = torch.zeros(32, 32)
+    score[0, :] = 1.0  # the border scores highest: without a margin every pick would lie there
+    regions = method.select(score, torch.zeros(32, 32, dtype=torch.bool))
+    ys, xs = (regions >= 0).nonzero(as_tuple=True)
+    assert ys.numel() > 0 and ys.min() >= 4 and xs.min() >= 4 and ys.max() <= 27 and xs.max() <= 27  # k = 1
+    paper = T(tiny_cfg(["train.iters=3"], method={"name": "ripu", "rounds": [0.5], "ratio": 0.2},
+                       data=STREAMS)).method.select(score, torch.zeros(32, 32, dtype=torch.bool))
+    assert (paper[0] >= 0).any()  # the paper's selection takes the border first

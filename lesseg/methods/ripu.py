@@ -51,6 +51,7 @@ class RIPUConfig(SupervisedConfig):
     mode: str = "region"  # region (RA) | pixel (PA: single pixels)
     regions: str = "square"  # RA: square ((2k+1)^2, the paper's) | superpixel (SLIC: regions a person can label)
     superpixel_size: int = ranged(0, "[0, inf)")  # pixels per superpixel; 0: an eighth of a round's budget (>= 9)
+    margin: int = ranged(0, "[0, inf)")  # RA/PA: no centre within this many pixels of the border (0: the paper)
     pictures: int = ranged(4, "[0, inf)")  # target images drawn per round into <out>/rounds/round<i>.png
     ratio: float = ranged(0.022, "(0, 1]")  # RA: share of each target image's pixels labeled over all rounds
     pixels: float = ranged(40.0, "[0, inf)")  # PA: pixels per 1280x640 image over all rounds (scaled; 0: none)
@@ -113,6 +114,11 @@ class RIPU(Method):
         """H,W int64 map of the regions to label in this round of one image: region id (0, 1, ... in the order
         picked) on the selected pixels, -1 elsewhere. A PA pixel is a region of its own."""
         c, (h, w) = self.cfg, score.shape
+        if c.margin:  # the network is least certain at the zero-padded border: squares there are clipped too
+            m = c.margin
+            inner = torch.full_like(score, -torch.inf)
+            inner[m : h - m, m : w - m] = score[m : h - m, m : w - m]
+            score = inner
         if c.mode == "pixel":
             picks = select_pixels(score, pixel_budget(c.pixels, len(c.rounds), (h, w)), c.pa_radius, active)[0]
             return _region_map(picks, 0, h, w)
