@@ -52,6 +52,43 @@ def hard_labels(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return class_map(scores.detach()).masked_fill(~valid, IGNORE)
 
 
+class PriorAlignment(nn.Module):
+    """Distribution alignment of a teacher's predictions on unlabeled pixels: ``log p' = log p + log pi_lab -
+    log pi_pred`` (renormalised by the softmax), where ``pi_lab`` is the running class frequency of the labeled
+    masks and ``pi_pred`` the running mean of the teacher's (unaligned) probabilities on valid unlabeled
+    pixels. ReMixMatch's distribution alignment; in segmentation it counters the pseudo-labels' drift toward
+    the dominant class (background), which a few labeled images and a young teacher start and self-training
+    then confirms (the bias DARS, He et al. 2021, re-distributes). Running means with the EMA warm-up of
+    :func:`ema_update` (``m = min(1 - 1/(n+1), momentum)``); saved with the method (exact resume)."""
+
+    def __init__(self, num_classes: int, momentum: float = 0.99) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("labeled", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("predicted", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, masks: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor) -> None:
+        """``masks`` B,H,W labeled class ids (255 ignored); ``probs`` B,C,H,W teacher probabilities on the
+        unlabeled images, ``valid`` their B,H,W valid pixels."""
+        c = self.labeled.numel()
+        known = masks[masks != IGNORE]
+        lab = torch.bincount(known, minlength=c)[:c].float()
+        pred = (probs.float() * valid[:, None]).sum((0, 2, 3))
+        m = min(1.0 - 1.0 / (int(self.updates) + 1), self.momentum)
+        if lab.sum() > 0:
+            self.labeled.mul_(m).add_(lab / lab.sum(), alpha=1 - m)
+        if pred.sum() > 0:
+            self.predicted.mul_(m).add_(pred / pred.sum(), alpha=1 - m)
+        self.updates += 1
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        """Aligned logits (B,C,H,W): their softmax is ``p * pi_lab / pi_pred``, renormalised."""
+        shift = self.labeled.clamp_min(1e-6).log() - self.predicted.clamp_min(1e-6).log()
+        return logits.float() + shift.view(1, -1, 1, 1)
+
+
 def make_teacher(student: nn.Module) -> nn.Module:
     """A frozen copy of the student (never receives gradients, never wrapped in DDP)."""
     teacher = copy.deepcopy(student)

@@ -21,6 +21,7 @@ from ..models import build_model
 from .base import METHODS, Method, RunInfo
 from .common import (
     IGNORE,
+    PriorAlignment,
     batchnorm_train,
     ce_loss,
     check_teacher_bn,
@@ -45,6 +46,7 @@ class MeanTeacherConfig(SupervisedConfig):
     teacher_bn: str = "student"  # labeling with the running statistics (the student's) or "weak" (batch ones)
     ema_decay: float = ranged(0.999, "[0, 1]")  # d_max of the EMA teacher
     eval_teacher: bool = True  # evaluate (and export) the EMA teacher rather than the student
+    align: bool = False  # distribution alignment of the teacher's unlabeled predictions (common.PriorAlignment)
 
 
 def sigmoid_rampup(step: int, length: int) -> float:
@@ -87,6 +89,7 @@ class MeanTeacher(Method):
         self.net = build_model(model_cfg, info.num_classes)
         self.teacher = make_teacher(self.net)
         self.rampup_steps = round(0.1 * info.max_iters) if cfg.rampup_steps is None else cfg.rampup_steps
+        self.align = PriorAlignment(info.num_classes) if cfg.align else None
 
     def eval_net(self) -> nn.Module:
         return self.teacher if self.cfg.eval_teacher else self.net
@@ -125,6 +128,9 @@ class MeanTeacher(Method):
     def training_step(self, batch, step):
         lab, unl = batch["labeled"], batch["unlabeled"]
         probs = self.teacher_probs(unl["image"])
+        if self.align is not None:
+            self.align.update(lab["mask"], probs, unl["valid"])
+            probs = self.align(probs.clamp_min(1e-12).log()).softmax(1)
         x_u, target_probs, valid = self.unlabeled_views(unl, probs)
         out_l, out_u = split_outputs(self.net(torch.cat([lab["image"], x_u])), lab["image"].shape[0])
         loss_sup = sup_loss(out_l, lab["mask"], self.cfg)

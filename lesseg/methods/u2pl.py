@@ -28,6 +28,7 @@ from ..models import build_model
 from .base import METHODS, Method, RunInfo
 from .common import (
     IGNORE,
+    PriorAlignment,
     batchnorm_train,
     ce_loss,
     check_teacher_bn,
@@ -50,6 +51,7 @@ class U2PLConfig(SupervisedConfig):
     name: str = "u2pl"
     ema_decay: float = ranged(0.99, "[0, 1]")  # d_max
     sup_only_epochs: int = ranged(1, "[0, inf)")  # VOC 1, Cityscapes 0
+    align: bool = False  # distribution alignment of the teacher's unlabeled predictions (common.PriorAlignment)
     unsup_weight: float = ranged(1.0, "[0, inf)")  # lambda_u
     contra_weight: float = ranged(0.1, "[0, inf)")  # lambda_c (paper; the authors' config leaves the code default 1)
     drop_percent: float = ranged(20.0, "[0, 100]")  # alpha_0: share of unreliable pixels, decays linearly to 0 over the epochs
@@ -162,6 +164,7 @@ class U2PL(Method):
         )
         self.low_rank, self.high_rank = clamp_ranks(cfg.low_rank, cfg.high_rank, c)
         self.sup_only_steps = cfg.sup_only_epochs * info.iters_per_epoch
+        self.align = PriorAlignment(c) if cfg.align else None
         self.register_buffer("semi_started", torch.tensor(False))  # checkpointed: eval_net after a resume
 
     def trainable_nets(self) -> dict[str, nn.Module]:
@@ -224,6 +227,9 @@ class U2PL(Method):
         with torch.no_grad():  # 1-2: teacher on the weak views, its unlabeled outputs mixed like the inputs
             t_out = self.teacher(torch.cat([x_l, unl["image"]]))
             logits_t, rep_t = t_out["logits"].float(), t_out["rep"].float()
+            if self.align is not None:  # pseudo-labels, entropies and contrastive priors from aligned outputs
+                self.align.update(y_l, logits_t[n_l:].softmax(1), unl["valid"])
+                logits_t = torch.cat([logits_t[:n_l], self.align(logits_t[n_l:])])
             pseudo = hard_labels(logits_t[n_l:], unl["valid"])  # B,H,W
             quality = pseudo_label_quality(pseudo, unl, self.info.num_classes)
             x_u, logits_u, rep_u, pseudo, true = self._mix(
