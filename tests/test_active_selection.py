@@ -128,3 +128,4 @@ def test_bench_select_prints_a_table(capsys):
     assert "RA 2.2%/5 rounds, k=1, round 1" in out and "PA 40 px/1280x640" in out
     rows = __import__("json").loads(out.strip().splitlines()[-1])
     assert rows[0]["budget"] == region_budget(64, 96, 0.022, 5, 1) == rows[0]["picked"]
+    assert "superpixels 2.2%/5" in out and rows[-1]["picked"] >= 1  # whole superpixels up to the budget

@@ -2,11 +2,14 @@
 
 A random logit map of the given size and class count (selection time depends on the size, the budget and
 how clustered the scores are, not on what the network predicts), RA at ``ratio`` over ``rounds`` rounds with
-k = 1 and PA at 40 pixels per 1280x640 image; the median of ``repeat`` runs, after one warm-up.
+k = 1 and PA at 40 pixels per 1280x640 image; superpixels (SLIC on a smooth random image, an eighth of the
+round's budget per superpixel, as ``method.superpixel_size: 0``), whose "scores" column includes SLIC itself;
+the median of ``repeat`` runs, after one warm-up.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -20,6 +23,7 @@ from ..methods.active.selection import (
     select_pixels,
     select_regions,
 )
+from ..methods.active.superpixels import select_superpixels, slic_segments, superpixel_scores
 
 
 def _median_time(fn, repeat: int) -> tuple[float, object]:
@@ -51,7 +55,26 @@ def bench_select(height: int = 1024, width: int = 2048, classes: int = 19, ratio
     t_psel, (pixels, _) = _median_time(lambda: select_pixels(pscore, m, 1), repeat)
     rows.append({"mode": f"PA 40 px/1280x640, {rounds} rounds, k=32", "budget": m, "picked": len(pixels),
                  "scores_s": t_pscores, "select_s": t_psel})
+    budget = math.ceil(height * width * ratio / rounds)
+    rgb = _smooth_image(height, width, g)
+    size = max(9, math.ceil(budget / 8))
+
+    def superpixels():
+        segments = slic_segments(rgb, size)
+        return segments, superpixel_scores(logits, segments)[0]
+
+    t_sp, (segments, sp_score) = _median_time(superpixels, repeat)
+    t_spsel, (ids, _) = _median_time(lambda: select_superpixels(sp_score, segments, budget), repeat)
+    rows.append({"mode": f"superpixels {100 * ratio:g}%/{rounds}, {size} px each", "budget": budget,
+                 "picked": len(ids), "scores_s": t_sp, "select_s": t_spsel})
     return rows
+
+
+def _smooth_image(height: int, width: int, g: torch.Generator):
+    """An RGB image with structure for SLIC to follow (on white noise it collapses to one segment)."""
+    low = torch.rand(1, 3, max(2, height // 64), max(2, width // 64), generator=g)
+    up = torch.nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)[0]
+    return (up * 255).byte().permute(1, 2, 0).numpy()
 
 
 def print_select_table(rows: list[dict], height: int, width: int, classes: int) -> None:
