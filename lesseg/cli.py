@@ -217,6 +217,22 @@ def cmd_active(args) -> int:
     return 0
 
 
+def _bench_pretrain(args) -> int:
+    from .bench.pretrain import STARTS, bench_pretrain, print_pretrain_table
+
+    if args.config:  # `lesseg bench pretrain k=v ...`: no config, only overrides
+        args.overrides = [args.config, *args.overrides]
+    quick = ["train.iters=30", "train.eval_every=0", "train.log_every=10"] if args.quick else []
+    out = Path(args.out or ("runs/bench_pretrain_quick" if args.quick else "runs/bench_pretrain"))
+    methods = tuple(args.methods.split(",")) if args.methods else ("supervised", "u2pl", "mean_teacher")
+    rows = bench_pretrain(out, STARTS, methods, tuple(range(1 if args.quick else args.seeds)),
+                          quick + list(args.overrides), ssl_iters=30 if args.quick else args.ssl_iters,
+                          device=args.device, train_missing=not args.finished_only, family=args.dataset)
+    print_pretrain_table(rows)
+    print(json.dumps(rows))
+    return 0
+
+
 def _bench_active(args) -> int:
     from .bench.active import (
         QUICK,
@@ -258,6 +274,8 @@ def cmd_bench(args) -> int:
         return 0
     if args.kind == "active":
         return _bench_active(args)
+    if args.kind == "pretrain":
+        return _bench_pretrain(args)
     if args.kind == "speed":
         if not args.config:
             raise LessegError("bench speed needs a CONFIG")
@@ -401,11 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_data)
 
     sp = sub.add_parser("bench", help="benchmarks that print tables")
-    sp.add_argument("kind", choices=["speed", "semi", "select", "active"],
+    sp.add_argument("kind", choices=["speed", "semi", "select", "active", "pretrain"],
                     help="speed: throughput and peak memory of CONFIG; semi: every semi-supervised method on "
                          "shapes at 1/16 and 1/8 over seeds, plus the method-specific cost per step; select: "
                          "RIPU's score and selection time for one image; active: RIPU and its baselines, "
-                         "synthetic -> real shapes, per label budget")
+                         "synthetic -> real shapes, per label budget; pretrain: SupOnly, U2PL and Mean Teacher "
+                         "at 1/16 from random init, from lesseg pretrain on the unlabeled images and from the "
+                         "synthetic encoder")
+    sp.add_argument("--ssl-iters", type=int, default=3000, help="pretrain: steps of lesseg pretrain")
     sp.add_argument("config", nargs="?", help="YAML config (speed)")
     sp.add_argument("--dataset", default="shapes", help="semi, active: the embedded dataset whose packaged configs "
                     "are run (shapes, fashion)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,38 @@ def test_two_processes_ddp_keep_one_state(shapes_root, tmp_path, method):
             assert all(torch.equal(t, ranks[1][k][name]) for name, t in v.items()), k
     encoder = weights(tmp_path / "run" / "encoder.pt")
     assert all(torch.equal(v, ranks[0][f"student.encoder.{k}"]) for k, v in encoder.items())
+
+
+def test_bench_pretrain_runs_each_method_from_each_start(tmp_path, monkeypatch, capsys):
+    """Every method at 1/16 from random init, from lesseg pretrain's encoder (made first, once, then reused)
+    and from the synthetic encoder; the table has one row per start."""
+    from lesseg.bench import pretrain as bp
+    from lesseg.engine import trainer
+
+    seen = []
+
+    def fake_train(cfg, resume=False):
+        seen.append((cfg.method.name, cfg.model.pretrained))
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        return {"miou": 0.5}
+
+    pretrained = []
+
+    def fake_ssl(out, iters, extra, device, train_missing, family):
+        pretrained.append(iters)
+        return out / "ssl" / "encoder.pt", 12.0
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    monkeypatch.setattr(bp, "ssl_encoder", fake_ssl)
+    rows = bp.bench_pretrain(tmp_path, methods=("supervised", "u2pl"), seeds=(0,), ssl_iters=7)
+    assert pretrained == [7]
+    starts = {(r["start_kind"], r["method"]) for r in rows}
+    assert starts == {(s, m) for s in bp.STARTS for m in ("supervised", "u2pl")}
+    ssl_runs = [p for m, p in seen if p and p.endswith("encoder.pt")]
+    assert len(ssl_runs) == 2 and all(p == str(tmp_path / "ssl" / "encoder.pt") for p in ssl_runs)
+    assert ("supervised", None) in seen  # scratch: random init
+    assert all(r["budget"] == "1-16" for r in rows)  # no all-labels reference runs
+    assert next(r for r in rows if r["start_kind"] == "ssl")["start_cost_s"] == 12.0
+    bp.print_pretrain_table(rows)
+    out = capsys.readouterr().out
+    assert "scratch" in out and "ssl" in out and "12s" in out

@@ -1,5 +1,7 @@
-"""The encoder the semi-supervised bench's runs start from: a supervised run on the synthetic shapes domain,
-as the papers' runs start from ImageNet (``lesseg bench semi --pretrain``)."""
+"""Starting weights for the benches: the encoder the semi-supervised bench's runs start from (a supervised run
+on the synthetic shapes domain, as the papers' runs start from ImageNet: ``lesseg bench semi --pretrain``),
+and ``lesseg bench pretrain``: the methods at 1/16 from random init, from ``lesseg pretrain`` on the
+unlabeled images, and from the synthetic encoder."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 
 from .. import config
 from ..errors import LessegError
-from .runs import finished_or_train
+from .runs import finished_or_train, read_numbers
 
 
 def pretrain_synthetic(out: Path, extra: list[str] = (), device: str = "auto", train_missing: bool = True,
@@ -24,3 +26,71 @@ def pretrain_synthetic(out: Path, extra: list[str] = (), device: str = "auto", t
         raise LessegError(f"no finished pretraining in {run_dir}: the runs to summarize start from it")
     print(f"pretrained encoder: {run_dir / 'last.pt'} (synthetic val mIoU {100 * result['miou']:.2f})", flush=True)
     return run_dir / "last.pt"
+
+
+def ssl_encoder(out: Path, iters: int = 3000, extra: list[str] = (), device: str = "auto",
+                train_missing: bool = True, family: str = "shapes") -> tuple[Path, float | None]:
+    """``lesseg pretrain`` (DenseCL-style, the default method) on the train split's images, labels unused, in
+    ``out/ssl``; reused when its ``pretrain.json`` says it finished ``iters`` steps with the same settings.
+    Returns the encoder file and the pretraining's wall time in seconds (None when reused)."""
+    import json
+    import time
+
+    from .. import pretrain as ssl
+
+    run_dir = out / "ssl"
+    own = [o for o in extra if o.split("=", 1)[0].strip().startswith(("model.", "pretrain."))]
+    cfg = ssl.load(f"{family}/supervised.yaml", [f"pretrain.iters={iters}", "pretrain.split=train", *own,
+                                                 f"out={run_dir}", f"train.device={device}", "train.progress=false"])
+    done = run_dir / "pretrain.json"
+    if done.is_file() and json.loads(done.read_text()).get("steps") == iters:
+        seconds = read_numbers(run_dir / "wall_s.txt")[:1] or [None]
+        return run_dir / "encoder.pt", seconds[0]
+    if not train_missing:
+        raise LessegError(f"no finished self-supervised pretraining in {run_dir}: the runs to summarize start from it")
+    print(f"== lesseg pretrain ({cfg.pretrain.method}, {iters} steps) on the {family} train images", flush=True)
+    t0 = time.perf_counter()
+    summary = ssl.pretrain(cfg, resume=(run_dir / "last.pt").is_file())
+    seconds = time.perf_counter() - t0
+    (run_dir / "wall_s.txt").write_text(f"{seconds:.1f}\n")
+    return Path(summary["encoder"]), seconds
+
+
+STARTS = ("scratch", "ssl", "synthetic")
+
+
+def bench_pretrain(out: Path, starts: tuple[str, ...] = STARTS, methods: tuple[str, ...] = ("supervised", "u2pl",
+                   "mean_teacher"), seeds: tuple[int, ...] = (0, 1), extra: list[str] = (), ssl_iters: int = 3000,
+                   device: str = "auto", train_missing: bool = True, family: str = "shapes") -> list[dict]:
+    """The same methods at 1/16 from each start: random init, ``lesseg pretrain`` on the unlabeled images,
+    the supervised synthetic-shapes encoder. One row per run, with its start and the start's cost."""
+    from .semi import bench_semi
+
+    rows = []
+    for start in starts:
+        cost, pretrain = None, start == "synthetic"
+        if start == "ssl":
+            encoder, cost = ssl_encoder(out, ssl_iters, extra, device, train_missing, family)
+            pretrain = str(encoder)
+        runs = bench_semi(out / start, methods, ("1-16",), seeds, list(extra), device, pretrain=pretrain,
+                          train_missing=train_missing, family=family, reference=False)
+        if start == "synthetic":  # its supervised pretraining (bench semi's) recorded its wall time
+            cost = (read_numbers(out / start / "pretrain" / "wall_s.txt")[:1] or [None])[0]
+        rows += [{**row, "start_kind": start, "start_cost_s": cost} for row in runs]
+    return rows
+
+
+def print_pretrain_table(rows: list[dict]) -> None:
+    """mIoU per start (rows) and method (columns), mean over seeds, and the start's cost."""
+    import statistics
+
+    starts = list(dict.fromkeys(r["start_kind"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    print(f"\n{'start':<10s} " + " ".join(f"{m:>13s}" for m in methods) + f" {'start cost':>11s}")
+    for s in starts:
+        cells = []
+        for m in methods:
+            vals = [r["miou"] for r in rows if r["start_kind"] == s and r["method"] == m and r["budget"] == "1-16"]
+            cells.append(f"{100 * statistics.mean(vals):13.2f}" if vals else f"{'':>13s}")
+        cost = next((r["start_cost_s"] for r in rows if r["start_kind"] == s), None)
+        print(f"{s:<10s} " + " ".join(cells) + (f" {cost:10.0f}s" if cost else f" {'-':>11s}"))

@@ -39,26 +39,30 @@ def semi_overrides(cfg_name: str, budget: str) -> list[str]:
 
 def bench_semi(out: Path, methods: tuple[str, ...] = SEMI_METHODS, budgets: tuple[str, ...] = ("1-16", "1-8"),
                seeds: tuple[int, ...] = (0, 1), extra: list[str] = (), device: str = "auto",
-               pretrain: bool | str = False, train_missing: bool = True, family: str = "shapes") -> list[dict]:
+               pretrain: bool | str = False, train_missing: bool = True, family: str = "shapes",
+               reference: bool = True) -> list[dict]:
     """Train every method at every budget and seed on ``family`` (shapes); with ``supervised`` among the
     methods, also the supervised reference on all labels. ``pretrain``: every run starts from the encoder of
     a supervised run on the synthetic shapes domain (trained first, once), as the papers' runs start from
-    ImageNet; ``"imagenet"``: from torchvision's ImageNet MobileNetV2 (the encoder becomes mobilenetv2_100).
+    ImageNet; ``"imagenet"``: from torchvision's ImageNet MobileNetV2 (the encoder becomes mobilenetv2_100);
+    another string: from that encoder file.
 
     Finished runs are reused (delete ``out`` to start over), so the plan can be split over processes by method
     (e.g. ``cps`` in one, ``supervised,u2pl`` in another, each with a run folder per method) and summarised
     afterwards by the whole plan; ``self_training`` labels with the SupOnly run of its budget and seed (its
     stage 1), training that first where it is not there, so keep it in the process that runs ``supervised``.
     Returns one row per run; without ``train_missing``, one per finished run (nothing is trained: the table
-    so far, while other processes train the rest).
+    so far, while other processes train the rest). ``reference=False`` leaves out the all-labels runs.
     """
     if pretrain == "imagenet":  # the one ImageNet encoder reachable offline (torchvision's file, issue 17)
         extra = [*FINETUNE, *IMAGENET, *extra]
+    elif isinstance(pretrain, str):  # an encoder file (lesseg pretrain's encoder.pt)
+        extra = [*FINETUNE, *extra, f"model.pretrained={pretrain}"]
     elif pretrain:
         encoder = pretrain_synthetic(out, extra, device, train_missing, family)
         extra = [*FINETUNE, *extra, f"model.pretrained={encoder}"]
-    reference = [("supervised", "all", s) for s in seeds] if "supervised" in methods else []
-    plan = reference + [(m, b, s) for b in budgets for m in methods for s in seeds]
+    refs = [("supervised", "all", s) for s in seeds] if "supervised" in methods and reference else []
+    plan = refs + [(m, b, s) for b in budgets for m in methods for s in seeds]
     rows = []
 
     def run(method: str, budget: str, seed: int) -> tuple[Path, dict | None]:
