@@ -81,6 +81,8 @@ class RIPU(Method):
             raise ConfigError(f"method.mode must be region or pixel, not {cfg.mode!r}")
         if cfg.regions not in ("square", "superpixel"):
             raise ConfigError(f"method.regions must be square or superpixel, not {cfg.regions!r}")
+        if cfg.regions == "superpixel" and cfg.mode != "region":
+            raise ConfigError("method.regions=superpixel selects regions: it needs method.mode=region")
         if cfg.score not in SCORES:
             raise ConfigError(f"method.score must be one of {SCORES}, not {cfg.score!r}")
         if cfg.annotator not in ANNOTATORS:
