@@ -6,10 +6,13 @@ tagged images of the stream ``labeled`` (in ``<out>/classifier``; its masks, if 
 tag mAP on the val split). ``cams`` computes, for every image of that stream, the CAMs of its tags with the
 classifier (``scales`` and ``flip`` averaged, max-normalised per class) and writes pseudo-masks as a dataset
 in the folder format to ``<out>/cams``: the best tagged class where its CAM is >= ``fg_threshold``, background
-below ``bg_threshold``, 255 between. Where the images have masks (``labeled: true`` or ``true_masks: true``
-on the stream) the pseudo-masks are scored against them (``quality.json``: mIoU, accuracy, foreground
-precision and recall, the labelled fraction). The last stage trains a segmentation network with CE on that
-dataset (the stream ``pseudo``) in ``<out>``, evaluated on the real val split.
+below ``bg_threshold``, 255 between; with ``saliency`` set, also background where the image's saliency map
+(an OpenCV contrib detector or a folder of the user's maps, :mod:`lesseg.data.saliency`) is below
+``saliency_threshold``, and 255 where that contradicts a foreground CAM. Where the images have masks
+(``labeled: true`` or ``true_masks: true`` on the stream) the pseudo-masks are scored against them
+(``quality.json``: mIoU, accuracy, foreground precision and recall, the labelled fraction). The last stage
+trains a segmentation network with CE on that dataset (the stream ``pseudo``) in ``<out>``, evaluated on the
+real val split.
 
 The engine skips finished stages and resumes an interrupted one; ``method.classifier_checkpoint`` replaces
 the first stage by a classifier trained before; ``stages.classifier.*`` overrides its settings (its model
@@ -24,12 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .. import config as config_mod
 from ..config import ModelConfig, ranged
+from ..data.saliency import SOURCES as SALIENCY_SOURCES
+from ..data.saliency import SaliencyMaps
 from ..data.writer import FolderWriter
 from ..errors import ConfigError
 from ..models import Classifier, build_classifier, build_model
@@ -57,9 +63,16 @@ class CamConfig(SupervisedConfig):
     # stage classifier done elsewhere: a lesseg checkpoint of the classifier method on these classes, whose
     # CAMs make the pseudo-masks; the classifier stage is then not trained
     classifier_checkpoint: str | None = None
+    # stage cams: a background cue besides low CAMs. None: none; spectral_residual / fine_grained: OpenCV
+    # contrib's detector on each image; folder: the user's maps, <saliency_dir>/<image name>.png (8-bit grey)
+    saliency: str | None = None
+    saliency_dir: str | None = None
+    saliency_threshold: float = ranged(0.2, "[0, 1]")  # background where saliency / 255 < this
 
 
-CAM_KEYS = ("scales", "flip", "fg_threshold", "bg_threshold", "bg_class")  # what the pseudo-masks depend on
+# what the pseudo-masks depend on (the contents of a saliency_dir are not tracked: a new folder, a new run)
+CAM_KEYS = ("scales", "flip", "fg_threshold", "bg_threshold", "bg_class", "saliency", "saliency_dir",
+            "saliency_threshold")
 
 
 def load_classifier(path: str | Path, class_names: list[str],
@@ -129,6 +142,8 @@ def write_cam_dataset(ctx: Any) -> dict:
     if ctx.main:
         writer.clear()  # leftovers of an interrupted stage
     ctx.barrier()
+    saliency = (SaliencyMaps(data.source, data.samples, m.saliency, m.saliency_dir)
+                if m.saliency is not None else None)
     net = load_classifier(ctx.products["classifier"], ctx.class_names, ctx.device)
     autocast = torch.autocast(ctx.device.type, dtype=ctx.amp) if ctx.amp else nullcontext()
     counts = torch.zeros(5, dtype=torch.long, device=ctx.device)
@@ -139,7 +154,13 @@ def write_cam_dataset(ctx: Any) -> dict:
         tags[:, m.bg_class] = 0  # background has no CAM of its own: low object CAMs make it
         with torch.no_grad(), autocast:
             cams = multiscale_cams(net.cam, batch["image"].to(ctx.device), tags, list(m.scales), m.flip)
-        masks = pseudo_masks(cams, tags, m.fg_threshold, m.bg_threshold, bg_class=m.bg_class)
+        background = None
+        if saliency is not None:  # read at the image's native size, like the CAMs
+            size = tuple(batch["image"].shape[-2:])
+            low = [saliency(i, size).astype(np.float32) / 255.0 < m.saliency_threshold
+                   for i in batch["index"].tolist()]
+            background = torch.from_numpy(np.stack(low))
+        masks = pseudo_masks(cams, tags, m.fg_threshold, m.bg_threshold, background, bg_class=m.bg_class)
         true = batch["mask"].to(ctx.device) if scored else None
         counts += foreground_counts(masks, true, m.bg_class)
         masks = masks.cpu().numpy()
@@ -221,6 +242,15 @@ class CAM(Method):
         if m.bg_threshold is not None and m.bg_threshold > m.fg_threshold:
             raise ConfigError(f"method.bg_threshold {m.bg_threshold} must not exceed method.fg_threshold "
                               f"{m.fg_threshold} (between them lies the uncertain band)")
+        if m.saliency is not None and m.saliency not in SALIENCY_SOURCES:
+            raise ConfigError(f"method.saliency {m.saliency!r} is not one of {', '.join(SALIENCY_SOURCES)} "
+                              "(or null: no saliency)")
+        if m.saliency == "folder" and not m.saliency_dir:
+            raise ConfigError("method.saliency: folder reads the maps from method.saliency_dir, which is not "
+                              "set")
+        if m.saliency_dir is not None and m.saliency != "folder":
+            raise ConfigError(f"method.saliency_dir is only read with method.saliency: folder (it is "
+                              f"{m.saliency!r})")
         return [Stage("classifier", config=classifier_config, given=m.classifier_checkpoint),
                 Stage("cams", run=write_cam_dataset, inputs=cam_inputs),
                 Stage("train", config=train_config)]
