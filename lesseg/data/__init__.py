@@ -55,7 +55,8 @@ def stream_source(data: DictConfig, stream: DictConfig | None = None) -> SegSour
 
 
 def build_streams(data: DictConfig, names: tuple[str, ...], strong: tuple[str, ...] = (),
-                  check: bool = True, progress: bool = True, world: int = 1) -> dict[str, Stream]:
+                  check: bool = True, progress: bool = True, world: int = 1,
+                  strong_views: int = 1) -> dict[str, Stream]:
     """The training streams a method reads. Missing streams, a stream whose class list is not the run's
     (``data.dataset``'s, which evaluation uses) and bad files are reported before training."""
     missing = [n for n in names if n not in data.streams]
@@ -95,6 +96,7 @@ def build_streams(data: DictConfig, names: tuple[str, ...], strong: tuple[str, .
         if check:
             require_clean(src, samples, sc.labeled or sc.true_masks, f"stream {name!r} ({sc.split})", progress)
         ds = SegDataset(src, samples, train=True, labeled=sc.labeled, strong=sc.strong or name in strong,
+                        strong_views=strong_views if name in strong else 1,
                         true_masks=sc.true_masks and not sc.labeled,
                         crop_size=list(sc.crop_size or data.crop_size), aug=stream_aug(data, sc),
                         mean=list(data.mean), std=list(data.std))

@@ -26,7 +26,8 @@ class SegDataset(Dataset):
 
     Train items are indexed by ``(index, aug_seed)``; eval items by ``index`` (no augmentation).
     Keys: ``image`` (3,H,W float), ``mask`` (H,W long, labeled only), ``valid`` (H,W bool, unlabeled train
-    only: False on padding), ``image_strong`` (strong view), ``tags`` (C multi-hot, when every sample has
+    only: False on padding), ``image_strong`` (strong view; ``image_strong2``, ... with ``strong_views`` > 1:
+    independent photometric draws of the same geometry), ``tags`` (C multi-hot, when every sample has
     tags), ``index``, ``name``, and one H,W long tensor per extra map (``maps``).
 
     Extra maps are per-pixel uint8 planes of the sample at the image's size (true masks, label-store masks,
@@ -44,6 +45,7 @@ class SegDataset(Dataset):
         train: bool,
         labeled: bool,
         strong: bool = False,
+        strong_views: int = 1,
         true_masks: bool = False,
         crop_size: list[int] | None = None,
         aug=None,
@@ -53,6 +55,7 @@ class SegDataset(Dataset):
     ) -> None:
         self.source, self.samples = source, samples
         self.train, self.labeled, self.strong = train, labeled, strong
+        self.strong_views = strong_views
         self.maps: dict[str, MapReader] = dict(maps or {})
         if labeled:
             missing = [s.image for s in samples if s.mask is None]
@@ -104,8 +107,9 @@ class SegDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 img, m = self.geometry(img, m)
-                if self.photometric is not None:
-                    item["image_strong"] = self.norm(self.photometric(img))
+                if self.photometric is not None:  # image_strong, then image_strong2, ...: independent draws
+                    for v in range(self.strong_views):
+                        item["image_strong" + (str(v + 1) if v else "")] = self.norm(self.photometric(img))
         item["image"] = self.norm(img)
         m = m.as_subclass(torch.Tensor).long()
         for k, name in enumerate(planes):

@@ -110,6 +110,7 @@ class Method(nn.Module):
     Config: ClassVar[type] = MethodConfig
     streams: ClassVar[tuple[str, ...]] = ("labeled",)  # data streams training_step reads
     strong_streams: ClassVar[tuple[str, ...]] = ()  # streams that need a strong view
+    strong_views: ClassVar[int] = 1  # independent strong views of those streams (image_strong, image_strong2)
     # the streams a user's config must define (a multi-stage method's first stages may read others)
     config_streams: ClassVar[tuple[str, ...] | None] = None  # None: ``streams``
     stage_names: ClassVar[tuple[str, ...]] = ("train",)  # the names ``pipeline`` uses (``stages.<name>.*`` keys)

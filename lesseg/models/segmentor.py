@@ -109,9 +109,15 @@ class Segmentor(nn.Module):
                 bn.eval()
         return self
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self, x: Tensor, perturb: Callable[[list[Tensor]], list[Tensor]] | None = None
+    ) -> dict[str, Tensor]:
+        """``perturb``: applied to the encoder features before the heads (feature perturbation, UniMatch); it
+        may append perturbed copies to the batch, and every output then has its batch size."""
         size = (x.shape[-2], x.shape[-1])  # x: B,3,H,W
         features = self.encoder(x)  # list of B,K_i,h_i,w_i, shallow to deep
+        if perturb is not None:
+            features = perturb(features)
         feat, logits = self.head(features)  # B,D,h,w ; B,C,h,w
         out = {"logits": _upsample(logits, size), "feat": feat}
         if self.rep_head is not None:
