@@ -295,3 +295,14 @@ def test_schedule_phases_are_announced_and_logged(tiny_cfg, capsys):
     phases = [json.loads(x) for x in (trainer.out / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["event"] == "phases"]
     assert phases[0]["phases"][0]["end"] == per_epoch == 8
+
+
+def test_a_fresh_run_in_an_old_runs_folder_starts_its_own_log(tiny_cfg):
+    """A run started again without --resume (an earlier attempt killed before its first checkpoint, or a rerun)
+    must not append to the old metrics.jsonl: readers would mix two runs' records."""
+    cfg = tiny_cfg(["train.iters=2", "train.log_every=1"])
+    Trainer(cfg).fit()
+    Trainer(cfg).fit()
+    steps = [json.loads(x)["step"] for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["event"] == "train"]
+    assert steps == [1, 2]

@@ -288,8 +288,10 @@ class Trainer:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            # a resumed run hides the points logged after its checkpoint by the interrupted one
-            self.writer = SummaryWriter(str(self.out / "tb"),                                         purge_step=None if self.resumed_from is None else self.resumed_from + 1)
+            # a resumed run hides the points logged after its checkpoint by the interrupted one; a fresh run
+            # in a folder that holds an old run's events hides all of them
+            self.writer = SummaryWriter(str(self.out / "tb"),
+                                        purge_step=0 if self.resumed_from is None else self.resumed_from + 1)
         for k, v in record.items():
             if isinstance(v, (int, float)) and k != "step":
                 self.writer.add_scalar(f"{record['event']}/{k}", v, record["step"])
@@ -322,7 +324,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(self.out)
             config_mod.save(self.cfg, self.out / "config.yaml", self.pretrained)  # what it started from, too
-            if self.resumed_from is not None:
+            if self.resumed_from is None:  # a fresh run starts its own log (an old run's, killed early, goes)
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            else:
                 truncate_metrics(self.out / "metrics.jsonl", self.resumed_from)
                 for key, (was, now) in self.resumed_changes.items():
                     log.warning("resuming with %s = %r (the run had %r until step %d)", key, now, was, self.step)
