@@ -58,9 +58,12 @@ def test_pipeline_contract_every_stage_runs_and_a_rerun_skips_finished_stages(na
     assert trained == sum(s.trains for s in stages)
     products = {s["product"]: Path(s["product"]).stat().st_mtime_ns for s in status[:-1]}
 
+    measured = [x.get("metrics") for x in status[:-1]]
     PipelineRun(cfg).run(until=stages[-2].name)  # everything before the last stage: all done, all skipped
     assert len(fits) == trained
     assert {p: Path(p).stat().st_mtime_ns for p in products} == products
+    again = json.loads((out / STATUS).read_text())  # a skipped stage keeps what it measured when it ran
+    assert [x.get("metrics") for x in again[:-1]] == measured and any(measured)
 
 
 def test_an_interrupted_stage_resumes_to_the_same_result(tiny_cfg, tmp_path, monkeypatch):

@@ -107,6 +107,7 @@ class PipelineRun:
             if done is not None and k < last:
                 if {kk: done.get(kk) for kk in ("inputs", "upstream")} == {kk: marker[kk] for kk in ("inputs", "upstream")}:
                     products[stage.name], ids[stage.name] = product, done["id"]
+                    self.status[k]["metrics"] = done.get("metrics")  # what it measured when it ran
                     self._set(k, "done")
                     self._say(k, f"done before ({product})")
                     continue
