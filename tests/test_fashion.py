@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lesseg.data import fashion
+from lesseg.data import fashion, shapes
 from lesseg.data.base import IGNORE
 from lesseg.data.fashion import (
     CLASSES,
@@ -202,7 +202,7 @@ def test_masks_are_where_the_products_were_placed(scenes, fake: Path, domain: st
             grown = np.zeros(mask.shape, bool)
             grown[max(y0 - 1, 0):max(y0 + h + 1, 0), max(x0 - 1, 0):max(x0 + w + 1, 0)] = True
             near |= grown
-            assert o.visible >= fashion._MIN_VISIBLE_PX * (48 / 96) ** 2
+            assert o.visible >= shapes._MIN_VISIBLE_PX * (48 / 64) ** 2  # shapes' rule (_layout)
             assert (mask[inside] == o.cls).sum() >= o.visible
         for c in sc.tags:  # every pixel of class c lies in the box of a product of class c ...
             boxes = np.zeros(mask.shape, bool)

@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
 from .base import IGNORE, SOURCES
-from .shapes import _dilate_max, _grid, _smooth_noise
+from .shapes import _grid, _layout, _smooth_noise
 from .sources.folder import FolderSource, ShapesSource
 
 PRODUCTS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -89,8 +89,8 @@ _LOG_ASPECT = 0.1  # products are stretched by at most exp(+-0.1)
 _THRESHOLD = 12.0  # an upsampled product pixel above this (0-255) belongs to the object
 _ALPHA = (6.0, 40.0)  # compositing opacity rises from 0 to 1 over these intensities: soft, antialiased edges,
 # while the faint noise of some Fashion-MNIST backgrounds (values up to about 5) stays invisible
-_MIN_VISIBLE_FRAC = 0.6  # an object keeps at least this share of its full area unoccluded, else dropped
-_MIN_VISIBLE_PX = 54  # ... and at least this many labeled pixels (at 96x96; scales with the area)
+# visibility rules: shapes' (_layout): an object keeps 60 % of its area unoccluded and 24 px at 64x64 (54 at
+# 96x96), scaled with the area
 _CONTRAST = 60.0  # minimum RGB distance between a product's mean colour and what lies below it
 
 
@@ -314,25 +314,6 @@ def _place(rng: np.random.Generator, item: np.ndarray, cls: int, slot: int, size
     return _Object(cls, slot, full, mask, int((lum > _THRESHOLD).sum()), (x0, y0, w, h))
 
 
-def _layout(objs: list[_Object], size: int) -> tuple[list[_Object], np.ndarray, np.ndarray]:
-    """Stack the objects (later on top), drop hardly visible ones and mark the 1 px ignore borders.
-
-    Returns the kept objects, the z-order map (0 background, k the k-th kept object) and the border map.
-    """
-    w = max(1, round(size / 96))
-    min_px = _MIN_VISIBLE_PX * (size / 96) ** 2
-    while True:
-        z = np.zeros((size, size), np.int16)
-        for k, o in enumerate(objs, 1):
-            z[o.mask] = k
-        border = _dilate_max(z, w) > z  # pixels next to an object lying above them
-        counts = np.bincount(z[~border].ravel(), minlength=len(objs) + 1)
-        keep = [o for k, o in enumerate(objs, 1) if counts[k] >= max(min_px, _MIN_VISIBLE_FRAC * o.area)]
-        if len(keep) == len(objs):  # dropping objects only uncovers the others: this loop ends
-            return objs, z, border
-        objs = keep
-
-
 def _tint(rng: np.random.Generator, o: _Object, below: np.ndarray) -> np.ndarray:
     """HxWx3 product colours: the luminance (brightened by a random gain) times a random colour; the first of
     30 candidate colours whose mean over the object differs enough from what lies below, else the best."""
@@ -364,7 +345,7 @@ def render_scene(rng: np.random.Generator, products: Sequence[tuple[np.ndarray, 
         raise ValueError("a scene needs at least one product")
     while True:
         placed = [_place(rng, np.asarray(im), int(lab) + 1, k, size) for k, (im, lab) in enumerate(products)]
-        objs, z, border = _layout(placed, size)
+        objs, z, border = _layout(placed, size, border_scale=96)
         if objs:
             break
     img = _background(rng, domain, size)
