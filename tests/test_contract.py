@@ -46,9 +46,12 @@ def build(name: str, **method_over):
 
 def method_defaults(name: str) -> dict:
     """Small settings so that every branch of a method runs in the first steps."""
-    return {"u2pl": {"sup_only_epochs": 0, "num_queries": 4, "num_negatives": 4, "bank_size": 32},
-            "ripu": {"rounds": [0.5], "nl_tau": 0.9},  # nl: every entry qualifies
-            "fixmatch": {"conf_thresh": 0.0}, "unimatch": {"conf_thresh": 0.0}}.get(name, {})  # every pixel confident
+    return {
+        "u2pl": {"sup_only_epochs": 0, "num_queries": 4, "num_negatives": 4, "bank_size": 32},
+        "ripu": {"rounds": [0.5], "nl_tau": 0.9},  # nl: every entry qualifies
+        "fixmatch": {"conf_thresh": 0.0},  # every pixel confident
+        "unimatch": {"conf_thresh": 0.0},
+    }.get(name, {})
 
 
 @pytest.mark.parametrize("name", METHODS.names())
