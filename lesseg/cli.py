@@ -13,13 +13,13 @@ from .errors import PAUSED_EXIT, LessegError, Paused
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def _load_cfg(args, extra: list[str] = ()):
+def _load_cfg(args, extra: list[str] = (), methods: bool = True):
     from . import config
 
     overrides = list(args.overrides) + list(extra)
     if getattr(args, "out", None) and args.command == "train":
         overrides.append(f"out={args.out}")
-    return config.load(args.config, overrides)
+    return config.load(args.config, overrides, methods=methods)
 
 
 def cmd_train(args) -> int:
@@ -132,7 +132,10 @@ def _stream_problems(cfg) -> list[str]:
     from .data import batch_problem, stream_source
     from .methods import METHODS
 
-    method = METHODS.get(cfg.method.name)
+    try:
+        method = METHODS.get(cfg.method.name)
+    except KeyError as e:  # the config was loaded without the method schema (cmd_data)
+        return [str(e.args[0])]
     needed = method.streams if method.config_streams is None else method.config_streams
     problems = [f"method {cfg.method.name} reads data stream {n!r}, which data.streams does not define "
                 f"(it defines {list(cfg.data.streams)})" for n in needed if n not in cfg.data.streams]
@@ -151,7 +154,9 @@ def cmd_data(args) -> int:
     from .data import scan
     from .data.check import label_warning, resized_warning
 
-    cfg = _load_cfg(args)
+    # the data commands start without torch (about a second); only check's stream check below imports the
+    # methods, to learn which streams the config's method reads
+    cfg = _load_cfg(args, methods=False)
     if args.action == "stats":
         split, src, _ = _data_splits(cfg, args.split)[0]
         samples = src.samples(split)

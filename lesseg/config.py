@@ -219,10 +219,11 @@ def _explain(e: OmegaConfBaseException, where: str, prefix: str = "") -> ConfigE
     return ConfigError(f"{where}: {msg}")
 
 
-def build(layers: list[dict], overrides: list[str] = (), where: str = "config") -> DictConfig:
-    """Merge dict layers and ``key=value`` overrides onto the schema and validate the method section."""
-    from .methods import method_schema
-
+def build(layers: list[dict], overrides: list[str] = (), where: str = "config", methods: bool = True) -> DictConfig:
+    """Merge dict layers and ``key=value`` overrides onto the schema and validate the method section.
+    ``methods=False`` leaves the method section and ``stages`` unchecked (as written, a mapping with a
+    ``name``), so that commands that only read data (``lesseg data stats|check``) start without importing the
+    methods (and torch); every other section is checked as usual."""
     schema = OmegaConf.structured(Config)
     cfg = schema
     for layer in layers:
@@ -244,6 +245,15 @@ def build(layers: list[dict], overrides: list[str] = (), where: str = "config") 
     method = OmegaConf.to_container(cfg.method) if isinstance(cfg.method, DictConfig) else cfg.method
     if not isinstance(method, dict) or "name" not in method:
         raise ConfigError(f"{where}: `method` must be a mapping with a `name`")
+    if not methods:
+        errors = range_errors(Config, cfg)
+        if errors:
+            raise ConfigError(f"{where}: " + "; ".join(errors))
+        _check(cfg, where)
+        OmegaConf.set_readonly(cfg, True)
+        return cfg
+    from .methods import method_schema
+
     try:
         schema = method_schema(method["name"])
     except KeyError as e:
@@ -323,10 +333,10 @@ def resolve_path(path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> DictConfig:
-    """Load a YAML config (with its optional ``base:``) and apply overrides."""
+def load(path: str | Path, overrides: list[str] = (), methods: bool = True) -> DictConfig:
+    """Load a YAML config (with its optional ``base:``) and apply overrides (``methods``: see :func:`build`)."""
     path = resolve_path(path)
-    cfg = build(_raw_layers(path), list(overrides), where=str(path))
+    cfg = build(_raw_layers(path), list(overrides), where=str(path), methods=methods)
     if cfg.out is None:  # a packaged config's family keeps shapes/u2pl.yaml and fashion/u2pl.yaml apart
         OmegaConf.set_readonly(cfg, False)
         packaged = path.resolve().is_relative_to(PACKAGED.resolve())

@@ -1,5 +1,5 @@
 """Metrics shared by the engine (evaluation) and the methods (pseudo-label diagnostics, stage products):
-the bottom layer, importing nothing of lesseg but the ignore label.
+the bottom layer, importing nothing of lesseg but the ignore label (defined, torch-free, with the data contract).
 
 Segmentation: a C x C confusion matrix over a whole set (never per-image IoUs), IoU and mIoU from it.
 Multi-label classification: average precision per class and its mean (mAP), for classifier stages.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = 255  # the label of pixels that are not scored (and not trained on)
+from .data.base import IGNORE
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:

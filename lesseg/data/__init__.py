@@ -10,8 +10,19 @@ from ..errors import ConfigError, DataError
 from . import fashion, shapes  # noqa: F401  (fashion registers the `fashion` source)
 from . import sources as _sources  # noqa: F401  (register the sources; build_streams has a local `sources`)
 from .base import IGNORE, SOURCES, Sample, SegSource
-from .check import require_clean, scan
-from .loader import SegDataset, Stream, batch_problem, eval_loader
+from .check import batch_problem, require_clean, scan
+
+# the loaders (torch, torchvision) are imported on first use, so that `lesseg data stats|check` and config
+# loading start without them
+_LOADER_NAMES = ("SegDataset", "Stream", "eval_loader")
+
+
+def __getattr__(name: str):
+    if name in _LOADER_NAMES:
+        from . import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "IGNORE",
@@ -83,6 +94,8 @@ def build_streams(data: DictConfig, names: tuple[str, ...], strong: tuple[str, .
             f"in the stream, {theirs} in the run. Every stream must have the run's classes (SYNTHIA -> "
             "Cityscapes: give both datasets the same options.classes, 16 or 13)"
         )
+    from .loader import SegDataset, Stream
+
     streams = {}
     for name in names:
         sc = data.streams[name]
@@ -112,6 +125,8 @@ def stream_aug(data: DictConfig, stream: DictConfig) -> DictConfig:
 def build_eval_dataset(data: DictConfig, split: str | None = None, check: bool = False,
                        progress: bool = True) -> SegDataset:
     """The labeled evaluation set (``data.val_split`` of the main dataset unless ``split`` is given)."""
+    from .loader import SegDataset
+
     src = stream_source(data)
     split = split or data.val_split
     samples = src.samples(split)

@@ -14,8 +14,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
-from ..metrics import IGNORE
 from ..registry import Registry
+
+IGNORE = 255  # the label of pixels that are not scored (and not trained on)
 
 
 @dataclass(frozen=True)

@@ -97,3 +97,11 @@ def require_clean(source: SegSource, samples: list[Sample], labeled: bool, what:
     for warning in (label_warning(source, counts, what), resized_warning(resized, what, shown=5)):
         if warning:
             log.warning(warning)
+
+
+def batch_problem(stream: str, n: int, batch_size: int, world: int = 1) -> str | None:
+    """Why a stream of ``n`` images cannot give one global batch, or None when it can."""
+    if n >= batch_size * world:
+        return None
+    return (f"stream {stream!r} has {n} images, fewer than one global batch ({batch_size} x {world} "
+            f"process(es)); lower data.streams.{stream}.batch_size")

@@ -18,6 +18,7 @@ from torchvision import tv_tensors
 
 from ..errors import ConfigError, DataError
 from .base import IGNORE, Sample, SegSource
+from .check import batch_problem
 from .transforms import normalize, strong_photometric, weak_geometry
 
 
@@ -143,14 +144,6 @@ class TrueMask:
 
 def _stable_hash(*parts) -> int:
     return zlib.crc32(repr(parts).encode())
-
-
-def batch_problem(stream: str, n: int, batch_size: int, world: int = 1) -> str | None:
-    """Why a stream of ``n`` images cannot give one global batch, or None when it can."""
-    if n >= batch_size * world:
-        return None
-    return (f"stream {stream!r} has {n} images, fewer than one global batch ({batch_size} x {world} "
-            f"process(es)); lower data.streams.{stream}.batch_size")
 
 
 class InfiniteBatchSampler:

@@ -10,7 +10,6 @@ from typing import Any, ClassVar
 import numpy as np
 from tqdm import tqdm
 
-from ... import dist
 from ...errors import DataError
 from ..base import IGNORE, SOURCES, Sample
 from .files import FileSource, first_existing
@@ -105,6 +104,8 @@ class VOCSource(FileSource):
                 return tags_from_mask(self.read_mask(path))
             except DataError as e:
                 return str(e)
+
+        from ... import dist  # torch: imported when tags are derived, not with the data layer
 
         problems = []
         with ThreadPoolExecutor(max_workers=4) as pool:
