@@ -327,14 +327,20 @@ def cmd_bench(args) -> int:
 
 
 def cmd_viz(args) -> int:
-    from .viz import curves_figure, entropy_figure
+    from .viz import curves_figure, entropy_figure, runs_figure
 
+    if not args.checkpoint and not args.runs:
+        raise LessegError("lesseg viz: give --checkpoint (one run's pictures) and/or --runs (several runs' curves)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    written = [entropy_figure(args.checkpoint, out / "entropy.png", n=args.n)]
-    metrics = Path(args.checkpoint).parent / "metrics.jsonl"
-    if metrics.is_file():
-        written.append(curves_figure(metrics, out / "curves.png"))
+    written = []
+    if args.checkpoint:
+        written.append(entropy_figure(args.checkpoint, out / "entropy.png", n=args.n))
+        metrics = Path(args.checkpoint).parent / "metrics.jsonl"
+        if metrics.is_file():
+            written.append(curves_figure(metrics, out / "curves.png"))
+    if args.runs:
+        written.append(runs_figure(args.runs, out / "runs.png"))
     for w in written:
         if w is not None:
             print(f"wrote {w}")
@@ -467,8 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeat", type=int, default=3, help="select: timed repetitions (the median is shown)")
     sp.set_defaults(func=cmd_bench)
 
-    sp = sub.add_parser("viz", help="entropy maps and reliable/unreliable pixels; training curves")
-    sp.add_argument("--checkpoint", required=True)
+    sp = sub.add_parser("viz", help="entropy maps and reliable/unreliable pixels; training curves; several runs "
+                        "compared (--runs)")
+    sp.add_argument("--checkpoint", help="a run's checkpoint: its entropy maps and training curves")
+    sp.add_argument("--runs", nargs="+", help="run folders whose mIoU, loss and pseudo-label curves are "
+                    "compared in one figure (runs.png)")
     sp.add_argument("--out", required=True)
     sp.add_argument("--n", type=int, default=6, help="number of unlabeled images")
     sp.set_defaults(func=cmd_viz)

@@ -75,32 +75,58 @@ def heat(x: np.ndarray, vmax: float | None = None, cmap: str = "magma") -> np.nd
     return (matplotlib.colormaps[cmap](np.clip(x / top, 0, 1))[..., :3] * 255).astype(np.uint8)
 
 
-def curves_figure(metrics_path: str | Path, path: str | Path) -> Path | None:
-    """Every scalar logged in metrics.jsonl against the step, one panel each (loss terms, CPS overlap,
-    U2PL reliable share, pseudo-label quality with the true class-0 share dashed in the pl_c0 panel, eval
-    mIoU). None when the file holds no training events."""
+def metric_series(metrics_path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a metrics.jsonl as ``name -> [(step, value)]``: training terms under their names,
+    evaluation numbers as ``eval <name>`` (learning rate, speed and pixel accuracy left out)."""
     import json
 
+    series: dict[str, list[tuple[int, float]]] = {}
+    for line in Path(metrics_path).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") not in ("train", "eval"):
+            continue
+        for k, v in rec.items():
+            if k in ("step", "lr", "it_per_s", "acc") or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            series.setdefault(k if rec["event"] == "train" else f"eval {k}", []).append((rec["step"], v))
+    return series
+
+
+def _save(fig, path: str | Path, layout: bool = True) -> Path:
+    import matplotlib.pyplot as plt
+
+    if layout:
+        fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _panels(n: int, width: float = 3.2, height: float = 2.4):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, list[tuple[int, float]]] = {}
-    for line in Path(metrics_path).read_text().splitlines():
-        rec = json.loads(line)
-        for k, v in rec.items():
-            if k in ("step", "lr", "it_per_s", "acc") or not isinstance(v, (int, float)):
-                continue
-            series.setdefault(k if rec["event"] == "train" else f"eval {k}", []).append((rec["step"], v))
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat)[:n]
+
+
+def curves_figure(metrics_path: str | Path, path: str | Path) -> Path | None:
+    """Every scalar logged in metrics.jsonl against the step, one panel each (loss terms, CPS overlap,
+    U2PL reliable share, pseudo-label quality with the true class-0 share dashed in the pl_c0 panel, eval
+    mIoU). None when the file holds no training events."""
+    series = metric_series(metrics_path)
     if not series:
         return None
     reference = {"pl_c0": series.pop("true_c0")} if "true_c0" in series and "pl_c0" in series else {}
-    n = len(series)
-    cols = min(4, n)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
-    for ax, (name, pts) in zip(axes.flat, sorted(series.items())):
+    fig, axes = _panels(len(series))
+    for ax, (name, pts) in zip(axes, sorted(series.items())):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
         if name in reference:  # the pseudo-labels' class-0 share against the masks' (dashed)
             ref = reference[name]
@@ -109,13 +135,58 @@ def curves_figure(metrics_path: str | Path, path: str | Path) -> Path | None:
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+# what `lesseg viz --runs` compares: how well each network does, how it fits its labels, and how good its
+# pseudo-labels are (accuracy, mIoU against the true masks where the stream has them, background share)
+COMPARED = ("eval miou", "loss_sup", "loss", "pl_miou", "pl_acc", "pl_c0")
+
+
+def runs_figure(run_dirs: list[str | Path], path: str | Path, names: list[str] | None = None) -> Path:
+    """Several runs' curves in one figure, one line per run (its folder name, or ``names``), a panel per
+    quantity of ``COMPARED`` that at least one run logged; the pl_c0 panel also shows the true background
+    share (dashed, grey) where a run logged it. Runs without a metrics.jsonl are refused by name."""
+    missing = [str(r) for r in run_dirs if not (Path(r) / "metrics.jsonl").is_file()]
+    if missing:
+        from .errors import LessegError
+
+        raise LessegError(f"no metrics.jsonl in {', '.join(missing)}: not a run folder (or not started)")
+    names = names or [_run_name(Path(r), run_dirs) for r in run_dirs]
+    all_series = [metric_series(Path(r) / "metrics.jsonl") for r in run_dirs]
+    shown = [k for k in COMPARED if any(k in s for s in all_series)]
+    fig, axes = _panels(len(shown), 3.6, 2.8)
+    colors = [f"C{i % 10}" for i in range(len(names))]  # a run keeps its colour in every panel
+    for ax, key in zip(axes, shown):
+        for name, series, color in zip(names, all_series, colors):
+            if key in series:
+                pts = series[key]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None,
+                        color=color, label=name)
+        if key == "pl_c0":
+            ref = next((s["true_c0"] for s in all_series if "true_c0" in s), None)
+            if ref:
+                ax.plot([p[0] for p in ref], [p[1] for p in ref], "--", color="gray", label="true background")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, label=n) for n, c in zip(names, colors)]
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(names), 5), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.06 * ((len(names) + 4) // 5)))
+    return _save(fig, path, layout=False)
+
+
+def _run_name(run: Path, runs: list) -> str:
+    """A run's label: its folder name, with its parents' names while two runs would share it (bench layouts
+    such as <budget>/<method>/seed0)."""
+    parts = run.resolve().parts
+    for depth in range(1, len(parts) + 1):
+        label = "/".join(parts[-depth:])
+        if sum("/".join(Path(r).resolve().parts[-depth:]) == label for r in runs) == 1:
+            return label
+    return str(run)
 
 
 def entropy_figure(checkpoint: str | Path, path: str | Path, n: int = 6) -> Path:

@@ -444,3 +444,33 @@ def test_bench_rows_say_what_each_run_started_from(tmp_path):
     assert starting_weights(tmp_path / "b.pt") == "enc.pt (sha256 cdcdcdcdcdcd)"  # before the whole record
     ckpt.save_atomic({"pretrained": None, "pretrained_sha256": None, "config": {"model": {}}}, tmp_path / "c.pt")
     assert starting_weights(tmp_path / "c.pt") == "random init" and starting_weights(tmp_path / "none.pt") is None
+
+
+def test_viz_runs_compares_runs_in_one_figure_and_names_them_apart(tmp_path, capsys):
+    """`lesseg viz --runs`: one figure over several runs (bench layouts end in seed0: the labels keep the
+    parents that tell them apart); the series read back are the logged ones; a folder without metrics is
+    refused by name."""
+    from lesseg.cli import main
+    from lesseg.viz import _run_name, metric_series
+
+    runs = []
+    for method in ("supervised", "u2pl"):
+        run = tmp_path / "1-16" / method / "seed0"
+        run.mkdir(parents=True)
+        recs = [{"event": "train", "step": 25, "loss": 1.0, "loss_sup": 1.0, "lr": 0.1, "it_per_s": 3.0},
+                {"event": "eval", "step": 50, "miou": 0.25, "acc": 0.9, "iou": {"a": 0.5}}]
+        if method == "u2pl":
+            recs[0].update(pl_miou=0.2, pl_c0=0.9, true_c0=0.78)
+        run.joinpath("metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+        runs.append(run)
+    series = metric_series(runs[1] / "metrics.jsonl")
+    assert series == {"loss": [(25, 1.0)], "loss_sup": [(25, 1.0)], "pl_miou": [(25, 0.2)], "pl_c0": [(25, 0.9)],
+                      "true_c0": [(25, 0.78)], "eval miou": [(50, 0.25)]}
+    assert [_run_name(r, runs) for r in runs] == ["supervised/seed0", "u2pl/seed0"]
+    assert main(["viz", "--runs", *map(str, runs), "--out", str(tmp_path / "viz")]) == 0
+    assert Image.open(tmp_path / "viz" / "runs.png").size[0] > 500
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert main(["viz", "--runs", str(runs[0]), str(tmp_path / "empty"), "--out", str(tmp_path / "viz")]) != 0
+    err = capsys.readouterr().err
+    assert "no metrics.jsonl in" in err and "empty" in err and "seed0" not in err
