@@ -238,6 +238,25 @@ def _bench_pretrain(args) -> int:
     return 0
 
 
+def _bench_weak(args) -> int:
+    from .bench.weak import QUICK, WEAK_METHODS, bench_weak, print_weak_table, summarize_weak
+
+    if args.config:  # `lesseg bench weak k=v ...`: no config, only overrides
+        args.overrides = [args.config, *args.overrides]
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else WEAK_METHODS
+    start = args.start or "imagenet"
+    if start == "synthetic":
+        raise LessegError("bench weak starts from imagenet (default) or scratch")
+    out = Path(args.out or ("runs/bench_weak_quick" if args.quick else "runs/bench_weak"))
+    seeds = tuple(range(1 if args.quick else args.seeds))
+    rows = bench_weak(out, methods, seeds, (QUICK if args.quick else []) + list(args.overrides), args.device,
+                      train_missing=not args.finished_only, family=args.dataset, start=start)
+    table = summarize_weak(rows)
+    print_weak_table(table)
+    print(json.dumps({"table": table, "rows": rows}))
+    return 0
+
+
 def _bench_active(args) -> int:
     from .bench.active import (
         QUICK,
@@ -281,6 +300,8 @@ def cmd_bench(args) -> int:
         return _bench_active(args)
     if args.kind == "pretrain":
         return _bench_pretrain(args)
+    if args.kind == "weak":
+        return _bench_weak(args)
     if args.kind == "speed":
         if not args.config:
             raise LessegError("bench speed needs a CONFIG")
@@ -430,13 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_data)
 
     sp = sub.add_parser("bench", help="benchmarks that print tables")
-    sp.add_argument("kind", choices=["speed", "semi", "select", "active", "pretrain"],
+    sp.add_argument("kind", choices=["speed", "semi", "select", "active", "pretrain", "weak"],
                     help="speed: throughput and peak memory of CONFIG; semi: every semi-supervised method on "
                          "shapes at 1/16 and 1/8 over seeds, plus the method-specific cost per step; select: "
                          "RIPU's score and selection time for one image; active: RIPU and its baselines, "
                          "synthetic -> real shapes, per label budget; pretrain: SupOnly, U2PL and Mean Teacher "
                          "at 1/16 from random init, from lesseg pretrain on the unlabeled images and from the "
-                         "synthetic encoder")
+                         "synthetic encoder; weak: every weakly supervised pipeline (tags only) against the "
+                         "fully supervised network, stage by stage")
     sp.add_argument("--ssl-iters", type=int, default=3000, help="pretrain: steps of lesseg pretrain")
     sp.add_argument("config", nargs="?", help="YAML config (speed)")
     sp.add_argument("--dataset", default="shapes", help="semi, active: the embedded dataset whose packaged configs "
@@ -448,9 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--profile", action="store_true",
                     help="speed: print torch.profiler's per-op table of --iters steps instead of the timing")
     sp.add_argument("--quick", action="store_true", help="semi: a short smoke run (1 seed, 1/16, 30 steps); active: "
-                    "1 seed, 150 steps")
+                    "1 seed, 150 steps; weak: 1 seed, 60 steps a stage")
     sp.add_argument("--seeds", type=int, default=2, help="semi: number of seeds")
-    sp.add_argument("--methods", help="semi: comma-separated subset")
+    sp.add_argument("--methods", help="semi, weak: comma-separated subset")
     sp.add_argument("--budgets", help="semi: comma-separated label budgets (default 1-16,1-8; also 1-4, 1-2)")
     sp.add_argument("--no-cost", action="store_true",
                     help="semi: skip the cost-per-step measurement (e.g. while other runs load the machine)")
@@ -458,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="semi: only the cost-per-step measurement of --methods, no training (an idle machine)")
     sp.add_argument("--out", help="semi: run folder (finished runs are reused)")
     sp.add_argument("--finished-only", action="store_true",
-                    help="semi: train nothing, print the table of the finished runs and list the others")
+                    help="semi, active, weak: train nothing, print the table of the finished runs and list the others")
     sp.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=True,
                     help="semi: start every run from the encoder of a supervised run on synthetic shapes (trained "
                          "first, once) and fine-tune it at a tenth of the head's lr, as the papers do from ImageNet; "

@@ -474,3 +474,31 @@ def test_viz_runs_compares_runs_in_one_figure_and_names_them_apart(tmp_path, cap
     assert main(["viz", "--runs", str(runs[0]), str(tmp_path / "empty"), "--out", str(tmp_path / "viz")]) != 0
     err = capsys.readouterr().err
     assert "no metrics.jsonl in" in err and "empty" in err and "seed0" not in err
+
+
+def test_bench_weak_summary_means_stages_over_seeds_and_shares_of_full(tmp_path):
+    """`bench weak`'s table: per method the classifier mAP of the stage reporting it, every pseudo-mask
+    stage's mIoU in pipeline order, the final mIoU and its share of the fully supervised one (means over
+    seeds); an unknown pipeline is refused naming the ones the family has."""
+    from lesseg.bench.weak import bench_weak, summarize_weak
+    from lesseg.errors import LessegError
+
+    def row(method, miou, stages, seed=0):
+        return {"method": method, "seed": seed, "miou": miou, "wall_s": 10.0,
+                "stages": [{"stage": n, "kind": k, "metrics": m} for n, k, m in stages]}
+
+    rows = [row("full", 0.6, []), row("full", 0.4, [], 1),
+            row("psl", 0.3, [("classifier", "train", {"map": 0.8}), ("erase", "task", {"pseudo_miou": 0.2}),
+                             ("crf", "task", {"pseudo_miou": 0.3, "images_per_s": 50.0}), ("train", "train", {})]),
+            row("psl", 0.2, [("classifier", "train", {"map": 0.6}), ("erase", "task", {"pseudo_miou": 0.4}),
+                             ("crf", "task", {"pseudo_miou": 0.5}), ("train", "train", {})], 1)]
+    table = {r["method"]: r for r in summarize_weak(rows)}
+    assert table["full"]["miou"] == pytest.approx(0.5) and table["full"]["of_full"] is None
+    psl = table["psl"]
+    assert psl["seeds"] == 2 and psl["classifier_map"] == pytest.approx(0.7)
+    assert [n for n, _ in psl["pseudo_miou"]] == ["erase", "crf"]
+    assert [v for _, v in psl["pseudo_miou"]] == pytest.approx([0.3, 0.4])
+    assert psl["miou"] == pytest.approx(0.25) and psl["of_full"] == pytest.approx(0.5)
+    assert psl["cam_images_per_s"] == pytest.approx(50.0)
+    with pytest.raises(LessegError, match=r"nosuch.*shapes has .*cam"):
+        bench_weak(tmp_path, ("nosuch",), (0,))
