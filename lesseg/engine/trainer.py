@@ -107,8 +107,8 @@ class Trainer:
             first = next(iter(self.streams.values()))
             lr = lr * first.batch_size * self.world / o.reference_batch
         groups = self.method.param_groups()
-        for g in groups:
-            g["lr_mult"] = o.head_lr_mult if g.pop("head") else 1.0
+        for g in groups:  # a method's own lr_mult on a group (a discriminator's, say) multiplies the head's
+            g["lr_mult"] = g.get("lr_mult", 1.0) * (o.head_lr_mult if g.pop("head") else 1.0)
             g["lr"] = lr * g["lr_mult"]
         if o.name == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,

@@ -183,7 +183,9 @@ class Method(nn.Module):
         """Called after each optimizer step (EMA updates, schedules)."""
 
     def param_groups(self) -> list[dict]:
-        """Encoder parameters at the base LR, everything else at ``head_lr_mult`` x (set by the trainer)."""
+        """Encoder parameters at the base LR, everything else at ``head_lr_mult`` x (set by the trainer). A
+        group may carry its own ``lr_mult``: the trainer multiplies it by ``head_lr_mult`` where ``head`` is
+        true, and uses it as it is otherwise."""
         groups = []
         for net in self.trainable_nets().values():
             net = getattr(net, "module", net)  # DDP-wrapped
