@@ -51,6 +51,8 @@ def method_defaults(name: str) -> dict:
         "ripu": {"rounds": [0.5], "nl_tau": 0.9},  # nl: every entry qualifies
         "fixmatch": {"conf_thresh": 0.0},  # every pixel confident
         "unimatch": {"conf_thresh": 0.0},
+        "vat": {"conf_thresh": 0.0},  # every pixel in the consistency term
+        "advsemseg": {"semi_start": 0.0, "semi_thresh": 0.0},  # loss_semi from step 0, every pixel trusted
     }.get(name, {})
 
 

@@ -56,8 +56,8 @@ def bench_overhead(cfg: DictConfig, iters: int = 10, warmup: int = 2) -> dict:
     def passes():
         with autocast:
             for (_, net, _, grad), x in zip(calls, inputs):
-                with torch.set_grad_enabled(grad):
-                    out = net(x)
+                with torch.set_grad_enabled(grad):  # the input needs gradient where the network has none
+                    out = net(x.detach().requires_grad_(grad))  # (a frozen teacher's pass towards VAT's direction)
                 if grad:
                     sum(v.float().mean() for v in out.values()).backward()
         trainer.optimizer.step()
