@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import advsemseg, cam, cct, classifier, cps, cutmix_seg, fixmatch, mean_teacher, pseudoseg, ripu, self_training, supervised, u2pl, vat  # noqa: F401  (registers)
+from . import advsemseg, ael, cam, cct, classifier, cps, cutmix_seg, fixmatch, gct, mean_teacher, pseudoseg, ripu, self_training, supervised, u2pl, vat  # noqa: F401  (registers)
 from .base import METHODS, Method, MethodConfig, RunInfo
 
 __all__ = ["METHODS", "Method", "MethodConfig", "RunInfo", "build_method", "method_schema"]
