@@ -17,7 +17,7 @@ from .pretrain import pretrain_synthetic
 from .runs import finished_or_train, last_logged, mean_rate, read_numbers, train_records
 
 SEMI_METHODS = ("supervised", "mean_teacher", "cutmix_seg", "self_training", "cps", "u2pl", "fixmatch", "unimatch", "cct",
-                "vat", "advsemseg", "pseudoseg")
+                "vat", "advsemseg", "pseudoseg", "gct", "u2pl_ael")
 # Fine-tuning a pretrained encoder as the papers do (head_lr_mult, methods.md 0): the encoder at a tenth of the
 # head's learning rate (the shapes default, 2e-3 everywhere, suits training from scratch). From the synthetic
 # encoder at 1/16 it lifts SupOnly from 38.3 to 39.6 and U2PL from 35.1 to 40.0 (docs/benchmarks.md).
