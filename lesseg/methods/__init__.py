@@ -4,7 +4,27 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import advsemseg, ael, cam, cct, classifier, cps, cutmix_seg, fixmatch, gct, mean_teacher, pseudoseg, ripu, self_training, supervised, u2pl, vat  # noqa: F401  (registers)
+from . import (  # noqa: F401  (registers)
+    advsemseg,
+    ael,
+    cam,
+    cct,
+    classifier,
+    cps,
+    cutmix_seg,
+    fixmatch,
+    gct,
+    mean_teacher,
+    mil,
+    pseudoseg,
+    psl,
+    ripu,
+    self_training,
+    stc,
+    supervised,
+    u2pl,
+    vat,
+)
 from .base import METHODS, Method, MethodConfig, RunInfo
 
 __all__ = ["METHODS", "Method", "MethodConfig", "RunInfo", "build_method", "method_schema"]

@@ -21,11 +21,11 @@ included: the CAM stage rebuilds the classifier from the model settings stored i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,29 +45,39 @@ from .base import METHODS, Method, RunInfo, Stage
 from .supervised import SupervisedConfig, sup_loss
 from .weak.cam import foreground_counts, foreground_quality, multiscale_cams, pseudo_masks
 
+if TYPE_CHECKING:
+    from ..data.loader import SegDataset
+
 
 @dataclass
-class CamConfig(SupervisedConfig):
-    name: str = "cam"
-    # stage cams: CAMs averaged over these image scales (and the mirrored image with flip); IRN/PSA settings
+class CamSettings(SupervisedConfig):
+    """What the CAM-based pipelines share (``cam``, ``ae``, ``psl``): the classifier stage, the CAMs, the
+    background cue and the start of the segmentation network."""
+
+    # CAMs averaged over these image scales (and the mirrored image with flip); IRN/PSA settings
     scales: list[float] = ranged([1.0, 0.5, 1.5, 2.0], "(0, inf)")
     flip: bool = True
-    fg_threshold: float = ranged(0.3, "[0, 1]")  # best tagged CAM >= this: that class
-    # best tagged CAM < this: background; in between: 255 (uncertain). None: fg_threshold (no band)
-    bg_threshold: float | None = ranged(0.05, "[0, 1]")
     bg_class: int = ranged(0, "[0, inf)")  # the class id pseudo-masks give to background (no CAM of its own)
     cam_batch: int = ranged(16, "[1, inf)")  # images of one size whose CAMs are computed together
-    # last stage: the segmentation network's encoder starts from the classifier's (model.pretrained is then
-    # the classifier stage's checkpoint); false: from model.pretrained as configured
+    # the segmentation network's encoder starts from the classifier's (model.pretrained is then the
+    # classifier stage's checkpoint); false: from model.pretrained as configured
     init_from_classifier: bool = False
     # stage classifier done elsewhere: a lesseg checkpoint of the classifier method on these classes, whose
     # CAMs make the pseudo-masks; the classifier stage is then not trained
     classifier_checkpoint: str | None = None
-    # stage cams: a background cue besides low CAMs. None: none; spectral_residual / fine_grained: OpenCV
-    # contrib's detector on each image; folder: the user's maps, <saliency_dir>/<image name>.png (8-bit grey)
+    # a background cue besides low CAMs. None: none; spectral_residual / fine_grained: OpenCV contrib's
+    # detector on each image; folder: the user's maps, <saliency_dir>/<image name>.png (8-bit grey)
     saliency: str | None = None
     saliency_dir: str | None = None
     saliency_threshold: float = ranged(0.2, "[0, 1]")  # background where saliency / 255 < this
+
+
+@dataclass
+class CamConfig(CamSettings):
+    name: str = "cam"
+    fg_threshold: float = ranged(0.3, "[0, 1]")  # best tagged CAM >= this: that class
+    # best tagged CAM < this: background; in between: 255 (uncertain). None: fg_threshold (no band)
+    bg_threshold: float | None = ranged(0.05, "[0, 1]")
 
 
 # what the pseudo-masks depend on (the contents of a saliency_dir are not tracked: a new folder, a new run)
@@ -123,21 +133,39 @@ def same_size_batches(items: Iterable[dict], size: int) -> Iterator[dict]:
         yield batch()
 
 
+def low_saliency(saliency: SaliencyMaps | None, batch: dict, threshold: float) -> torch.Tensor | None:
+    """Where the saliency of each image of ``batch`` (read at its native size, like the CAMs) is below
+    ``threshold`` (as a fraction of 255): the background cue, B,H,W bool; None without saliency."""
+    if saliency is None:
+        return None
+    size = tuple(batch["image"].shape[-2:])
+    low = [saliency(i, size).astype(np.float32) / 255.0 < threshold for i in batch["index"].tolist()]
+    return torch.from_numpy(np.stack(low))
+
+
+def tagged_images(ctx: Any) -> tuple[SegDataset, bool]:
+    """The images of the stream ``labeled`` for a stage that makes pseudo-masks from their tags, and whether
+    they are scored (their true masks read: ``labeled`` or ``true_masks`` on the stream). An image without
+    tags, or a ``method.bg_class`` that is no class of the data, is a ConfigError."""
+    sc = ctx.cfg.data.streams.labeled
+    scored = bool(sc.labeled or sc.true_masks)
+    data = ctx.dataset("labeled", masks=scored)
+    if not data.with_tags:
+        raise ConfigError(f"the {ctx.cfg.method.name} method makes pseudo-masks from image tags: every image "
+                          "of the stream 'labeled' needs them (image_labels.csv, or data.options.tags for VOC)")
+    if ctx.cfg.method.bg_class >= ctx.num_classes:
+        raise ConfigError(f"method.bg_class {ctx.cfg.method.bg_class} is not a class of the data "
+                          f"({ctx.num_classes} classes)")
+    return data, scored
+
+
 def write_cam_dataset(ctx: Any) -> dict:
     """Stage ``cams``: CAM pseudo-masks of every image of the stream ``labeled`` from the ``classifier``
     stage's network, written to ``ctx.folder/{images,masks,classes.txt,splits/train.txt}`` (processes share
     the images). Where the images have masks, also ``quality.json`` (the pseudo-masks against them: mIoU,
     accuracy, per-class IoU, foreground precision/recall, labelled fraction), whose numbers it returns."""
-    cfg, m = ctx.cfg, ctx.cfg.method
-    sc = cfg.data.streams.labeled
-    scored = bool(sc.labeled or sc.true_masks)
-    data = ctx.dataset("labeled", masks=scored)
-    if not data.with_tags:
-        raise ConfigError("the cam method makes pseudo-masks from image tags: every image of the stream "
-                          "'labeled' needs them (image_labels.csv, or data.options.tags for VOC)")
-    if m.bg_class >= ctx.num_classes:
-        raise ConfigError(f"method.bg_class {m.bg_class} is not a class of the data "
-                          f"({ctx.num_classes} classes)")
+    m = ctx.cfg.method
+    data, scored = tagged_images(ctx)
     writer = FolderWriter(ctx.folder, [s.name for s in data.samples], ctx.class_names)
     if ctx.main:
         writer.clear()  # leftovers of an interrupted stage
@@ -154,12 +182,7 @@ def write_cam_dataset(ctx: Any) -> dict:
         tags[:, m.bg_class] = 0  # background has no CAM of its own: low object CAMs make it
         with torch.no_grad(), autocast:
             cams = multiscale_cams(net.cam, batch["image"].to(ctx.device), tags, list(m.scales), m.flip)
-        background = None
-        if saliency is not None:  # read at the image's native size, like the CAMs
-            size = tuple(batch["image"].shape[-2:])
-            low = [saliency(i, size).astype(np.float32) / 255.0 < m.saliency_threshold
-                   for i in batch["index"].tolist()]
-            background = torch.from_numpy(np.stack(low))
+        background = low_saliency(saliency, batch, m.saliency_threshold)
         masks = pseudo_masks(cams, tags, m.fg_threshold, m.bg_threshold, background, bg_class=m.bg_class)
         true = batch["mask"].to(ctx.device) if scored else None
         counts += foreground_counts(masks, true, m.bg_class)
@@ -167,6 +190,13 @@ def write_cam_dataset(ctx: Any) -> dict:
         for k, i in enumerate(batch["index"].tolist()):
             writer.write(i, data.samples[i].image, masks[k], data.source.read_image,
                          true=batch["mask"][k] if scored else None)
+    return finish_masks(ctx, writer, counts)
+
+
+def finish_masks(ctx: Any, writer: FolderWriter, counts: torch.Tensor) -> dict:
+    """After a pseudo-mask stage wrote its masks on every process: the main process writes the dataset's
+    class list, split and ``quality.json`` (the writer's scores and :func:`foreground_quality` of the summed
+    ``counts``); returns the numbers for ``stages.json`` (only the labelled fraction without true masks)."""
     quality = writer.quality(ctx.all_reduce_sum)  # also the processes' meeting point before files are listed
     fg = foreground_quality(ctx.all_reduce_sum(counts).cpu())
     if quality is not None:
@@ -180,6 +210,18 @@ def write_cam_dataset(ctx: Any) -> dict:
             "pseudo_labelled": fg["labelled"]}
 
 
+def check_saliency(m: CamSettings | DictConfig) -> None:
+    """The saliency settings of a CAM-based method: a known source, a folder only with ``folder``."""
+    if m.saliency is not None and m.saliency not in SALIENCY_SOURCES:
+        raise ConfigError(f"method.saliency {m.saliency!r} is not one of {', '.join(SALIENCY_SOURCES)} "
+                          "(or null: no saliency)")
+    if m.saliency == "folder" and not m.saliency_dir:
+        raise ConfigError("method.saliency: folder reads the maps from method.saliency_dir, which is not set")
+    if m.saliency_dir is not None and m.saliency != "folder":
+        raise ConfigError(f"method.saliency_dir is only read with method.saliency: folder (it is "
+                          f"{m.saliency!r})")
+
+
 def classifier_config(cfg: DictConfig, products: dict[str, Path]) -> DictConfig:
     """The classifier of stage 1: the tagged stream ``labeled`` (its masks not read), same model, schedule
     and val split; scored by its own metric (tag mAP), whatever ``eval.metric`` the last stage uses."""
@@ -191,14 +233,16 @@ def classifier_config(cfg: DictConfig, products: dict[str, Path]) -> DictConfig:
     return config_mod.from_dict(d)
 
 
-def train_config(cfg: DictConfig, products: dict[str, Path]) -> DictConfig:
-    """The last stage: CE on the stream ``pseudo`` (the ``cams`` stage's dataset, with the tagged stream's
-    batch, crop and augmentation), the encoder from the classifier with ``init_from_classifier``."""
+def pseudo_train_config(cfg: DictConfig, root: Path, init_from: Path | None = None,
+                        model: dict | None = None) -> DictConfig:
+    """CE-style training on the stream ``pseudo``: the folder dataset at ``root`` (a pseudo-mask stage's
+    product) with the tagged stream's batch, crop and augmentation; the encoder from the checkpoint
+    ``init_from`` if given; ``model`` settings merged over the run's."""
     d = OmegaConf.to_container(cfg)
     pseudo = {
         **d["data"]["streams"]["labeled"],
         "dataset": "folder",
-        "root": str(products["cams"]),
+        "root": str(root),
         "split": "train",
         "labeled": True,
         "strong": False,
@@ -206,17 +250,26 @@ def train_config(cfg: DictConfig, products: dict[str, Path]) -> DictConfig:
         "options": {},
     }
     d["data"]["streams"] = {"pseudo": pseudo}
-    if cfg.method.init_from_classifier:
-        d["model"]["pretrained"] = str(products["classifier"])
+    d["model"].update(model or {})
+    if init_from is not None:
+        d["model"]["pretrained"] = str(init_from)
         d["model"]["pretrained_partial"] = False
     return config_mod.from_dict(d)
 
 
-def cam_inputs(cfg: DictConfig) -> dict:
-    """What the pseudo-masks depend on (besides the classifier): the images, their tags, the CAM settings."""
+def train_config(cfg: DictConfig, products: dict[str, Path]) -> DictConfig:
+    """The last stage: CE on the stream ``pseudo`` (the ``cams`` stage's dataset, with the tagged stream's
+    batch, crop and augmentation), the encoder from the classifier with ``init_from_classifier``."""
+    start = products["classifier"] if cfg.method.init_from_classifier else None
+    return pseudo_train_config(cfg, products["cams"], start)
+
+
+def cam_inputs(cfg: DictConfig, keys: Sequence[str] = CAM_KEYS) -> dict:
+    """What the pseudo-masks depend on (besides the classifier): the images, their tags, the method's
+    settings ``keys``."""
     data = OmegaConf.to_container(cfg.data)
     method = OmegaConf.to_container(cfg.method)
-    return {"labeled": data["streams"]["labeled"], "method": {k: method[k] for k in CAM_KEYS},
+    return {"labeled": data["streams"]["labeled"], "method": {k: method[k] for k in keys},
             "data": {k: data[k] for k in ("dataset", "root", "options", "mean", "std")}}
 
 
@@ -242,15 +295,7 @@ class CAM(Method):
         if m.bg_threshold is not None and m.bg_threshold > m.fg_threshold:
             raise ConfigError(f"method.bg_threshold {m.bg_threshold} must not exceed method.fg_threshold "
                               f"{m.fg_threshold} (between them lies the uncertain band)")
-        if m.saliency is not None and m.saliency not in SALIENCY_SOURCES:
-            raise ConfigError(f"method.saliency {m.saliency!r} is not one of {', '.join(SALIENCY_SOURCES)} "
-                              "(or null: no saliency)")
-        if m.saliency == "folder" and not m.saliency_dir:
-            raise ConfigError("method.saliency: folder reads the maps from method.saliency_dir, which is not "
-                              "set")
-        if m.saliency_dir is not None and m.saliency != "folder":
-            raise ConfigError(f"method.saliency_dir is only read with method.saliency: folder (it is "
-                              f"{m.saliency!r})")
+        check_saliency(m)
         return [Stage("classifier", config=classifier_config, given=m.classifier_checkpoint),
                 Stage("cams", run=write_cam_dataset, inputs=cam_inputs),
                 Stage("train", config=train_config)]
@@ -261,5 +306,6 @@ class CAM(Method):
         return {"loss": loss}
 
 
-__all__ = ["CAM", "CamConfig", "classifier_config", "load_classifier", "same_size_batches", "train_config",
-           "write_cam_dataset"]
+__all__ = ["CAM", "CamConfig", "CamSettings", "check_saliency", "classifier_config", "finish_masks",
+           "load_classifier", "low_saliency", "pseudo_train_config", "same_size_batches", "tagged_images",
+           "train_config", "write_cam_dataset"]
