@@ -69,7 +69,7 @@ def summarize_weak(rows: list[dict]) -> list[dict]:
         runs = [r for r in rows if r["method"] == method]
         names = list(dict.fromkeys(s["stage"] for r in runs for s in r["stages"]))
 
-        def stage_mean(stage: str, key: str) -> float | None:
+        def stage_mean(stage: str, key: str, runs: list[dict] = runs) -> float | None:
             return _mean([s["metrics"][key] for r in runs for s in r["stages"]
                           if s["stage"] == stage and key in s["metrics"]])
 

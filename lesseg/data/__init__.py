@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -11,6 +12,9 @@ from . import fashion, shapes  # noqa: F401  (fashion registers the `fashion` so
 from . import sources as _sources  # noqa: F401  (register the sources; build_streams has a local `sources`)
 from .base import IGNORE, SOURCES, Sample, SegSource
 from .check import batch_problem, require_clean, scan
+
+if TYPE_CHECKING:
+    from .loader import SegDataset, Stream
 
 # the loaders (torch, torchvision) are imported on first use, so that `lesseg data stats|check` and config
 # loading start without them
