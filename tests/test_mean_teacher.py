@@ -116,6 +116,29 @@ def test_step_grads_and_teacher(cls, cfg):
     assert all(p.grad is None for p in method.teacher.parameters())
 
 
+def test_ema_decay_without_a_setting_is_relative_to_the_run_and_announced():
+    """No ema_decay: the teacher averages over 1/15 of the run (0.95 at 300 steps, 0.99 at 1,500), capped at
+    methods.md's 0.999 for paper-length runs; a configured decay is kept; the phases say which."""
+    from lesseg.methods.common import run_relative_decay
+
+    assert run_relative_decay(None, 300) == pytest.approx(0.95)
+    assert run_relative_decay(None, 1500) == pytest.approx(0.99)
+    assert run_relative_decay(None, 40000) == 0.999 and run_relative_decay(None, 10) == 0.0
+    assert run_relative_decay(0.9, 300) == 0.9
+    torch.manual_seed(0)
+    method = MeanTeacher(MeanTeacher.Config(), TINY, RunInfo(num_classes=C, max_iters=300))
+    assert method.ema_decay == pytest.approx(0.95)
+    assert any("decay 0.95 (averaging over ~20 steps)" in p[0] for p in method.phases())
+    with torch.no_grad():
+        for p in method.net.parameters():
+            p.add_(1.0)
+    t0 = [p.clone() for p in method.teacher.parameters()]
+    method.after_step(100)  # d = min(1 - 1/101, 0.95) = 0.95
+    t, t_before, s = next(method.teacher.parameters()), t0[0], next(method.net.parameters())
+    assert torch.allclose(t, 0.95 * t_before + 0.05 * s)
+    assert build(MeanTeacher, ema_decay=0.5).ema_decay == 0.5
+
+
 def test_ema_teacher_moves_after_step():
     method = build(MeanTeacher, ema_decay=0.5)
     teacher, student = method.teacher, method.net

@@ -25,10 +25,12 @@ from .common import (
     batchnorm_train,
     ce_loss,
     check_teacher_bn,
+    ema_horizon,
     ema_update,
     hard_labels,
     make_teacher,
     pseudo_label_quality,
+    run_relative_decay,
     split_outputs,
 )  # fmt: skip
 from .supervised import SupervisedConfig, sup_loss
@@ -44,7 +46,9 @@ class MeanTeacherConfig(SupervisedConfig):
     consistency: str = "mse"  # mse: squared distance of softmax vectors | ce: confidence-masked CE
     conf_thresh: float = ranged(0.97, "[0, 1]")  # consistency=ce: teacher confidence needed for a pixel to count
     teacher_bn: str = "student"  # labeling with the running statistics (the student's) or "weak" (batch ones)
-    ema_decay: float = ranged(0.999, "[0, 1]")  # d_max of the EMA teacher
+    # d_max of the EMA teacher; None: relative to the run (common.run_relative_decay: 0.95 at 300 steps, 0.99
+    # at 1,500, methods.md's 0.999 from 15,000 steps on)
+    ema_decay: float | None = ranged(None, "[0, 1]")
     eval_teacher: bool = True  # evaluate (and export) the EMA teacher rather than the student
     align: bool = False  # distribution alignment of the teacher's unlabeled predictions (common.PriorAlignment)
 
@@ -89,6 +93,7 @@ class MeanTeacher(Method):
         self.net = build_model(model_cfg, info.num_classes)
         self.teacher = make_teacher(self.net)
         self.rampup_steps = round(0.1 * info.max_iters) if cfg.rampup_steps is None else cfg.rampup_steps
+        self.ema_decay = run_relative_decay(cfg.ema_decay, info.max_iters)
         self.align = PriorAlignment(info.num_classes) if cfg.align else None
 
     def eval_net(self) -> nn.Module:
@@ -96,7 +101,9 @@ class MeanTeacher(Method):
 
     def phases(self) -> list[tuple[str, int, int]]:
         n = min(self.rampup_steps, self.info.max_iters)
-        return [("consistency weight ramp-up (sigmoid)", 0, n)] if n else []
+        ramp = [("consistency weight ramp-up (sigmoid)", 0, n)] if n else []
+        ema = f"EMA teacher, decay {self.ema_decay:.4g} (averaging over ~{ema_horizon(self.ema_decay)} steps)"
+        return [*ramp, (ema, 0, self.info.max_iters)]
 
     def train(self, mode: bool = True) -> MeanTeacher:
         """The teacher predicts in eval mode (no dropout; BatchNorm running statistics, copied from the
@@ -142,4 +149,4 @@ class MeanTeacher(Method):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        ema_update(self.teacher, getattr(self.net, "module", self.net), step, self.cfg.ema_decay)
+        ema_update(self.teacher, getattr(self.net, "module", self.net), step, self.ema_decay)

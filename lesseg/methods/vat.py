@@ -58,6 +58,7 @@ from .common import (
     hard_labels,
     make_teacher,
     pseudo_label_quality,
+    run_relative_decay,
     split_outputs,
 )  # fmt: skip
 from .mean_teacher import sigmoid_rampup
@@ -78,7 +79,9 @@ class VATConfig(SupervisedConfig):
     conf_thresh: float = ranged(0.97, "[0, 1]")  # teacher confidence for the consistency mask (0: none)
     conf_per_pixel: bool = False  # False: each valid pixel weighted by the confident share (French's default)
     strong_view: bool = True  # the student sees (and VAT perturbs) the strong view; False: the weak view
-    ema_decay: float = ranged(0.99, "[0, 1]")  # French et al.'s teacher_alpha; 0: teacher = student (Miyato)
+    # French et al.'s teacher_alpha (0.99, the VOC configs); 0: teacher = student (Miyato); None: relative to the
+    # run (common.run_relative_decay: 0.99 at 1,500 steps, 0.95 at 300)
+    ema_decay: float | None = ranged(None, "[0, 1]")
     teacher_bn: str = "student"  # the teacher's BatchNorm when labeling (common.check_teacher_bn)
     eval_teacher: bool = True  # evaluate (and export) the teacher, as French et al.
 
@@ -235,4 +238,5 @@ class VAT(Method):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        ema_update(self.teacher, getattr(self.net, "module", self.net), step, self.cfg.ema_decay)
+        ema_update(self.teacher, getattr(self.net, "module", self.net), step,
+                   run_relative_decay(self.cfg.ema_decay, self.info.max_iters))
