@@ -9,7 +9,7 @@ windows are clipped to the image, so it equals ``whole`` when the window covers 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .. import dist
 from ..errors import LessegError
 from ..metrics import confusion_matrix, iou_from_confusion, mean_average_precision
-from ..models import class_map
+from ..models import class_map, eval_mode
 from ..registry import Registry
 
 __all__ = ["EVALUATORS", "confusion_matrix", "eval_mode", "evaluate", "evaluate_tags", "iou_from_confusion",
@@ -93,19 +93,6 @@ def evaluate(net, loader, num_classes: int, cfg, crop: list[int], device: torch.
     result = iou_from_confusion(conf.cpu(), class_names)
     result["mode"] = describe_mode(cfg, crop)
     return result
-
-
-@contextmanager
-def eval_mode(net: torch.nn.Module):
-    """``net.eval()`` for the block, then every submodule back in its own mode: a network whose modes are
-    mixed (an EMA teacher in eval mode with BatchNorm layers training) comes back mixed, not all one way."""
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
-        yield net
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _confusion(net, loader, num_classes: int, cfg, crop: list[int], device: torch.device,

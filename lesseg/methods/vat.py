@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ranged
-from ..models import build_model
+from ..models import build_model, eval_mode
 from .base import METHODS, Method, RunInfo
 from .common import (
     batchnorm_train,
@@ -156,19 +156,6 @@ def full_precision(device: torch.device) -> Iterator[None]:
             yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
-
-
-@contextmanager
-def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
-    """Every module of ``net`` in eval mode (no dropout, BatchNorm running statistics, none updated), each
-    module's own mode restored afterwards."""
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
-        yield net
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 # ------------------------------------------------------------------------------------------------- method

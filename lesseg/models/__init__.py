@@ -2,7 +2,7 @@
 
 from lesseg.models.classifier import Classifier, build_classifier
 from lesseg.models.pretrained import LoadReport, load_encoder_weights
-from lesseg.models.segmentor import HEADS, Segmentor, build_model, class_map, create_encoder
+from lesseg.models.segmentor import HEADS, Segmentor, build_model, class_map, create_encoder, eval_mode
 
 __all__ = ["HEADS", "Classifier", "LoadReport", "Segmentor", "build_classifier", "build_model", "class_map",
-           "create_encoder", "load_encoder_weights"]
+           "create_encoder", "eval_mode", "load_encoder_weights"]

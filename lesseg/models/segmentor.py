@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
@@ -186,3 +187,16 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Segmentor:
         else None,
         freeze_bn=cfg.freeze_bn,
     )
+
+
+@contextmanager
+def eval_mode(net: nn.Module):
+    """``net.eval()`` for the block, then every submodule back in its own mode: a network whose modes are
+    mixed (an EMA teacher in eval mode with BatchNorm layers training) comes back mixed, not all one way."""
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        yield net
+    finally:
+        for m, mode in modes:
+            m.training = mode
