@@ -348,13 +348,19 @@ def cmd_bench(args) -> int:
 
 
 def cmd_viz(args) -> int:
-    from .viz import curves_figure, entropy_figure, runs_figure
+    from .viz import curves_figure, entropy_figure, runs_figure, weak_figures
 
-    if not args.checkpoint and not args.runs:
-        raise LessegError("lesseg viz: give --checkpoint (one run's pictures) and/or --runs (several runs' curves)")
+    if not args.checkpoint and not args.runs and not args.weak:
+        raise LessegError("lesseg viz: give --checkpoint (one run's pictures), --runs (several runs' curves) "
+                          "and/or --weak (a weakly supervised pipeline's stages)")
+    if args.config and not args.weak:
+        raise LessegError("lesseg viz: --config is the config of a --weak run (without its pipeline.yaml)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    if args.weak:
+        cfg = _load_cfg(args) if args.config else None
+        written += weak_figures(args.weak, out, n=args.n, cfg=cfg)
     if args.checkpoint:
         written.append(entropy_figure(args.checkpoint, out / "entropy.png", n=args.n))
         metrics = Path(args.checkpoint).parent / "metrics.jsonl"
@@ -496,12 +502,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("viz", help="entropy maps and reliable/unreliable pixels; training curves; several runs "
-                        "compared (--runs)")
-    sp.add_argument("--checkpoint", help="a run's checkpoint: its entropy maps and training curves")
+                        "compared (--runs); a weakly supervised pipeline's stages (--weak)")
+    sp.add_argument("--checkpoint", help="a run's checkpoint: its entropy maps and training curves (a weak "
+                    "pipeline's stages: --weak)")
     sp.add_argument("--runs", nargs="+", help="run folders whose mIoU, loss and pseudo-label curves are "
                     "compared in one figure (runs.png)")
+    sp.add_argument("--weak", metavar="RUN", help="the run folder of a weakly supervised pipeline (cam, ae, psl, "
+                    "stc, mil: the folder with stages.json): for its first --n tagged training images, the CAMs "
+                    "of their tags (weak_cams.png), each erasing step's regions (weak_erasing.png), each "
+                    "pseudo-mask stage's masks next to the true ones and the final network's prediction "
+                    "(weak_masks.png)")
+    sp.add_argument("--config", help="with --weak: the run's config (and key=value overrides), for a run folder "
+                    "without pipeline.yaml")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides of --config")
     sp.add_argument("--out", required=True)
-    sp.add_argument("--n", type=int, default=6, help="number of unlabeled images")
+    sp.add_argument("--n", type=int, default=6, help="number of images (--checkpoint: unlabeled ones; --weak: "
+                    "the first tagged training images)")
     sp.set_defaults(func=cmd_viz)
 
     sp = sub.add_parser("demo", help="generate shapes, train with 1/16 and all labels, compare")

@@ -226,3 +226,159 @@ def entropy_figure(checkpoint: str | Path, path: str | Path, n: int = 6) -> Path
     titles = ["unlabeled image", "prediction", "entropy (0..ln C)",
               f"reliable (green) / unreliable (red)\nalpha_t = {alpha:.1f}%"]
     return grid_figure(rows, titles, path)
+
+
+# -- weakly supervised pipelines -------------------------------------------------------------------------------
+
+Panel = tuple[list[list[np.ndarray]], list[str], list[str]]  # rows of cells, column titles, row labels
+
+
+def _blend(image: np.ndarray, colors: np.ndarray, where: np.ndarray | None = None, alpha: float = 0.5) -> np.ndarray:
+    """``colors`` over ``image`` at ``alpha`` (only ``where``, H,W bool, when given)."""
+    mixed = (image.astype(np.float32) * (1 - alpha) + colors.astype(np.float32) * alpha).astype(np.uint8)
+    if where is None:
+        return mixed
+    out = image.copy()
+    out[where] = mixed[where]
+    return out
+
+
+def _stage_products(run: Path, status: list[dict]) -> dict[str, Path]:
+    """Each stage's product under ``run`` (found from the run folder, wherever the run was trained from): a
+    task stage's folder, a training stage's ``last.pt``, a given stage's checkpoint as recorded."""
+    out = {}
+    for k, s in enumerate(status):
+        folder = run if k == len(status) - 1 else run / s["stage"]
+        out[s["stage"]] = (Path(s["product"]) if s["state"] == "given" else
+                           folder / "last.pt" if s["kind"] == "train" else folder)
+    return out
+
+
+def weak_panels(run: str | Path, n: int = 6, cfg=None) -> dict[str, Panel]:
+    """The pictures of a weakly supervised pipeline's run folder (``stages.json``), for the first ``n`` images
+    of its tagged stream ``labeled``, as grids of cells by kind:
+
+    - ``cams`` (a run with a ``classifier`` stage): each image's CAM of every class it is tagged with (the
+      run's scales and flip), over the image; one column per class tagged in a shown image;
+    - ``erasing`` (adversarial erasing runs): for every erasing step that ran, the image as the step's
+      classifier saw it (the earlier steps' regions at the mean pixel) with the regions the step mined in
+      their class colours (white: two classes);
+    - ``masks``: the image, its true mask where the stream's images have masks, each pseudo-mask stage's mask
+      (stages that wrote no mask of the image: grey) and the final network's prediction (``last.pt``).
+
+    Skipped stages are left out (their product is an earlier one's). ``cfg``: the run's config, by default
+    ``<run>/pipeline.yaml``."""
+    import json
+
+    import torch
+    from PIL import Image
+
+    from . import config as config_mod
+    from .data import stream_source
+    from .data.loader import SegDataset
+    from .data.writer import safe_stems
+    from .engine.evaluate import predict_probs
+    from .engine.inference import image_tensor, load_checkpoint_net
+    from .engine.stages import PIPELINE, STATUS
+    from .errors import LessegError
+    from .methods.cam import load_classifier
+    from .methods.weak.cam import multiscale_cams
+    from .methods.weak.erasing import STATE, fill_values, load_regions
+    from .models import class_map
+
+    run = Path(run)
+    if not (run / STATUS).is_file():
+        raise LessegError(f"{run} has no {STATUS}: not the run folder of a pipeline of stages (cam, ae, psl, stc, "
+                          "mil, self_training)")
+    status = json.loads((run / STATUS).read_text())
+    if cfg is None:
+        if not (run / PIPELINE).is_file():
+            raise LessegError(f"{run} has no {PIPELINE} (runs of older versions did not write it): give the "
+                              "run's config, lesseg viz --weak RUN --config CONFIG [key=value ...]")
+        cfg = config_mod.load(run / PIPELINE)
+    if "labeled" not in cfg.data.streams:
+        raise LessegError(f"the config of {run} has no stream 'labeled' (the tagged images of a weak run)")
+    products = _stage_products(run, status)
+    done = [s for s in status if s["state"] in ("done", "given")]
+    sc = cfg.data.streams.labeled
+    src = stream_source(cfg.data, sc)
+    every = src.samples(sc.split)
+    samples, stems = every[:n], safe_stems([s.name for s in every])[:n]
+    scored = bool(samples) and all(s.mask is not None for s in samples)
+    data = SegDataset(src, samples, train=False, labeled=scored, mean=list(cfg.data.mean), std=list(cfg.data.std))
+    names, nc = list(src.classes), src.num_classes
+    bg = cfg.method.bg_class if "bg_class" in cfg.method else 0
+    loaded = [data.load(i) for i in range(len(samples))]
+    images = [image for image, _ in loaded]
+    tags = [sorted(set(s.tags or ()) - {bg}) for s in samples]
+    labels = [f"{s.name}\n{', '.join(names[c] for c in t)}" for s, t in zip(samples, tags)]
+    panels: dict[str, Panel] = {}
+
+    def blank(image: np.ndarray) -> np.ndarray:
+        return np.full_like(image, 235)
+
+    if any(s["stage"] == "classifier" for s in done):
+        net = load_classifier(products["classifier"], names)
+        m = cfg.method
+        scales, flip = (list(m.scales), bool(m.flip)) if "scales" in m else ([1.0], False)
+        shown = sorted({c for t in tags for c in t})
+        rows = []
+        for i, image in enumerate(images):
+            onehot = torch.zeros(1, nc)
+            onehot[0, tags[i]] = 1.0
+            with torch.no_grad():
+                cams = multiscale_cams(net.cam, data[i]["image"][None], onehot, scales, flip)[0]
+            rows.append([image, *[_blend(image, heat(cams[c].numpy(), vmax=1.0)) if c in tags[i] else blank(image)
+                                  for c in shown]])
+        panels["cams"] = (rows, ["image", *[f"CAM {names[c]}" for c in shown]], labels)
+
+    steps = [s["stage"] for s in done if s["kind"] == "task" and (products[s["stage"]] / STATE).is_file()]
+    if steps:
+        pixel, _ = fill_values(cfg.data.mean, cfg.data.std)
+        rows, titles = [[image] for image in images], ["image"]
+        for t, step in enumerate(steps):
+            record = json.loads((products[step] / STATE).read_text())
+            titles.append(f"{step}: {'mined' if record['mined'] else 'stopped'}")
+            for i, image in enumerate(images):
+                size = image.shape[:2]
+                now = load_regions(products[step] / "regions" / f"{stems[i]}.npz", nc, size).numpy()
+                before = (load_regions(products[steps[t - 1]] / "regions" / f"{stems[i]}.npz", nc, size).numpy()
+                          if t else np.zeros_like(now))
+                seen = image.copy()
+                seen[before.any(0)] = pixel
+                new = now & ~before  # C,H,W
+                mined = np.where(new.sum(0) > 1, 255, new.argmax(0))
+                rows[i].append(_blend(seen, color_array(mined, nc), new.any(0)))
+        panels["erasing"] = (rows, titles, labels)
+
+    rows, titles = [[image] for image in images], ["image"]
+    if scored:
+        titles.append("true mask")
+        for row, (_, true) in zip(rows, loaded):
+            row.append(color_array(true, nc))
+    for s in done:
+        folder = products[s["stage"]]
+        if s["kind"] != "task" or not (folder / "masks").is_dir():
+            continue
+        miou = (s.get("metrics") or {}).get("pseudo_miou")
+        titles.append(s["stage"] + (f" (mIoU {100 * miou:.1f})" if miou is not None else ""))
+        for row, stem in zip(rows, stems):
+            path = folder / "masks" / f"{stem}.png"
+            row.append(color_array(np.array(Image.open(path)), nc) if path.is_file() else blank(row[0]))
+    if (run / "last.pt").is_file():
+        net, ckcfg, _, _ = load_checkpoint_net(run / "last.pt")
+        crop = list(ckcfg.eval.crop_size or ckcfg.data.crop_size)
+        titles.append("final network")
+        with torch.no_grad():
+            for row, image in zip(rows, images):
+                probs = predict_probs(net, image_tensor(image, ckcfg), ckcfg.eval, crop, nc)
+                row.append(color_array(class_map(probs)[0].numpy(), nc))
+    panels["masks"] = (rows, titles, labels)
+    return panels
+
+
+def weak_figures(run: str | Path, out: str | Path, n: int = 6, cfg=None) -> list[Path]:
+    """:func:`weak_panels` as ``weak_cams.png``, ``weak_erasing.png`` and ``weak_masks.png`` in ``out`` (the
+    kinds the run has)."""
+    return [grid_figure(rows, titles, Path(out) / f"weak_{kind}.png", row_labels=labels)
+            for kind, (rows, titles, labels) in weak_panels(run, n, cfg).items()]

@@ -15,6 +15,7 @@ from PIL import Image
 
 from lesseg.data.transforms import normalize
 from lesseg.engine import checkpoint as ckpt
+from lesseg.engine import trainer as trainer_mod
 from lesseg.engine.stages import STATUS, PipelineRun
 from lesseg.errors import ConfigError
 from lesseg.methods import METHODS
@@ -24,6 +25,7 @@ from lesseg.methods.weak.erasing import (
     erase,
     erase_regions,
     erasing_converged,
+    erasing_stopped,
     fill_values,
     load_regions,
     object_masks,
@@ -111,6 +113,17 @@ def test_regions_round_trip_through_their_file(tmp_path):
     assert not load_regions(tmp_path / "none.npz", 4, (3, 5)).any()
     with pytest.raises(ValueError, match="a.npz holds regions of shape"):
         load_regions(tmp_path / "a.npz", 4, (5, 3))
+
+
+def test_a_step_is_skipped_once_the_step_before_stopped(tmp_path):
+    assert erasing_stopped({}, 1) is None  # the first step always runs
+    for name, record in (("mined", {"step": 1, "mined": True}),
+                         ("stopped", {"step": 2, "mined": False, "loss_ratio": 0.8123})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATE).write_text(json.dumps(record))
+    assert erasing_stopped({"erase1": tmp_path / "mined"}, 2) is None
+    assert erasing_stopped({"erase2": tmp_path / "stopped"}, 3) == (
+        "the erasing stopped at step 2 (its classifier's loss: 0.81 x the tag prior's)")
 
 
 # -- the pipeline ---------------------------------------------------------------------------------------------
@@ -212,11 +225,14 @@ def test_each_step_erases_what_it_mined_and_the_union_makes_the_masks(tiny_cfg):
     assert final["method"]["name"] == "ae" and final["data"]["streams"]["pseudo"]["root"] == str(out / "erase2")
 
 
-def test_the_stopping_rule_ends_the_mining(tiny_cfg):
+def test_the_stopping_rule_ends_the_mining_and_the_later_steps_are_skipped(tiny_cfg, monkeypatch):
     # a threshold no 3-step classifier meets: step 2 measures its classifier, stops, and adds nothing
-    cfg = ae_cfg(tiny_cfg, stop_loss=1e-4)
+    cfg = ae_cfg(tiny_cfg, stop_loss=1e-4, steps=3)
     out = Path(cfg.out)
-    PipelineRun(cfg).run(until="erase2")
+    trained = []
+    fit = trainer_mod.Trainer.fit
+    monkeypatch.setattr(trainer_mod.Trainer, "fit", lambda self: trained.append(Path(self.out).name) or fit(self))
+    PipelineRun(cfg).run(until="erase3")
     record = json.loads((out / "erase2" / STATE).read_text())
     assert record["mined"] is False and record["classifier_loss"] > 1e-4 * record["prior_loss"]
     assert record["loss_ratio"] == pytest.approx(record["classifier_loss"] / record["prior_loss"])
@@ -228,3 +244,13 @@ def test_the_stopping_rule_ends_the_mining(tiny_cfg):
                            load_regions(out / "erase1" / "regions" / f"{name}.npz", 7, (32, 32)))
     status = json.loads((out / STATUS).read_text())
     assert status[3]["metrics"]["mined"] == 0.0 and status[1]["metrics"]["mined"] == 1.0
+    # the CAM extraction speed of a step that mined (none where the step stopped before computing CAMs)
+    assert status[1]["metrics"]["images_per_s"] > 0 and "images_per_s" not in status[3]["metrics"]
+    # step 3 is unnecessary: its classifier does not train, its products are step 2's
+    assert trained == ["classifier", "classifier2"]
+    assert [s["state"] for s in status[4:6]] == ["skipped", "skipped"]
+    assert [s["same_as"] for s in status[4:6]] == ["classifier2", "erase2"]
+    assert status[5]["reason"].startswith("the erasing stopped at step 2 (its classifier's loss: ")
+    assert (out / "erase3").resolve() == (out / "erase2").resolve()
+    assert (out / "classifier3" / "last.pt").resolve() == (out / "classifier2" / "last.pt").resolve()
+    assert AE.final_config(cfg).data.streams.pseudo.root == str(out / "erase3")  # the last stage reads step 2's

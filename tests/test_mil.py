@@ -203,7 +203,7 @@ def test_three_stages_end_to_end_killed_in_the_proposals_stage_and_rerun_to_the_
     status = json.loads((out / STATUS).read_text())
     assert [(s["stage"], s["state"]) for s in status] == [(n, "done") for n in MIL.stage_names]
     assert set(status[1]["metrics"]) == {"pseudo_miou", "pseudo_acc", "pseudo_fg_precision", "pseudo_fg_recall",
-                                         "pseudo_labelled"}
+                                         "pseudo_labelled", "images_per_s"}
     assert set(status[0]["metrics"]) == {"map"} and set(status[2]["metrics"]) == {"miou"}
 
     samples = stream_source(full.data).samples("train")

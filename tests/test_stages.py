@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lesseg import config
 from lesseg.engine import checkpoint as ckpt
 from lesseg.engine import trainer as trainer_mod
-from lesseg.engine.stages import MARKER, STATUS, PipelineRun
+from lesseg.engine.stages import MARKER, PIPELINE, STAGE_TB, STATUS, PipelineRun
 from lesseg.engine.trainer import train
 from lesseg.errors import ConfigError
 from lesseg.methods import METHODS
@@ -49,13 +50,15 @@ def test_pipeline_contract_every_stage_runs_and_a_rerun_skips_finished_stages(na
     assert 0.0 <= result["miou"] <= 1.0
     out = Path(cfg.out)
     status = json.loads((out / STATUS).read_text())
-    assert [s["state"] for s in status] == ["done"] * len(stages)
+    # a stage declared unnecessary by its method (AE's steps after the erasing stopped) is skipped
+    skipped = {s["stage"] for s in status if s["state"] == "skipped"}
+    assert [s["state"] for s in status] == ["skipped" if s.name in skipped else "done" for s in stages]
     for s in status:
         assert Path(s["product"]).exists(), s
     for s in stages[:-1]:
-        assert (out / s.name / MARKER).is_file()
+        assert (out / s.name / MARKER).is_file() or Path(status[stages.index(s)]["product"]).is_symlink()
     trained = len(fits)
-    assert trained == sum(s.trains for s in stages)
+    assert trained == sum(s.trains for s in stages if s.name not in skipped)
     products = {s["product"]: Path(s["product"]).stat().st_mtime_ns for s in status[:-1]}
 
     measured = [x.get("metrics") for x in status[:-1]]
@@ -127,3 +130,158 @@ def test_single_stage_methods_keep_their_run_folder(tiny_cfg):
     train(cfg)
     out = Path(cfg.out)
     assert (out / "last.pt").is_file() and not (out / STATUS).exists() and not (out / "train").exists()
+
+
+# -- the stages' events in metrics.jsonl and TensorBoard ------------------------------------------------------
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def stage_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """The TensorBoard scalars of ``<out>/tb/stages`` as TensorBoard shows them (purged points left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / STAGE_TB))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_stage_events_are_logged_and_survive_the_fresh_start_of_the_last_stage(tiny_cfg):
+    cfg = tiny_cfg(["train.iters=2", "data.streams.unlabeled.true_masks=true"], method={"name": "self_training"},
+                   data=TWO_STREAMS)
+    out = Path(cfg.out)
+    result = train(cfg)
+    status = json.loads((out / STATUS).read_text())
+    for rerun in (False, True):  # a rerun skips stage1 and pseudo and trains the last stage afresh
+        recs = records(out)
+        events = [r for r in recs if r["event"] == "stage"]
+        assert [(e["stage"], e["step"]) for e in events] == [("stage1", 0), ("pseudo", 1), ("train", 2)]
+        for e, s in zip(events, status):
+            assert {k: v for k, v in e.items() if k not in ("event", "stage", "step")} == s["metrics"]
+        assert events[2]["miou"] == result["miou"]
+        # the earlier stages' events were written before the last stage's first record, and its fresh start
+        # (which deletes an old metrics.jsonl) did not take them
+        first_train = next(i for i, r in enumerate(recs) if r["event"] == "train")
+        assert recs.index(events[0]) < first_train and recs.index(events[1]) < first_train
+        assert recs.index(events[2]) == len(recs) - 1
+        scalars = stage_scalars(out)
+        assert scalars["stage/stage1/miou"] == [(0, pytest.approx(status[0]["metrics"]["miou"]))]
+        assert scalars["stage/pseudo/pseudo_miou"] == [(1, pytest.approx(status[1]["metrics"]["pseudo_miou"]))]
+        assert scalars["stage/train/miou"] == [(2, pytest.approx(result["miou"]))]  # one point: reruns purge
+        assert set(scalars) == {"stage/stage1/miou", "stage/pseudo/pseudo_miou", "stage/pseudo/pseudo_acc",
+                                "stage/train/miou"}
+        if not rerun:
+            result = train(cfg)
+            status = json.loads((out / STATUS).read_text())
+    assert config.load(out / PIPELINE) == cfg  # the run's config, as it ran
+
+
+def test_a_resumed_last_stage_writes_the_stage_events_again(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg(["train.iters=3", "train.ckpt_every=1"], method={"name": "self_training"}, data=TWO_STREAMS)
+    out = Path(cfg.out)
+    original = trainer_mod.Trainer.train_step
+
+    def crash(self, batch):
+        if Path(self.out) == out and self.step == 1:  # the last stage dies in its 2nd step
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert [r["stage"] for r in records(out) if r["event"] == "stage"] == ["stage1", "pseudo"]
+    seen = []  # the stage events in the log while the resumed last stage trains
+
+    def look(self, batch):
+        seen.append([r["stage"] for r in records(out) if r["event"] == "stage"])
+        return original(self, batch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", look)
+    monkeypatch.setattr(trainer_mod, "truncate_metrics", lambda path, step: path.write_text(""))  # drops all
+    train(cfg, resume=True)
+    assert seen == [["stage1", "pseudo"]] * 2  # steps 2 and 3
+    assert [r["stage"] for r in records(out) if r["event"] == "stage"] == ["stage1", "pseudo", "train"]
+
+
+# -- skipped stages ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def skippable(monkeypatch):
+    """self_training with a second stage 1 and a second pseudo stage that a switch skips; the last stage
+    trains on the second pseudo stage's product. Records the products each skip rule saw."""
+    from lesseg.methods.base import Stage
+    from lesseg.methods.self_training import (
+        SelfTraining,
+        pseudo_inputs,
+        stage1_config,
+        stage3_config,
+        write_pseudo_dataset,
+    )
+
+    switch = {"skip": True, "seen": []}
+
+    def rule(products):
+        switch["seen"].append(sorted(products))
+        return "not needed here" if switch["skip"] else None
+
+    def pipeline(cls, cfg):
+        return [Stage("stage1", config=stage1_config),
+                Stage("pseudo", run=write_pseudo_dataset, inputs=pseudo_inputs),
+                Stage("again", config=stage1_config, skip=rule),
+                Stage("pseudo2", run=write_pseudo_dataset, inputs=pseudo_inputs, skip=rule),
+                Stage("train", config=lambda c, p: stage3_config(c, {**p, "pseudo": p["pseudo2"]}))]
+
+    monkeypatch.setattr(SelfTraining, "pipeline", classmethod(pipeline))
+    return switch
+
+
+def test_skipped_stages_stand_in_for_an_earlier_product_and_come_back_cleanly(tiny_cfg, fits, skippable):
+    cfg = tiny_cfg(["train.iters=2"], method={"name": "self_training"}, data=TWO_STREAMS)
+    out = Path(cfg.out)
+    train(cfg)
+    assert skippable["seen"] == [["pseudo", "stage1"], ["again", "pseudo", "stage1"]]  # earlier products
+    status = json.loads((out / STATUS).read_text())
+    assert [s["state"] for s in status] == ["done", "done", "skipped", "skipped", "done"]
+    assert (status[2]["same_as"], status[3]["same_as"]) == ("stage1", "pseudo")
+    assert status[2]["reason"] == "not needed here" and "metrics" not in status[2]
+    assert [f[0] for f in fits] == ["stage1", "run"]  # the skipped training stage did not train
+    # the products are links to the stand-ins, under the stages' own names
+    assert (out / "again" / "last.pt").is_symlink() and (out / "pseudo2").is_symlink()
+    assert (out / "again" / "last.pt").resolve() == (out / "stage1" / "last.pt").resolve()
+    assert (out / "pseudo2").resolve() == (out / "pseudo").resolve()
+    assert ckpt.load(out / "last.pt")["config"]["data"]["streams"]["pseudo"]["root"] == str(out / "pseudo2")
+    events = {r["stage"]: r for r in records(out) if r["event"] == "stage"}
+    assert events["pseudo2"]["skipped"] == "not needed here" and events["pseudo2"]["same_as"] == "pseudo"
+
+    # no longer skipped: the links go, the stages run for real, and nothing was written through the links
+    kept = {p: p.stat().st_mtime_ns for p in [out / "stage1" / "last.pt", *(out / "pseudo" / "masks").iterdir()]}
+    skippable["skip"] = False
+    PipelineRun(cfg).run(until="pseudo2")
+    assert [f[0] for f in fits] == ["stage1", "run", "again"]
+    assert not (out / "pseudo2").is_symlink() and (out / "pseudo2" / MARKER).is_file()
+    assert not (out / "again" / "last.pt").is_symlink() and (out / "again" / MARKER).is_file()
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    status = json.loads((out / STATUS).read_text())
+    assert [s["state"] for s in status[:4]] == ["done"] * 4 and "same_as" not in status[2]
+
+    # skipped again: the real products go (a link stands in), nothing trains, the stand-ins stay untouched
+    skippable["skip"] = True
+    PipelineRun(cfg).run(until="pseudo2")
+    assert [f[0] for f in fits] == ["stage1", "run", "again"]
+    assert (out / "pseudo2").is_symlink() and (out / "again" / "last.pt").is_symlink()
+    assert not (out / "again" / MARKER).exists()
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
+
+def test_the_last_stage_cannot_be_skipped(tiny_cfg, monkeypatch):
+    from lesseg.methods.base import Stage
+    from lesseg.methods.self_training import SelfTraining
+
+    monkeypatch.setattr(SelfTraining, "pipeline", classmethod(
+        lambda cls, cfg: [Stage("stage1", config=lambda c, p: c), Stage("train", config=lambda c, p: c,
+                                                                        skip=lambda p: "never")]))
+    with pytest.raises(ValueError, match=r"the last stage \(train\) cannot be skipped"):
+        PipelineRun(tiny_cfg(method={"name": "self_training"}, data=TWO_STREAMS))

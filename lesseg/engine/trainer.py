@@ -10,6 +10,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -68,8 +69,13 @@ def to_device(batch: dict, device: torch.device) -> dict:
 class Trainer:
     """Builds data, method and optimizer from a config, then ``fit()`` runs the loop."""
 
-    def __init__(self, cfg: DictConfig, resume: bool = False) -> None:
+    def __init__(self, cfg: DictConfig, resume: bool = False,
+                 log_started: Callable[[], None] | None = None) -> None:
+        """``log_started``: called once ``fit`` has begun the run's metrics.jsonl (a fresh run deletes an old one,
+        a resume drops what followed its checkpoint), before anything is logged: a pipeline writes its earlier
+        stages' events there."""
         self.cfg = cfg
+        self.log_started = log_started
         t = cfg.train
         self.device = dist.init(t.device)
         self.rank, self.world = dist.rank(), dist.world()
@@ -333,6 +339,8 @@ class Trainer:
                 if self.resumed_changes:
                     self._log({"event": "resume", "step": self.step,
                                "changed": {k: {"was": a, "now": b} for k, (a, b) in self.resumed_changes.items()}})
+        if self.log_started is not None:
+            self.log_started()
         self._pause_if_waiting()
         self._announce_phases()
         t = self.cfg.train

@@ -52,7 +52,11 @@ class Stage:
     quality (``{"pseudo_miou": ...}``), kept in the done marker and ``stages.json``. ``given``: a product made elsewhere
     (a checkpoint path): the stage is not run. ``inputs(cfg)``: the settings the product depends on, kept
     in its done marker; a finished stage whose inputs changed (or whose upstream products were remade) is
-    run again. None: the whole stage config.
+    run again. None: the whole stage config. ``skip(products)``: given the earlier stages' products, why
+    this stage is unnecessary (a sentence for ``stages.json``), or None to run it (AE: once the erasing has
+    stopped, the later steps). A skipped stage is not run; its product becomes a symbolic link to the
+    product of the last earlier stage of its kind (training or task) that was not skipped, so later stages
+    and the run's stored configs find it by the usual name. The last stage cannot be skipped.
     """
 
     name: str
@@ -60,6 +64,7 @@ class Stage:
     run: Callable[[Any], dict | None] | None = None
     given: str | None = None
     inputs: Callable[[Any], dict] | None = None
+    skip: Callable[[dict[str, Path]], str | None] | None = None
 
     @property
     def trains(self) -> bool:

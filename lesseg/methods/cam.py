@@ -10,7 +10,9 @@ below ``bg_threshold``, 255 between; with ``saliency`` set, also background wher
 (an OpenCV contrib detector or a folder of the user's maps, :mod:`lesseg.data.saliency`) is below
 ``saliency_threshold``, and 255 where that contradicts a foreground CAM. Where the images have masks
 (``labeled: true`` or ``true_masks: true`` on the stream) the pseudo-masks are scored against them
-(``quality.json``: mIoU, accuracy, foreground precision and recall, the labelled fraction). The last stage
+(``quality.json``: mIoU, accuracy, foreground precision and recall, the labelled fraction); the stage's
+metrics also give the CAM extraction speed (``images_per_s``: the images over the wall seconds of moving
+them to the device, the multi-scale CAMs and the thresholding, saliency and writing left out). The last stage
 trains a segmentation network with CE on that dataset (the stream ``pseudo``) in ``<out>``, evaluated on the
 real val split.
 
@@ -21,8 +23,9 @@ included: the CAM stage rebuilds the classifier from the model settings stored i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import nullcontext
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,6 +136,33 @@ def same_size_batches(items: Iterable[dict], size: int) -> Iterator[dict]:
         yield batch()
 
 
+class Throughput:
+    """Images a second of a timed computation (``timing``: wall clock, a CUDA device synchronised at both ends
+    so that its queued work counts), for a stage's ``images_per_s``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.images, self.seconds = device, 0, 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def timing(self, images: int) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds += time.perf_counter() - start
+        self.images += images
+
+    def images_per_s(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        """This process's rate, summed over the processes by ``reduce`` (call it on every process): they
+        work at the same time on their shares."""
+        rate = self.images / self.seconds if self.seconds > 0 else 0.0
+        return float(reduce(torch.tensor([rate], dtype=torch.float64, device=self.device))[0])
+
+
 def low_saliency(saliency: SaliencyMaps | None, batch: dict, threshold: float) -> torch.Tensor | None:
     """Where the saliency of each image of ``batch`` (read at its native size, like the CAMs) is below
     ``threshold`` (as a fraction of 255): the background cue, B,H,W bool; None without saliency."""
@@ -163,7 +193,8 @@ def write_cam_dataset(ctx: Any) -> dict:
     """Stage ``cams``: CAM pseudo-masks of every image of the stream ``labeled`` from the ``classifier``
     stage's network, written to ``ctx.folder/{images,masks,classes.txt,splits/train.txt}`` (processes share
     the images). Where the images have masks, also ``quality.json`` (the pseudo-masks against them: mIoU,
-    accuracy, per-class IoU, foreground precision/recall, labelled fraction), whose numbers it returns."""
+    accuracy, per-class IoU, foreground precision/recall, labelled fraction), whose numbers it returns, with
+    the CAM extraction speed ``images_per_s`` (:class:`Throughput`)."""
     m = ctx.cfg.method
     data, scored = tagged_images(ctx)
     writer = FolderWriter(ctx.folder, [s.name for s in data.samples], ctx.class_names)
@@ -175,22 +206,24 @@ def write_cam_dataset(ctx: Any) -> dict:
     net = load_classifier(ctx.products["classifier"], ctx.class_names, ctx.device)
     autocast = torch.autocast(ctx.device.type, dtype=ctx.amp) if ctx.amp else nullcontext()
     counts = torch.zeros(5, dtype=torch.long, device=ctx.device)
+    speed = Throughput(ctx.device)
     loader = tqdm(ctx.loader("labeled", masks=scored), desc="CAM pseudo-masks", disable=not ctx.progress,
                   leave=False)
     for batch in same_size_batches(loader, m.cam_batch):
-        tags = batch["tags"].to(ctx.device)
-        tags[:, m.bg_class] = 0  # background has no CAM of its own: low object CAMs make it
-        with torch.no_grad(), autocast:
-            cams = multiscale_cams(net.cam, batch["image"].to(ctx.device), tags, list(m.scales), m.flip)
         background = low_saliency(saliency, batch, m.saliency_threshold)
-        masks = pseudo_masks(cams, tags, m.fg_threshold, m.bg_threshold, background, bg_class=m.bg_class)
+        with speed.timing(len(batch["index"])):
+            tags = batch["tags"].to(ctx.device)
+            tags[:, m.bg_class] = 0  # background has no CAM of its own: low object CAMs make it
+            with torch.no_grad(), autocast:
+                cams = multiscale_cams(net.cam, batch["image"].to(ctx.device), tags, list(m.scales), m.flip)
+            masks = pseudo_masks(cams, tags, m.fg_threshold, m.bg_threshold, background, bg_class=m.bg_class)
         true = batch["mask"].to(ctx.device) if scored else None
         counts += foreground_counts(masks, true, m.bg_class)
         masks = masks.cpu().numpy()
         for k, i in enumerate(batch["index"].tolist()):
             writer.write(i, data.samples[i].image, masks[k], data.source.read_image,
                          true=batch["mask"][k] if scored else None)
-    return finish_masks(ctx, writer, counts)
+    return {**finish_masks(ctx, writer, counts), "images_per_s": speed.images_per_s(ctx.all_reduce_sum)}
 
 
 def finish_masks(ctx: Any, writer: FolderWriter, counts: torch.Tensor) -> dict:
@@ -306,6 +339,7 @@ class CAM(Method):
         return {"loss": loss}
 
 
-__all__ = ["CAM", "CamConfig", "CamSettings", "check_saliency", "classifier_config", "finish_masks",
+__all__ = ["CAM", "CamConfig", "CamSettings", "Throughput", "check_saliency", "classifier_config",
+           "finish_masks",
            "load_classifier", "low_saliency", "pseudo_train_config", "same_size_batches", "tagged_images",
            "train_config", "write_cam_dataset"]

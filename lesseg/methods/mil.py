@@ -10,7 +10,9 @@ classifier's input size (``proposal_size``, default data.crop_size) and scores i
 pixel's vote for class c: the summed c-scores of the boxes covering it, those below ``min_score`` left out),
 normalised by their peaks. Pseudo-masks: the best tagged class where its map is >= ``fg_threshold``,
 background below ``bg_threshold``, 255 between, written as a folder dataset to ``<out>/proposals`` and scored
-where the images have masks (``quality.json``, as cam's). The last stage trains a segmentation network with
+where the images have masks (``quality.json``, as cam's); the stage's metrics also give its speed
+(``images_per_s``: the images over the wall seconds of scoring their crops and voting, the proposals, found in
+the loader's workers, and the writing left out). The last stage trains a segmentation network with
 CE on them (the stream ``pseudo``) in ``<out>``, evaluated on the val split.
 
 Departures from the authors' pipeline:
@@ -39,7 +41,15 @@ from ..config import ranged
 from ..data.loader import SegDataset
 from ..errors import ConfigError, DataError
 from .base import METHODS, Stage
-from .cam import CAM, cam_inputs, classifier_config, load_classifier, pseudo_train_config, tagged_images
+from .cam import (
+    CAM,
+    Throughput,
+    cam_inputs,
+    classifier_config,
+    load_classifier,
+    pseudo_train_config,
+    tagged_images,
+)
 from .stc import check_tagged_run, write_mask_dataset
 from .supervised import SupervisedConfig
 from .weak.cam import pseudo_masks
@@ -100,16 +110,19 @@ def write_proposal_dataset(ctx: Any) -> dict:
         with autocast:
             return net(crops)["cls"].float()
 
+    speed = Throughput(ctx.device)
+
     def mask_of(item: dict) -> Tensor:
-        tags = item["tags"].to(ctx.device)
-        tags[:, m.bg_class] = 0  # background has no map of its own: low object maps make it
-        with torch.no_grad():
+        with speed.timing(1), torch.no_grad():
+            tags = item["tags"].to(ctx.device)
+            tags[:, m.bg_class] = 0  # background has no map of its own: low object maps make it
             maps = localization_maps(classify, item["image"][0].to(ctx.device), item["boxes"][0], tags[0], size,
                                      m.proposal_batch, m.min_score)
-        return pseudo_masks(maps[None], tags, m.fg_threshold, m.bg_threshold, bg_class=m.bg_class)[0]
+            return pseudo_masks(maps[None], tags, m.fg_threshold, m.bg_threshold, bg_class=m.bg_class)[0]
 
-    return write_mask_dataset(ctx, data, list(range(len(data))), mask_of, "proposal pseudo-masks",
-                              items=ProposalItems(data, m, cfg.train.seed))
+    metrics = write_mask_dataset(ctx, data, list(range(len(data))), mask_of, "proposal pseudo-masks",
+                                 items=ProposalItems(data, m, cfg.train.seed))
+    return {**metrics, "images_per_s": speed.images_per_s(ctx.all_reduce_sum)}
 
 
 def proposal_inputs(cfg: DictConfig) -> dict:

@@ -6,10 +6,11 @@ Erasing (both methods, :mod:`.weak.erasing`): ``classifier`` (as ``cam``'s, or
 ``method.classifier_checkpoint``), then ``erase1``, ``classifier2``, ``erase2``, ... ``erase{steps}``: each
 step erases (sets to the mean pixel) the pixels whose normalised CAM of a tagged class is >= ``erase_threshold``
 and the next classifier trains on the erased images; from step 2 on, a step whose classifier no longer reaches
-a low loss (``stop_loss``) ends the erasing. The union of each class's regions makes the objects of the masks,
-low saliency their background, 255 the rest; each step's masks are scored (``erase{t}/quality.json``). Every
-step is a stage: a killed run resumes in the step it was in. ``stages.classifier.*`` applies to every step's
-classifier, ``stages.classifier{t}.*`` to one.
+a low loss (``stop_loss``) ends the erasing, and the later steps' stages are skipped (``stages.json``:
+``skipped``; their classifiers do not train, their products are links to the stopping step's). The union of
+each class's regions makes the objects of the masks, low saliency their background, 255 the rest; each step's
+masks are scored (``erase{t}/quality.json``). Every step is a stage: a killed run resumes in the step it was
+in. ``stages.classifier.*`` applies to every step's classifier, ``stages.classifier{t}.*`` to one.
 
 ``ae``: the last stage trains a segmentation network with CE on the masks of the last step.
 ``psl``: the segmentation network has a classification branch (GAP + 1x1, BCE on the tags); at every training
@@ -23,8 +24,6 @@ Departures and choices (the authors released no code, so none copies or departs 
 - the stop threshold is ours: the paper only says "no longer converges to a low loss"; the loss is measured
   on the un-augmented training images in eval mode, relative to the tag prior's (``stop_loss``);
 - step t's classifier starts from ``model.pretrained`` like step 1's (the paper retrains, not saying from what);
-- the engine cannot skip a training stage once a run started, so after the stop the remaining classifiers
-  still train (on the last accepted images) and their steps add nothing: lower ``steps`` to save that time;
 - the online masks also label crop padding (labeled streams carry no padding map);
 - evaluation scores the segmentation output alone; the paper also multiplies test outputs by the
   classification branch's scores (the evaluator sees ``logits`` only).

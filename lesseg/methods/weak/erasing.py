@@ -12,7 +12,9 @@ The paper's stopping rule: erasing goes on while the classifier trained on the e
 a low loss; once it cannot, most of the objects are gone and its CAMs would mine background, so its step adds
 nothing (the paper kept 3 steps: the 4th lowered the masks' mIoU). "Low" is ours (the paper gives no number):
 its multi-label BCE on its own training images is at most ``stop_loss`` times the BCE of the tag frequencies
-(what a classifier that sees no image reaches), a scale that does not depend on the number of classes.
+(what a classifier that sees no image reaches), a scale that does not depend on the number of classes. The
+step that stops keeps the regions of the steps before; the later steps' stages are then skipped by the engine
+(``Stage.skip``: their classifiers do not train, their products are links to the stopping step's).
 
 The arithmetic is pure functions of tensors (regions are B,C,H,W bool over all classes, untagged ones empty).
 The steps are stages: ``classifier`` (the ``cam`` method's), then ``erase1``, ``classifier2``, ``erase2``, ...
@@ -20,7 +22,8 @@ The steps are stages: ``classifier`` (the ``cam`` method's), then ``erase1``, ``
 against true masks where they exist: ``quality.json``), the tags (``image_labels.csv``), the regions
 (``regions/*.npz``), its record (``erasing.json``) and, before the last step, the erased images
 (``erased/``) on which ``classifier{t+1}`` trains (with the first classifier's ``stages.classifier``
-settings, then its own).
+settings, then its own). Its metrics also give the CAM extraction speed (``images_per_s``: erasing, moving
+to the device and the multi-scale CAMs, writing left out) when it mined.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from ...data.writer import FolderWriter
 from ...errors import ConfigError
 from ..base import Stage
 from ..cam import (
+    Throughput,
     cam_inputs,
     check_saliency,
     classifier_config,
@@ -59,8 +63,8 @@ from ..classifier import multilabel_loss
 from .cam import IGNORE, foreground_counts, multiscale_cams, pseudo_masks
 
 __all__ = ["ERASED", "ERASE_STAGES", "MAX_STEPS", "STATE", "erase", "erase_regions", "erasing_converged",
-           "erasing_stages", "fill_values", "load_regions", "object_masks", "run_erasing_step", "save_regions",
-           "tag_prior_loss", "write_tags"]
+           "erasing_stages", "erasing_stopped", "fill_values", "load_regions", "object_masks",
+           "run_erasing_step", "save_regions", "tag_prior_loss", "write_tags"]
 
 MAX_STEPS = 4  # erasing steps a run may have (the stage names exist for these); the paper tried 4, kept 3
 ERASED = "erased"  # an erasing step's dataset of erased images, for the next step's classifier
@@ -218,8 +222,7 @@ def run_erasing_step(ctx: Any, step: int, last: bool) -> dict:
         if erased is not None:
             erased.clear()
     ctx.barrier()
-    previous = ctx.products.get(f"erase{step - 1}")
-    mines = previous is None or json.loads((previous / STATE).read_text())["mined"]
+    previous = ctx.products.get(f"erase{step - 1}")  # (a step after a stop is skipped: the step before mined)
     pixel, fill = fill_values(ctx.cfg.data.mean, ctx.cfg.data.std)
 
     def batches(desc: str):
@@ -227,8 +230,9 @@ def run_erasing_step(ctx: Any, step: int, last: bool) -> dict:
         return same_size_batches(loader, m.cam_batch)
 
     record: dict = {"step": step}
-    net = load_classifier(ctx.products[classifier_stage(step)], ctx.class_names, ctx.device) if mines else None
-    if net is not None and previous is not None and m.stop_loss is not None:
+    mines = True
+    net = load_classifier(ctx.products[classifier_stage(step)], ctx.class_names, ctx.device)
+    if previous is not None and m.stop_loss is not None:
         loss, prior = classifier_loss(ctx, net, batches(f"step {step}: classifier loss"), previous,
                                       writer.stems, fill)
         mines = erasing_converged(loss, prior, m.stop_loss)
@@ -237,13 +241,17 @@ def run_erasing_step(ctx: Any, step: int, last: bool) -> dict:
     autocast = torch.autocast(ctx.device.type, dtype=ctx.amp) if ctx.amp else nullcontext()
     counts = torch.zeros(5, dtype=torch.long)
     area = torch.zeros(2, dtype=torch.float64)  # erased pixels, pixels
+    speed = Throughput(ctx.device)
     for batch in batches(f"step {step}: erasing"):
         regions = previous_regions(previous, writer.stems, batch, ctx.num_classes)
         if mines:
-            image = erase(batch["image"], regions.any(1), fill).to(ctx.device)
-            with torch.no_grad(), autocast:
-                cams = multiscale_cams(net.cam, image, batch["tags"].to(ctx.device), list(m.scales), m.flip)
-            regions |= erase_regions(cams, batch["tags"].to(ctx.device), m.erase_threshold, m.bg_class).cpu()
+            with speed.timing(len(batch["index"])):
+                image = erase(batch["image"], regions.any(1), fill).to(ctx.device)
+                tags = batch["tags"].to(ctx.device)
+                with torch.no_grad(), autocast:
+                    cams = multiscale_cams(net.cam, image, tags, list(m.scales), m.flip)
+                mined = erase_regions(cams, tags, m.erase_threshold, m.bg_class).cpu()
+            regions |= mined
         masks = object_masks(regions, batch["tags"], low_saliency(saliency, batch, m.saliency_threshold),
                              m.bg_class)
         counts += foreground_counts(masks, batch["mask"] if scored else None, m.bg_class)
@@ -269,7 +277,8 @@ def run_erasing_step(ctx: Any, step: int, last: bool) -> dict:
         (ctx.folder / STATE).write_text(json.dumps(record, indent=1) + "\n")
     ctx.barrier()
     return {**metrics, "erased": record["erased"], "mined": float(mines),
-            **({"loss_ratio": record["loss_ratio"]} if "loss_ratio" in record else {})}
+            **({"loss_ratio": record["loss_ratio"]} if "loss_ratio" in record else {}),
+            **({"images_per_s": speed.images_per_s(ctx.all_reduce_sum)} if mines else {})}
 
 
 def erasing_inputs(cfg: DictConfig, last: bool) -> dict:
@@ -277,8 +286,23 @@ def erasing_inputs(cfg: DictConfig, last: bool) -> dict:
     return {**cam_inputs(cfg, ERASE_KEYS), "last": last}
 
 
+def erasing_stopped(products: dict[str, Path], step: int) -> str | None:
+    """``Stage.skip`` of step ``step``'s classifier and erasing stage: why the step is unnecessary (the step
+    before stopped the erasing, or followed a stop), or None when it is to run."""
+    if step == 1:
+        return None
+    before = f"erase{step - 1}"
+    record = json.loads((products[before] / STATE).read_text())
+    if record["mined"]:
+        return None
+    why = (f" (its classifier's loss: {record['loss_ratio']:.2f} x the tag prior's)" if "loss_ratio" in record
+           else "")
+    return f"the erasing stopped at step {record['step']}{why}"
+
+
 def erasing_stages(cfg: DictConfig) -> list[Stage]:
-    """The first classifier, then ``erase1``, ``classifier2``, ``erase2``, ... up to ``erase{steps}``."""
+    """The first classifier, then ``erase1``, ``classifier2``, ``erase2``, ... up to ``erase{steps}``; from
+    step 2 on, a step is skipped once the erasing has stopped (:func:`erasing_stopped`)."""
     if "labeled" not in cfg.data.streams:
         raise ConfigError(f"{cfg.method.name} needs the data stream 'labeled' (the tagged images); data.streams "
                           f"defines {list(cfg.data.streams)}")
@@ -291,9 +315,10 @@ def erasing_stages(cfg: DictConfig) -> list[Stage]:
     shared = OmegaConf.to_container(cfg.stages["classifier"]) if "classifier" in (cfg.stages or {}) else {}
     stages = [Stage("classifier", config=classifier_config, given=m.classifier_checkpoint)]
     for t in range(1, m.steps + 1):
+        stopped = partial(erasing_stopped, step=t) if t > 1 else None
         if t > 1:
             stages.append(Stage(classifier_stage(t), config=partial(erased_classifier_config, step=t,
-                                                                    shared=shared)))
+                                                                    shared=shared), skip=stopped))
         stages.append(Stage(f"erase{t}", run=partial(run_erasing_step, step=t, last=t == m.steps),
-                            inputs=partial(erasing_inputs, last=t == m.steps)))
+                            inputs=partial(erasing_inputs, last=t == m.steps), skip=stopped))
     return stages
