@@ -49,7 +49,7 @@ def method_defaults(name: str) -> dict:
     return {
         "u2pl": {"sup_only_epochs": 0, "num_queries": 4, "num_negatives": 4, "bank_size": 32},
         "u2pl_ael": {"sup_only_epochs": 0, "num_queries": 4, "num_negatives": 4, "bank_size": 32, "contra_start_epochs": 0},
-        "gct": {"fd_channels": 8, "fd_min_side": 128, "fd_weight": 0.01},  # small; 3x3 map; stable SGD step
+        "gct": {"fd_channels": 8, "fd_min_side": 128, "fd_lr_mult": 0.01},  # small; 3x3 map; detector lr 1e-4
         "ripu": {"rounds": [0.5], "nl_tau": 0.9},  # nl: every entry qualifies
         "fixmatch": {"conf_thresh": 0.0},  # every pixel confident
         "unimatch": {"conf_thresh": 0.0},

@@ -189,6 +189,25 @@ def test_identical_networks_have_no_dynamic_consistency():
     assert out["loss_dc"] == 0 and out["dc_switch"] == 0
 
 
+def test_detector_learns_at_its_own_rate_without_weight_decay(tiny_cfg):
+    from lesseg.engine.trainer import Trainer
+
+    streams = {"labeled": {"split": "train", "batch_size": 2},
+               "unlabeled": {"split": "train", "batch_size": 2, "labeled": False}}  # fmt: skip
+    cfg = tiny_cfg(["optim.weight_decay=0.01", "optim.head_lr_mult=10"],
+                   method={"name": "gct", **SMALL}, data={"streams": streams})  # fmt: skip
+    trainer = Trainer(cfg)
+    fd = {id(p) for p in trainer.method.fd.parameters()}
+    groups = trainer.optimizer.param_groups
+    mine = [g for g in groups if id(g["params"][0]) in fd]
+    assert len(mine) == 1 and len(mine[0]["params"]) == len(fd)
+    # the detector at fd_lr_mult (0.4) x the base LR 0.01, not at the networks' head LR (x10)
+    assert mine[0]["weight_decay"] == 0.0 and mine[0]["initial_lr"] == pytest.approx(0.004)
+    nets = [g for g in groups if g is not mine[0]]
+    assert sorted(g["initial_lr"] for g in nets) == pytest.approx([0.01, 0.01, 0.1, 0.1])  # l, r: enc, head
+    assert all(g["weight_decay"] == 0.01 for g in nets)
+
+
 def test_networks_start_different_and_l_is_evaluated():
     m = _method()
     assert any(not torch.equal(a, b) for a, b in zip(m.net_l.parameters(), m.net_r.parameters()))
