@@ -28,13 +28,15 @@ at 1/C for every class (theirs random) and is reduced over processes; no divisio
 size. A method sees only its batches, so ACP pastes from the next labeled image of the batch (not a second
 image loaded and rescaled by the dataset) and ACM draws its source among the other unlabeled images of the
 batch by their current teacher predictions (not from a dataset-wide class-presence bank).
-Implementation: ACM's connected components run on the CPU (OpenCV), one host copy of the B,H,W teacher
-classes per step; everything else stays on the device.
+Implementation: U2PL's step with its hooks (``u2pl.py``): ACM as a mixing (``_mix``), the bank's update
+from the supervised predictions (``supervised``), the equalized CEs as the unsupervised terms
+(``unsup_terms``), the contrastive start (``contra_start``); ACP edits the labeled batch before U2PL's step
+sees it. ACM's connected components run on the CPU (OpenCV), one host copy of the B,H,W teacher classes per
+step; everything else stays on the device.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -47,12 +49,12 @@ from torch import Tensor
 from .. import dist
 from ..config import ranged
 from ..errors import ConfigError
+from ..models import class_map
 from .base import METHODS, RunInfo
-from .common import IGNORE, entropy, hard_labels, pseudo_label_quality
-from .contrastive import contrastive_loss, one_hot
+from .common import IGNORE
+from .contrastive import one_hot
 from .mixing import box_mask_cps
-from .supervised import sup_loss
-from .u2pl import MIXINGS, U2PL, U2PLConfig, _accuracy, _nearest, entropy_split
+from .u2pl import U2PL, TeacherPass, U2PLConfig, _nearest
 
 
 @dataclass
@@ -160,21 +162,16 @@ def _take(x: Tensor, src: Tensor, mask: Tensor) -> Tensor:
 @METHODS.register("u2pl_ael")
 class U2PLAEL(U2PL):
     Config = U2PLAELConfig
+    MIXINGS: ClassVar[tuple[str, ...]] = ("acm", *U2PL.MIXINGS)
     loss_terms: ClassVar[dict[str, tuple[str, ...]]] = {**U2PL.loss_terms, "loss_unsup_lab": ("student",)}
 
     def __init__(self, cfg: U2PLAELConfig, model_cfg, info: RunInfo) -> None:
         c = info.num_classes
-        if cfg.mixing not in ("acm", *MIXINGS):
-            raise ConfigError(f"method.mixing must be one of acm, {', '.join(MIXINGS)}, got {cfg.mixing!r}")
         bad = [k for k in cfg.acp_exclude if not 0 <= k < c]
         if bad or len(set(cfg.acp_exclude)) == c:
             what = f"{bad} are not class ids of this {c}-class dataset" if bad else "excludes every class"
             raise ConfigError(f"method.acp_exclude: {what}")
-        # U2PL checks its own mixings; ACM is handled here (_mix)
-        super().__init__(
-            dataclasses.replace(cfg, mixing="none") if cfg.mixing == "acm" else cfg, model_cfg, info
-        )
-        self.cfg = cfg
+        super().__init__(cfg, model_cfg, info)
         self.register_buffer("class_conf", torch.full((c,), 1.0 / c))  # the confidence bank, checkpointed
         allowed = torch.ones(c, dtype=torch.bool)
         allowed[cfg.acp_exclude] = False
@@ -224,65 +221,32 @@ class U2PLAEL(U2PL):
         return equalized_ce(logits_s, pseudo, weight)
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], step: int) -> dict[str, Tensor]:
-        c = self.cfg
-        lab, unl = batch["labeled"], batch["unlabeled"]
-        x_l, y_l = lab["image"], lab["mask"]
-        if c.acp:
-            x_l, y_l = self._copy_paste(x_l, y_l)
-        n_l = x_l.shape[0]
-        alpha = self.drop_percent(step)
-        if step < self.sup_only_steps:  # U2PL's supervised warm-up; the bank learns from the start
-            out = self.student(x_l)
-            self._update_conf(out["logits"], y_l)
-            zero = out["logits"].new_zeros((), dtype=torch.float32)
-            terms = self._terms(sup_loss(out, y_l, c), zero, 0.0 * out["rep"].sum(), alpha, zero, zero, {})
-            return {**terms, "loss_unsup_lab": zero, **self._bank_stats()}
-        if step == self.sup_only_steps:
-            self.teacher.load_state_dict(getattr(self.student, "module", self.student).state_dict())
-            self.semi_started.fill_(True)
+        """ACP on the labeled batch, U2PL's step (with the hooks below), the bank's statistics."""
+        if self.cfg.acp:
+            lab = batch["labeled"]
+            image, mask = self._copy_paste(lab["image"], lab["mask"])
+            batch = {**batch, "labeled": {**lab, "image": image, "mask": mask}}
+        terms = super().training_step(batch, step)
+        # U2PL's warm-up has no teacher: no labeled term either
+        terms.setdefault("loss_unsup_lab", torch.zeros_like(terms["loss_unsup"]))
+        return {**terms, **self._bank_stats()}
 
-        with torch.no_grad():  # teacher on the weak views; its unlabeled outputs mixed like the inputs
-            t_out = self.teacher(torch.cat([x_l, unl["image"]]))
-            logits_t, rep_t = t_out["logits"].float(), t_out["rep"].float()
-            if self.align is not None:
-                self.align.update(y_l, logits_t[n_l:].softmax(1), unl["valid"])
-                logits_t = torch.cat([logits_t[:n_l], self.align(logits_t[n_l:])])
-            pseudo = hard_labels(logits_t[n_l:], unl["valid"])  # B,H,W
-            quality = pseudo_label_quality(pseudo, unl, self.info.num_classes)
-            x_u, logits_u, rep_u, pseudo, true = self._mix(
-                unl["image_strong"], logits_t[n_l:], rep_t[n_l:], pseudo, unl.get("true_mask")
-            )
-            valid = pseudo != IGNORE
-            reliable, unreliable = entropy_split(entropy(logits_u), valid, alpha)
-            if true is not None:
-                quality |= {"rel_acc": _accuracy(pseudo, true, reliable),
-                            "unrel_acc": _accuracy(pseudo, true, unreliable)}  # fmt: skip
+    def supervised(self, out: dict[str, Tensor], y_l: Tensor) -> Tensor:
+        """U2PL's supervised loss; the confidence bank learns from the same predictions (from the start)."""
+        self._update_conf(out["logits"], y_l)
+        return super().supervised(out, y_l)
 
-        out = self.student(torch.cat([x_l, x_u]))
-        logits_l, logits_s = out["logits"][:n_l], out["logits"][n_l:]
-        loss_sup = sup_loss({k: v[:n_l] for k, v in out.items()}, y_l, c)
-        self._update_conf(logits_l, y_l)
-        rates = sampling_rates(self.class_conf, c.gamma2) if c.sample else None
-        loss_unsup = self._equalized(logits_s, logits_u, pseudo.masked_fill(unreliable, IGNORE), rates)
-        pseudo_l = hard_labels(logits_t[:n_l], torch.ones_like(y_l, dtype=torch.bool))
-        loss_unsup_lab = self._equalized(logits_l, logits_t[:n_l], pseudo_l, rates)
-        kept = (valid & ~unreliable).sum() / valid.sum().clamp_min(1)
-        if not c.contrastive or step < self.contra_start:
-            loss_contra, n_used = 0.0 * out["rep"].sum(), torch.zeros_like(kept)
-        else:
-            size = out["rep"].shape[-2:]
-            with torch.no_grad():
-                labels = _nearest(torch.cat([y_l, pseudo.masked_fill(~reliable, IGNORE)]), size)
-                unsure = _nearest(torch.cat([torch.zeros_like(y_l, dtype=torch.bool), unreliable]), size)
-                prob_t = torch.cat([_nearest(logits_t[:n_l], size), _nearest(logits_u, size)]).softmax(1)
-            loss_contra, n_used = contrastive_loss(
-                out["rep"], torch.cat([rep_t[:n_l], rep_u]), prob_t, labels, unsure, n_l, self.bank,
-                num_queries=c.num_queries, num_negatives=c.num_negatives, temperature=c.temperature,
-                delta_p=c.delta_p, low_rank=self.low_rank, high_rank=self.high_rank,
-            )  # fmt: skip
-        terms = self._terms(loss_sup, loss_unsup, loss_contra, alpha, kept, n_used.float(), quality)
-        terms["loss"] = terms["loss"] + c.unsup_weight * loss_unsup_lab
-        return {**terms, "loss_unsup_lab": loss_unsup_lab, **self._bank_stats()}
+    def unsup_terms(self, logits: Tensor, t: TeacherPass) -> dict[str, Tensor]:
+        """AEL's equalized CE in place of U2PL's: on the mixed unlabeled images against the pseudo-labels
+        less the unreliable pixels (``loss_unsup``), and on the labeled images against the teacher's own
+        predictions (``loss_unsup_lab``); both sampled by the bank's rates of this step."""
+        n_l = t.logits_l.shape[0]
+        rates = sampling_rates(self.class_conf, self.cfg.gamma2) if self.cfg.sample else None
+        pseudo = t.pseudo.masked_fill(t.unreliable, IGNORE)
+        return {
+            "loss_unsup": self._equalized(logits[n_l:], t.logits_u, pseudo, rates),
+            "loss_unsup_lab": self._equalized(logits[:n_l], t.logits_l, class_map(t.logits_l), rates),
+        }
 
     def _bank_stats(self) -> dict[str, Tensor]:
         """The confidence bank's lowest and mean class confidence (how unequal the classes are)."""

@@ -8,6 +8,9 @@ class paired with its own bank, the paper's negative sets, EMA buffers copied fr
 Implementation choices: one teacher pass (eval mode, weak views of [labeled, unlabeled]) whose unlabeled
 outputs are mixed with the student's mask; percentiles by sorting on the device; no host synchronisation
 inside ``training_step``. The memory bank, the anchor/negative sampling and InfoNCE are in ``contrastive.py``.
+A subclass changes the step through hooks (U2PL + AEL, ``ael.py``): ``MIXINGS`` and ``_mix`` (its own
+mixing), ``supervised`` (what else learns from the labeled predictions), ``unsup_terms`` (the unsupervised
+terms from the teacher's pass) and ``contra_start`` (the first step of the contrastive loss).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +46,6 @@ from .mixing import box_mask_one, classmix_mask, cutout, mix, mix_batch, partner
 from .supervised import SupervisedConfig, sup_loss
 
 log = logging.getLogger(__name__)
-MIXINGS = ("cutmix", "classmix", "cutout", "none")
 
 
 @dataclass
@@ -71,6 +73,23 @@ class U2PLConfig(SupervisedConfig):
     # with the running statistics, the student's (methods.md s. 0; from batches of strongly augmented, mixed
     # unlabeled images); "weak" with each weak batch's own statistics. Evaluated: the student's, either way
     teacher_bn: str = "student"
+
+
+class TeacherPass(NamedTuple):
+    """Steps 1-2 of a semi-supervised step, without gradient: the teacher's outputs on the labeled weak views,
+    the strong unlabeled view and the teacher's unlabeled outputs mixed alike, the pseudo-labels of the mixed
+    images (255: none), their entropy split, and the pseudo-label scores against hidden masks (``quality``)."""
+
+    logits_l: Tensor  # N,C,H,W
+    rep_l: Tensor  # N,D,h,w
+    x_u: Tensor  # B,3,H,W
+    logits_u: Tensor  # B,C,H,W
+    rep_u: Tensor  # B,D,h,w
+    pseudo: Tensor  # B,H,W
+    valid: Tensor  # B,H,W bool: the pixels with a pseudo-label
+    reliable: Tensor  # B,H,W bool
+    unreliable: Tensor  # B,H,W bool
+    quality: dict[str, Tensor]
 
 
 # ---------------------------------------------------------------------------------------------- pure pieces
@@ -144,12 +163,13 @@ class U2PL(Method):
     Config = U2PLConfig
     streams = ("labeled", "unlabeled")
     strong_streams = ("unlabeled",)
+    MIXINGS: ClassVar[tuple[str, ...]] = ("cutmix", "classmix", "cutout", "none")  # method.mixing (_mix)
     loss_terms: ClassVar[dict[str, tuple[str, ...]]] = {"loss_sup": ("student",), "loss_unsup": ("student",), "loss_contra": ("student",)}
 
     def __init__(self, cfg: U2PLConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)
-        if cfg.mixing not in MIXINGS:
-            raise ConfigError(f"method.mixing must be one of {', '.join(MIXINGS)}, got {cfg.mixing!r}")
+        if cfg.mixing not in self.MIXINGS:
+            raise ConfigError(f"method.mixing must be one of {', '.join(self.MIXINGS)}, got {cfg.mixing!r}")
         check_teacher_bn(cfg.teacher_bn)
         if cfg.bank_dtype not in ("float16", "bfloat16", "float32"):
             raise ConfigError(
@@ -164,6 +184,7 @@ class U2PL(Method):
         )
         self.low_rank, self.high_rank = clamp_ranks(cfg.low_rank, cfg.high_rank, c)
         self.sup_only_steps = cfg.sup_only_epochs * info.iters_per_epoch
+        self.contra_start = 0  # the first step of the contrastive loss (AEL starts it later)
         self.align = PriorAlignment(c) if cfg.align else None
         self.register_buffer("semi_started", torch.tensor(False))  # checkpointed: eval_net after a resume
 
@@ -219,53 +240,80 @@ class U2PL(Method):
         if step < self.sup_only_steps:  # supervised warm-up; 0 * rep keeps the rep head in the DDP graph
             out = self.student(x_l)
             zero = out["logits"].new_zeros((), dtype=torch.float32)
-            return self._terms(sup_loss(out, y_l, self.cfg), zero, 0.0 * out["rep"].sum(), alpha, zero, zero, {})
+            loss_sup = self.supervised(out, y_l)
+            return self._terms(loss_sup, {"loss_unsup": zero}, 0.0 * out["rep"].sum(), alpha, zero, zero, {})
         if step == self.sup_only_steps:
             self.teacher.load_state_dict(getattr(self.student, "module", self.student).state_dict())
             self.semi_started.fill_(True)
 
-        with torch.no_grad():  # 1-2: teacher on the weak views, its unlabeled outputs mixed like the inputs
-            t_out = self.teacher(torch.cat([x_l, unl["image"]]))
-            logits_t, rep_t = t_out["logits"].float(), t_out["rep"].float()
-            if self.align is not None:  # pseudo-labels, entropies and contrastive priors from aligned outputs
-                self.align.update(y_l, logits_t[n_l:].softmax(1), unl["valid"])
-                logits_t = torch.cat([logits_t[:n_l], self.align(logits_t[n_l:])])
-            pseudo = hard_labels(logits_t[n_l:], unl["valid"])  # B,H,W
-            quality = pseudo_label_quality(pseudo, unl, self.info.num_classes)
-            x_u, logits_u, rep_u, pseudo, true = self._mix(
-                unl["image_strong"], logits_t[n_l:], rep_t[n_l:], pseudo, unl.get("true_mask")
-            )
-            valid = pseudo != IGNORE
-            reliable, unreliable = entropy_split(entropy(logits_u), valid, alpha)
-            if true is not None:  # the paper's premise: reliable pseudo-labels are right more often
-                quality |= {"rel_acc": _accuracy(pseudo, true, reliable),
-                            "unrel_acc": _accuracy(pseudo, true, unreliable)}  # fmt: skip
+        t = self._teacher_pass(x_l, y_l, unl, alpha)  # 1-2
+        out = self.student(torch.cat([x_l, t.x_u]))  # 3
+        loss_sup = self.supervised({k: v[:n_l] for k, v in out.items()}, y_l)  # 4
+        unsup = self.unsup_terms(out["logits"], t)  # 5
+        kept = (t.valid & ~t.unreliable).sum() / t.valid.sum().clamp_min(1)
+        if self.cfg.contrastive and step >= self.contra_start:  # 6
+            loss_contra, n_used = self._contrastive(out["rep"], y_l, t)
+        else:  # 0 * rep keeps the rep head in the DDP graph
+            loss_contra, n_used = 0.0 * out["rep"].sum(), torch.zeros_like(kept)
+        return self._terms(loss_sup, unsup, loss_contra, alpha, kept, n_used.float(), t.quality)
 
-        out = self.student(torch.cat([x_l, x_u]))  # 3
-        loss_sup = sup_loss({k: v[:n_l] for k, v in out.items()}, y_l, self.cfg)  # 4
-        loss_unsup = unsup_loss(out["logits"][n_l:], pseudo, unreliable, valid)  # 5
-        kept = (valid & ~unreliable).sum() / valid.sum().clamp_min(1)
-        if not self.cfg.contrastive:
-            return self._terms(
-                loss_sup, loss_unsup, 0.0 * out["rep"].sum(), alpha, kept, torch.zeros_like(kept), quality
-            )
-        size = out["rep"].shape[-2:]  # 6
+    @torch.no_grad()
+    def _teacher_pass(self, x_l: Tensor, y_l: Tensor, unl: dict[str, Tensor], alpha: float) -> TeacherPass:
+        """1-2: the teacher on the weak views [labeled, unlabeled], its unlabeled outputs mixed like the strong
+        view (``_mix``), the pseudo-labels split by the entropy percentiles of ``alpha``."""
+        n_l = x_l.shape[0]
+        t_out = self.teacher(torch.cat([x_l, unl["image"]]))
+        logits_t, rep_t = t_out["logits"].float(), t_out["rep"].float()
+        if self.align is not None:  # pseudo-labels, entropies and contrastive priors from aligned outputs
+            self.align.update(y_l, logits_t[n_l:].softmax(1), unl["valid"])
+            logits_t = torch.cat([logits_t[:n_l], self.align(logits_t[n_l:])])
+        pseudo = hard_labels(logits_t[n_l:], unl["valid"])  # B,H,W
+        quality = pseudo_label_quality(pseudo, unl, self.info.num_classes)
+        x_u, logits_u, rep_u, pseudo, true = self._mix(
+            unl["image_strong"], logits_t[n_l:], rep_t[n_l:], pseudo, unl.get("true_mask")
+        )
+        valid = pseudo != IGNORE
+        reliable, unreliable = entropy_split(entropy(logits_u), valid, alpha)
+        if true is not None:  # the paper's premise: reliable pseudo-labels are right more often
+            quality |= {"rel_acc": _accuracy(pseudo, true, reliable),
+                        "unrel_acc": _accuracy(pseudo, true, unreliable)}  # fmt: skip
+        return TeacherPass(
+            logits_t[:n_l], rep_t[:n_l], x_u, logits_u, rep_u, pseudo, valid, reliable, unreliable, quality
+        )
+
+    def supervised(self, out: dict[str, Tensor], y_l: Tensor) -> Tensor:
+        """4: the supervised loss of the student's outputs on the labeled images (warm-up included). A hook:
+        a subclass may learn more from these predictions (AEL's confidence bank)."""
+        return sup_loss(out, y_l, self.cfg)
+
+    def unsup_terms(self, logits: Tensor, t: TeacherPass) -> dict[str, Tensor]:
+        """5: the unsupervised terms from the student's logits on [labeled, mixed unlabeled] and the teacher's
+        pass, each weighted by ``unsup_weight``: U2PL's ``loss_unsup`` (``unsup_loss``). A hook: a subclass
+        returns its own ``loss_unsup`` and may add terms (AEL's)."""
+        n_l = t.logits_l.shape[0]
+        return {"loss_unsup": unsup_loss(logits[n_l:], t.pseudo, t.unreliable, t.valid)}
+
+    def _contrastive(self, rep: Tensor, y_l: Tensor, t: TeacherPass) -> tuple[Tensor, Tensor]:
+        """6: the contrastive loss of the student's representations of [labeled, mixed unlabeled]: labeled
+        pixels by their masks, unlabeled ones by their reliable pseudo-labels, the unreliable ones as
+        negatives. -> the loss and the number of classes it used (0-dim each)."""
+        n_l = y_l.shape[0]
+        size = rep.shape[-2:]
         with torch.no_grad():
-            labels = _nearest(torch.cat([y_l, pseudo.masked_fill(~reliable, IGNORE)]), size)
-            unsure = _nearest(torch.cat([torch.zeros_like(y_l, dtype=torch.bool), unreliable]), size)
-            prob_t = torch.cat([_nearest(logits_t[:n_l], size), _nearest(logits_u, size)]).softmax(1)
-        loss_contra, n_used = contrastive_loss(
-            out["rep"], torch.cat([rep_t[:n_l], rep_u]), prob_t, labels, unsure, n_l, self.bank,
+            labels = _nearest(torch.cat([y_l, t.pseudo.masked_fill(~t.reliable, IGNORE)]), size)
+            unsure = _nearest(torch.cat([torch.zeros_like(y_l, dtype=torch.bool), t.unreliable]), size)
+            prob_t = torch.cat([_nearest(t.logits_l, size), _nearest(t.logits_u, size)]).softmax(1)
+        return contrastive_loss(
+            rep, torch.cat([t.rep_l, t.rep_u]), prob_t, labels, unsure, n_l, self.bank,
             num_queries=self.cfg.num_queries, num_negatives=self.cfg.num_negatives,
             temperature=self.cfg.temperature, delta_p=self.cfg.delta_p,
             low_rank=self.low_rank, high_rank=self.high_rank,
         )  # fmt: skip
-        return self._terms(loss_sup, loss_unsup, loss_contra, alpha, kept, n_used.float(), quality)
 
     def _terms(
         self,
         loss_sup: Tensor,
-        loss_unsup: Tensor,
+        unsup: dict[str, Tensor],
         loss_contra: Tensor,
         alpha: float,
         kept: Tensor,
@@ -273,11 +321,15 @@ class U2PL(Method):
         quality: dict[str, Tensor],
     ) -> dict[str, Tensor]:
         """7: the weighted total, the terms (attached, unweighted) and diagnostics, all 0-dim tensors
-        (``quality``: pseudo-label scores against hidden masks, when the stream has them)."""
+        (``unsup``: ``loss_unsup`` and a subclass's further unsupervised terms, each weighted by
+        ``unsup_weight``; ``quality``: pseudo-label scores against hidden masks, when the stream has them)."""
         c = self.cfg
+        loss = loss_sup + c.unsup_weight * unsup["loss_unsup"] + c.contra_weight * loss_contra
+        for name, term in unsup.items():
+            if name != "loss_unsup":
+                loss = loss + c.unsup_weight * term
         return {
-            "loss": loss_sup + c.unsup_weight * loss_unsup + c.contra_weight * loss_contra,
-            "loss_sup": loss_sup, "loss_unsup": loss_unsup, "loss_contra": loss_contra,
+            "loss": loss, "loss_sup": loss_sup, **unsup, "loss_contra": loss_contra,
             "drop_percent": torch.full((), alpha, device=loss_sup.device), "reliable_frac": kept,
             "contra_classes": n_used, **quality,
         }  # fmt: skip
