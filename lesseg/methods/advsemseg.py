@@ -117,15 +117,10 @@ class AdvSemSeg(Method):
     def trainable_nets(self) -> dict[str, nn.Module]:
         return {"net": self.net, "disc": self.disc}
 
-    def param_groups(self) -> list[dict]:
-        """The segmenter's groups (encoder at the base LR, the rest at ``head_lr_mult`` x), then D's at
-        ``d_lr_mult`` x the base LR without weight decay (the authors' Adam for D had none)."""
-        groups = super().param_groups()
-        disc = {id(p) for p in self.disc.parameters()}
-        for g in groups:
-            if id(g["params"][0]) in disc:
-                g.update(weight_decay=0.0, lr_mult=self.cfg.d_lr_mult, head=False)
-        return groups
+    def group_options(self) -> dict[str, dict]:
+        """D at ``d_lr_mult`` x the base LR without weight decay (the authors' Adam for D had none); the
+        segmenter as usual."""
+        return {"disc": {"lr_mult": self.cfg.d_lr_mult, "head": False, "weight_decay": 0.0}}
 
     def phases(self) -> list[tuple[str, int, int]]:
         n = min(self.semi_start_step, self.info.max_iters)

@@ -192,12 +192,20 @@ class Method(nn.Module):
         group may carry its own ``lr_mult``: the trainer multiplies it by ``head_lr_mult`` where ``head`` is
         true, and uses it as it is otherwise."""
         groups = []
-        for net in self.trainable_nets().values():
+        own = self.group_options()
+        for name, net in self.trainable_nets().items():
             net = getattr(net, "module", net)  # DDP-wrapped
             enc = [p for p in net.encoder_parameters() if p.requires_grad]
             head = [p for p in net.head_parameters() if p.requires_grad]
-            groups += [{"params": enc, "lr_mult": 1.0, "head": False}, {"params": head, "head": True}]
+            pair = [{"params": enc, "lr_mult": 1.0, "head": False}, {"params": head, "head": True}]
+            groups += [{**g, **own.get(name, {})} for g in pair]
         return [g for g in groups if g["params"]]
+
+    def group_options(self) -> dict[str, dict]:
+        """Optimizer settings of particular trainable networks (``trainable_nets`` name -> options for all its
+        parameter groups), e.g. a discriminator's ``{"lr_mult": 0.4, "head": False, "weight_decay": 0.0}``:
+        its own learning rate as a multiple of the base LR and no weight decay."""
+        return {}
 
 
 METHODS: Registry[type[Method]] = Registry("method")

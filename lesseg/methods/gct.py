@@ -201,15 +201,10 @@ class GCT(Method):
     def eval_net(self) -> nn.Module:
         return self.net_l
 
-    def param_groups(self) -> list[dict]:
-        """The networks' groups (encoder at the base LR, the rest at ``head_lr_mult`` x), then the detector's
-        at ``fd_lr_mult`` x the base LR without weight decay (the authors' Adam for it had none)."""
-        groups = super().param_groups()
-        fd = {id(p) for p in self.fd.parameters()}
-        for g in groups:
-            if id(g["params"][0]) in fd:
-                g.update(weight_decay=0.0, lr_mult=self.cfg.fd_lr_mult, head=False)
-        return groups
+    def group_options(self) -> dict[str, dict]:
+        """The flaw detector at ``fd_lr_mult`` x the base LR without weight decay (the authors' Adam for it had
+        none); the task networks as usual."""
+        return {"fd": {"lr_mult": self.cfg.fd_lr_mult, "head": False, "weight_decay": 0.0}}
 
     def phases(self) -> list[tuple[str, int, int]]:
         n = min(self.rampup_steps, self.info.max_iters)
