@@ -203,7 +203,7 @@ def test_unsupervised_ce_drops_the_unreliable_pixels(monkeypatch):
 
 def test_warm_up_and_late_contrastive_start():
     m = _method(sup_only_epochs=1, contra_start_epochs=2)  # 2 supervised steps, contrastive from step 4
-    assert [p[1:] for p in m.phases()] == [(0, 2), (2, 4)]
+    assert [p[1:] for p in m.phases()] == [(0, 2), (2, 20), (2, 4)]  # warm-up, EMA teacher, no contrastive
     out = m.training_step(_batch(), 0)
     assert torch.allclose(out["loss"], out["loss_sup"]) and out["loss_unsup_lab"] == 0
     assert not torch.allclose(m.class_conf, torch.full((C,), 1 / C))  # the bank learns during the warm-up

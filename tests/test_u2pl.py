@@ -342,7 +342,7 @@ def test_training_step_terms_and_gradients(mixing):
 
 
 def test_warm_up_teacher_start_ema_and_eval_net():
-    m = _method(sup_only_epochs=1)  # 2 supervised steps
+    m = _method(sup_only_epochs=1, ema_decay=0.99)  # 2 supervised steps
     batch = _batch()
     opt = torch.optim.SGD(m.student.parameters(), lr=0.1)
     for step in range(2):
@@ -422,3 +422,14 @@ def test_state_dict_round_trip_restores_bank_and_phase():
     assert torch.equal(fresh.bank.feats, m.bank.feats) and torch.equal(fresh.bank.count, m.bank.count)
     assert torch.equal(fresh.bank.ptr, m.bank.ptr)
     assert fresh.eval_net() is fresh.teacher
+
+
+def test_teacher_decay_is_relative_to_the_steps_after_the_warm_up_unless_set():
+    """No ema_decay: 1/15 of the semi-supervised steps (8 of 10 here: 1 - 15/8 < 0, so 0: the teacher follows
+    the student), announced with the phases; 240 steps of 300 give 0.9375; a configured decay is kept."""
+    m = _method(sup_only_epochs=1)  # 2 supervised steps of 10
+    assert m.ema_decay == 0.0
+    assert m.phases()[-1][1:] == (2, 10) and "decay 0 (averaging over ~1 steps)" in m.phases()[-1][0]
+    long = U2PL(m.cfg, m.model_cfg, RunInfo(num_classes=3, max_iters=300, iters_per_epoch=60))
+    assert long.ema_decay == pytest.approx(1 - 15 / 240)
+    assert _method(sup_only_epochs=1, ema_decay=0.99).ema_decay == 0.99

@@ -35,11 +35,13 @@ from .common import (
     batchnorm_train,
     ce_loss,
     check_teacher_bn,
+    ema_horizon,
     ema_update,
     entropy,
     hard_labels,
     make_teacher,
     pseudo_label_quality,
+    run_relative_decay,
 )  # fmt: skip
 from .contrastive import MemoryBank, contrastive_loss
 from .mixing import box_mask_one, classmix_mask, cutout, mix, mix_batch, partner
@@ -51,7 +53,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class U2PLConfig(SupervisedConfig):
     name: str = "u2pl"
-    ema_decay: float = ranged(0.99, "[0, 1]")  # d_max
+    # d_max (U2PL's configs: 0.99); None: relative to the steps after the warm-up (common.run_relative_decay:
+    # 1/15 of them, 0.99 over shapes' 1,440, 0.9375 over 240 of a 300-step run)
+    ema_decay: float | None = ranged(None, "[0, 1]")
     sup_only_epochs: int = ranged(1, "[0, inf)")  # VOC 1, Cityscapes 0
     align: bool = False  # distribution alignment of the teacher's unlabeled predictions (common.PriorAlignment)
     unsup_weight: float = ranged(1.0, "[0, inf)")  # lambda_u
@@ -184,6 +188,7 @@ class U2PL(Method):
         )
         self.low_rank, self.high_rank = clamp_ranks(cfg.low_rank, cfg.high_rank, c)
         self.sup_only_steps = cfg.sup_only_epochs * info.iters_per_epoch
+        self.ema_decay = run_relative_decay(cfg.ema_decay, info.max_iters - self.sup_only_steps)
         self.contra_start = 0  # the first step of the contrastive loss (AEL starts it later)
         self.align = PriorAlignment(c) if cfg.align else None
         self.register_buffer("semi_started", torch.tensor(False))  # checkpointed: eval_net after a resume
@@ -195,7 +200,8 @@ class U2PL(Method):
         n = min(self.sup_only_steps, self.info.max_iters)
         what = (f"supervised only (sup_only_epochs={self.cfg.sup_only_epochs} x {self.info.iters_per_epoch} "
                 "steps per epoch of the longest stream)")
-        return [(what, 0, n)] if n else []
+        ema = f"EMA teacher, decay {self.ema_decay:.4g} (averaging over ~{ema_horizon(self.ema_decay)} steps)"
+        return [*([(what, 0, n)] if n else []), (ema, n, self.info.max_iters)]
 
     def eval_net(self) -> nn.Module:
         """The teacher once the semi-supervised phase has begun (as the authors evaluate), else the student."""
@@ -339,4 +345,4 @@ class U2PL(Method):
         """8: EMA of the teacher with warm-up counted from the start of the semi-supervised phase."""
         if step >= self.sup_only_steps:
             student = getattr(self.student, "module", self.student)
-            ema_update(self.teacher, student, step - self.sup_only_steps, self.cfg.ema_decay)
+            ema_update(self.teacher, student, step - self.sup_only_steps, self.ema_decay)
