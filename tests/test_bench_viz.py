@@ -489,14 +489,16 @@ def test_bench_weak_summary_means_stages_over_seeds_and_shares_of_full(tmp_path)
 
     rows = [row("full", 0.6, []), row("full", 0.4, [], 1),
             row("psl", 0.3, [("classifier", "train", {"map": 0.8}), ("erase", "task", {"pseudo_miou": 0.2}),
-                             ("crf", "task", {"pseudo_miou": 0.3, "images_per_s": 50.0}), ("train", "train", {})]),
+                             ("crf", "task", {"pseudo_miou": 0.3, "images_per_s": 50.0, "raw_miou": 0.1,
+                                              "crf_miou": 0.3}), ("train", "train", {})]),
             row("psl", 0.2, [("classifier", "train", {"map": 0.6}), ("erase", "task", {"pseudo_miou": 0.4}),
-                             ("crf", "task", {"pseudo_miou": 0.5}), ("train", "train", {})], 1)]
+                             ("crf", "task", {"pseudo_miou": 0.5, "raw_miou": 0.3, "crf_miou": 0.5}),
+                             ("train", "train", {})], 1)]
     table = {r["method"]: r for r in summarize_weak(rows)}
     assert table["full"]["miou"] == pytest.approx(0.5) and table["full"]["of_full"] is None
     psl = table["psl"]
     assert psl["seeds"] == 2 and psl["classifier_map"] == pytest.approx(0.7)
-    assert [n for n, _ in psl["pseudo_miou"]] == ["erase", "crf"]
+    assert [n for n, _ in psl["pseudo_miou"]] == ["erase", "crf (before CRF 20.0)"]
     assert [v for _, v in psl["pseudo_miou"]] == pytest.approx([0.3, 0.4])
     assert psl["miou"] == pytest.approx(0.25) and psl["of_full"] == pytest.approx(0.5)
     assert psl["cam_images_per_s"] == pytest.approx(50.0)

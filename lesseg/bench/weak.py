@@ -75,6 +75,9 @@ def summarize_weak(rows: list[dict]) -> list[dict]:
 
         cls_map = next((v for v in (stage_mean(n, "map") for n in names) if v is not None), None)
         pseudo = [(n, v) for n in names if (v := stage_mean(n, "pseudo_miou")) is not None]
+        # PSL+'s refinement scores its masks before the CRF too: shown next to the refined ones
+        pseudo = [(f"{n} (before CRF {100 * raw:.1f})" if (raw := stage_mean(n, "raw_miou")) is not None
+                   and stage_mean(n, "crf_miou") is not None else n, v) for n, v in pseudo]
         speed = next((v for v in (stage_mean(n, "images_per_s") for n in names) if v is not None), None)
         miou = _mean([r["miou"] for r in runs])
         table.append({"method": method, "seeds": len(runs), "classifier_map": cls_map, "pseudo_miou": pseudo,
