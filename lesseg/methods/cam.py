@@ -306,6 +306,18 @@ def cam_inputs(cfg: DictConfig, keys: Sequence[str] = CAM_KEYS) -> dict:
             "data": {k: data[k] for k in ("dataset", "root", "options", "mean", "std")}}
 
 
+def check_tagged_run(cfg: DictConfig) -> None:
+    """What a pipeline that makes pseudo-masks from the stream ``labeled`` checks before any stage runs: the
+    stream exists and ``method.bg_threshold`` (if set) does not exceed ``method.fg_threshold``."""
+    if "labeled" not in cfg.data.streams:
+        raise ConfigError(f"{cfg.method.name} needs the data stream 'labeled' (the tagged images); data.streams "
+                          f"defines {list(cfg.data.streams)}")
+    m = cfg.method
+    if m.bg_threshold is not None and m.bg_threshold > m.fg_threshold:
+        raise ConfigError(f"method.bg_threshold {m.bg_threshold} must not exceed method.fg_threshold "
+                          f"{m.fg_threshold} (between them lies the uncertain band)")
+
+
 @METHODS.register("cam")
 class CAM(Method):
     """The last stage's training: a segmentation network, CE (or OHEM, aux head) on the CAM pseudo-masks."""
@@ -321,13 +333,8 @@ class CAM(Method):
 
     @classmethod
     def pipeline(cls, cfg: DictConfig) -> list[Stage]:
-        if "labeled" not in cfg.data.streams:
-            raise ConfigError(f"cam needs the data stream 'labeled' (the tagged images); data.streams "
-                              f"defines {list(cfg.data.streams)}")
+        check_tagged_run(cfg)
         m = cfg.method
-        if m.bg_threshold is not None and m.bg_threshold > m.fg_threshold:
-            raise ConfigError(f"method.bg_threshold {m.bg_threshold} must not exceed method.fg_threshold "
-                              f"{m.fg_threshold} (between them lies the uncertain band)")
         check_saliency(m)
         return [Stage("classifier", config=classifier_config, given=m.classifier_checkpoint),
                 Stage("cams", run=write_cam_dataset, inputs=cam_inputs),

@@ -45,12 +45,13 @@ from .cam import (
     CAM,
     Throughput,
     cam_inputs,
+    check_tagged_run,
     classifier_config,
     load_classifier,
     pseudo_train_config,
     tagged_images,
 )
-from .stc import check_tagged_run, write_mask_dataset
+from .stc import write_mask_dataset
 from .supervised import SupervisedConfig
 from .weak.cam import pseudo_masks
 from .weak.proposals import MODES, localization_maps, propose

@@ -55,7 +55,15 @@ from ..data.saliency import SaliencyMaps
 from ..data.writer import FolderWriter
 from ..errors import ConfigError
 from .base import METHODS, Stage
-from .cam import CAM, cam_inputs, check_saliency, finish_masks, pseudo_train_config, tagged_images
+from .cam import (
+    CAM,
+    cam_inputs,
+    check_saliency,
+    check_tagged_run,
+    finish_masks,
+    pseudo_train_config,
+    tagged_images,
+)
 from .supervised import SupervisedConfig
 from .weak.cam import foreground_counts, pseudo_masks
 
@@ -180,18 +188,6 @@ def write_predicted_dataset(ctx: Any, network: str, images: str) -> dict:
     return write_mask_dataset(ctx, data, indices, mask_of, f"{network} network's masks")
 
 
-def check_tagged_run(cfg: DictConfig) -> None:
-    """What a pipeline that makes pseudo-masks from the stream ``labeled`` checks before any stage runs: the
-    stream exists and ``method.bg_threshold`` (if set) does not exceed ``method.fg_threshold``."""
-    if "labeled" not in cfg.data.streams:
-        raise ConfigError(f"{cfg.method.name} needs the data stream 'labeled' (the tagged images); data.streams "
-                          f"defines {list(cfg.data.streams)}")
-    m = cfg.method
-    if m.bg_threshold is not None and m.bg_threshold > m.fg_threshold:
-        raise ConfigError(f"method.bg_threshold {m.bg_threshold} must not exceed method.fg_threshold "
-                          f"{m.fg_threshold} (between them lies the uncertain band)")
-
-
 def mask_inputs(*keys: str, predicted: bool = False) -> Callable[[DictConfig], dict]:
     """What a task stage's masks depend on besides its upstream products: the tagged images, the method
     settings ``keys``, the seed, and for predictions the evaluation settings."""
@@ -250,4 +246,4 @@ class STC(CAM):
         ]
 
 
-__all__ = ["STC", "StcConfig", "check_tagged_run", "saliency_masks", "split_by_tags", "tag_filtered_masks", "write_mask_dataset"]
+__all__ = ["STC", "StcConfig", "saliency_masks", "split_by_tags", "tag_filtered_masks", "write_mask_dataset"]
