@@ -211,3 +211,21 @@ def test_psl_without_plus_trains_once_on_the_ae_masks(tiny_cfg, tmp_path):
     assert final["config"]["data"]["streams"]["pseudo"]["root"] == str(tmp_path / "run" / "erase1")
     assert any(k.startswith("net.cls_head.") for k in final["method"])
     torch.use_deterministic_algorithms(False)
+
+
+def test_refine_is_redone_when_its_prediction_window_changes(tiny_cfg, tmp_path):
+    # with eval.crop_size unset, the refine stage predicts (slide mode) with windows of data.crop_size; a
+    # stages.refine override of it changes the masks and no upstream product, so the done marker must hold it
+    from lesseg.engine.stages import _inputs
+    from lesseg.methods.base import stage_config, stage_product
+
+    def refine_marker(*overrides):
+        cfg = tiny_cfg(["eval.mode=slide", *overrides], method={"name": "psl", "steps": 1, "crf": False})
+        stages = PSL.pipeline(cfg)
+        k = [s.name for s in stages].index("refine")
+        products = {s.name: stage_product(cfg.out, stages, j) for j, s in enumerate(stages)}
+        return _inputs(stages[k], stage_config(cfg, stages, k, products))
+
+    assert refine_marker() == refine_marker()
+    assert refine_marker() != refine_marker("stages.refine.data.crop_size=[16,16]")
+    assert refine_marker() != refine_marker("stages.refine.eval.flip=true")

@@ -203,9 +203,11 @@ def run_refine(ctx: Any) -> dict:
 
 
 def refine_inputs(cfg: DictConfig) -> dict:
-    """What the PSL+ masks depend on besides the psl network: the images, tags, prediction and CRF settings."""
+    """What the PSL+ masks depend on besides the psl network: the images, tags, prediction and CRF settings
+    (``data.crop_size`` too: the prediction's window where ``eval.crop_size`` is unset)."""
     keys = ("bg_class", "crf", *(f.name for f in dataclasses.fields(PslConfig) if f.name.startswith("crf_")))
-    return {**cam_inputs(cfg, keys), "eval": OmegaConf.to_container(cfg.eval)}
+    return {**cam_inputs(cfg, keys), "eval": OmegaConf.to_container(cfg.eval),
+            "crop_size": list(cfg.data.crop_size)}
 
 
 @METHODS.register("psl")
