@@ -4,6 +4,7 @@ trip, a step's cost and a tiny run."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -18,6 +19,7 @@ from lesseg.methods.cct import (
     CCT,
     KINDS,
     CCTConfig,
+    PerturbedDecoders,
     abce_loss,
     abce_threshold,
     aux_consistency,
@@ -29,6 +31,7 @@ from lesseg.methods.cct import (
     object_boxes,
 )
 from lesseg.methods.common import ce_loss
+from lesseg.methods.vat import adversarial_direction
 from lesseg.models import build_model
 from lesseg.models.aux_decoders import ShuffleDecoder
 
@@ -145,6 +148,24 @@ def test_vat_decoder_perturbation_has_norm_eps_per_image_and_no_gradient():
     r = m.aux.vat_perturbation(m.aux.decoders[0], z.requires_grad_(), valid)
     assert torch.allclose(r.flatten(1).norm(dim=1), torch.full((2,), 2.0)) and not r.requires_grad
     assert all(p.grad is None for p in m.aux.parameters())
+
+
+def test_vat_decoder_direction_at_the_default_xi_is_the_float64_one_at_the_authors_feature_size():
+    """xi is the norm of the whole perturbation: on CCT's 512 x 40 x 40 features (VOC crop 320, stride 8) each
+    feature moves by xi / 905, and at 1e-4 (a former default) the float32 direction was mostly noise."""
+    torch.manual_seed(0)
+    aux = PerturbedDecoders(["vat"], 512, 21, 8, CCTConfig())
+    dec = aux.decoders[0]
+    z = torch.relu(torch.randn(1, 512, 40, 40))
+    valid = torch.ones(1, 320, 320, dtype=torch.bool)
+    torch.manual_seed(1)
+    d = aux.vat_perturbation(dec, z, valid) / CCTConfig().vat_eps
+    torch.manual_seed(1)
+    d0 = torch.rand_like(z) - 0.5  # the draw vat_perturbation made
+    dec64 = copy.deepcopy(dec).double()
+    target = dec64(z.double(), (320, 320)).softmax(1).detach()
+    ref = adversarial_direction(lambda t: dec64(t, (320, 320)), z.double(), target, valid, d0.double(), 1e-6, 1)
+    assert float((d.double() * ref).sum()) > 0.99
 
 
 # --------------------------------------------------------------------------------------------- decoders
