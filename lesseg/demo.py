@@ -48,8 +48,8 @@ def demo_runs() -> list[DemoRun]:
     ]
 
 
-# the three runs in about 4 minutes on the 2-core machine of docs/benchmarks.md while other runs loaded it
-# (SupOnly 57 s, all labels 60 s, Mean Teacher 105 s at 300 steps): under 10 minutes on a machine 2x slower
+# the three runs took 57, 60 and 105 s on the 2-core machine of docs/benchmarks.md with one other training
+# sharing it (11 minutes with four others): under 10 minutes on a machine 2-3x slower
 DEMO_ITERS = 300
 
 
