@@ -135,7 +135,9 @@ def test_pretrained_from_a_lesseg_checkpoint_takes_its_evaluated_networks_encode
     from lesseg.models import build_model
 
     cfg = tiny_cfg(
-        method={"name": "u2pl", "sup_only_epochs": 0, "num_queries": 4, "num_negatives": 4, "bank_size": 32},
+        # a configured decay: a 3-step run's relative one is 0 (the teacher would be the student)
+        method={"name": "u2pl", "sup_only_epochs": 0, "num_queries": 4, "num_negatives": 4, "bank_size": 32,
+                "ema_decay": 0.99},
         data={"streams": {"labeled": {"split": "train", "batch_size": 4},
                           "unlabeled": {"split": "train", "batch_size": 4, "labeled": False}}},
         train={"iters": 3, "eval_every": 0},
