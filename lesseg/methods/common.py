@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import dist
 from ..metrics import confusion_matrix
 from ..models import class_map
 
@@ -59,7 +60,8 @@ class PriorAlignment(nn.Module):
     pixels. ReMixMatch's distribution alignment; in segmentation it counters the pseudo-labels' drift toward
     the dominant class (background), which a few labeled images and a young teacher start and self-training
     then confirms (the bias DARS, He et al. 2021, re-distributes). Running means with the EMA warm-up of
-    :func:`ema_update` (``m = min(1 - 1/(n+1), momentum)``); saved with the method (exact resume)."""
+    :func:`ema_update` (``m = min(1 - 1/(n+1), momentum)``) of the counts summed over processes (under DDP
+    every process aligns with the same priors); saved with the method (exact resume)."""
 
     def __init__(self, num_classes: int, momentum: float = 0.99) -> None:
         super().__init__()
@@ -76,6 +78,8 @@ class PriorAlignment(nn.Module):
         known = masks[masks != IGNORE]
         lab = torch.bincount(known, minlength=c)[:c].float()
         pred = (probs.float() * valid[:, None]).sum((0, 2, 3))
+        both = dist.all_reduce_sum(torch.cat([lab, pred]))  # every process aligns with the same priors
+        lab, pred = both[:c], both[c:]
         m = min(1.0 - 1.0 / (int(self.updates) + 1), self.momentum)
         if lab.sum() > 0:
             self.labeled.mul_(m).add_(lab / lab.sum(), alpha=1 - m)
