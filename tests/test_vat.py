@@ -203,10 +203,12 @@ def test_one_step_trains_the_student_on_its_perturbed_view(monkeypatch, strong):
     assert out["adv_norm"].item() == pytest.approx(r.flatten(1).norm(dim=1).mean().item(), rel=1e-4)
 
 
-def test_rampup_is_relative_to_the_run_and_announced():
-    assert build(max_iters=1000).phases() == []  # French et al.'s VOC run: no ramp-up
+def test_rampup_and_teacher_decay_are_relative_to_the_run_and_announced():
+    ema = ("EMA teacher, decay 0.985 (averaging over ~67 steps)", 0, 1000)  # 1 - 15/1000
+    assert build(max_iters=1000).phases() == [ema]  # French et al.'s VOC run: no ramp-up
     m = build(max_iters=1000, rampup_steps=None)
-    assert m.rampup_steps == 100 and m.phases() == [("consistency weight ramp-up (sigmoid)", 0, 100)]
+    assert m.rampup_steps == 100 and m.phases() == [("consistency weight ramp-up (sigmoid)", 0, 100), ema]
+    assert build(max_iters=1000, ema_decay=0.99).ema_decay == 0.99
 
 
 # ------------------------------------------------------------------------------------- cost, training

@@ -122,6 +122,11 @@ def ema_horizon(decay: float) -> int | str:
     return round(1.0 / (1.0 - decay)) if decay < 1.0 else "all"
 
 
+def ema_phase(decay: float, start: int, end: int) -> tuple[str, int, int]:
+    """The EMA teacher's entry of ``Method.phases``: its decay and how many steps it averages over."""
+    return f"EMA teacher, decay {decay:.4g} (averaging over ~{ema_horizon(decay)} steps)", start, end
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, step_since_start: int, d_max: float) -> None:
     """``theta_t <- d theta_t + (1-d) theta_s`` with warm-up ``d = min(1 - 1/(i+1), d_max)``.

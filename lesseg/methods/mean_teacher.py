@@ -25,7 +25,7 @@ from .common import (
     batchnorm_train,
     ce_loss,
     check_teacher_bn,
-    ema_horizon,
+    ema_phase,
     ema_update,
     hard_labels,
     make_teacher,
@@ -102,8 +102,7 @@ class MeanTeacher(Method):
     def phases(self) -> list[tuple[str, int, int]]:
         n = min(self.rampup_steps, self.info.max_iters)
         ramp = [("consistency weight ramp-up (sigmoid)", 0, n)] if n else []
-        ema = f"EMA teacher, decay {self.ema_decay:.4g} (averaging over ~{ema_horizon(self.ema_decay)} steps)"
-        return [*ramp, (ema, 0, self.info.max_iters)]
+        return [*ramp, ema_phase(self.ema_decay, 0, self.info.max_iters)]
 
     def train(self, mode: bool = True) -> MeanTeacher:
         """The teacher predicts in eval mode (no dropout; BatchNorm running statistics, copied from the

@@ -35,7 +35,7 @@ from .common import (
     batchnorm_train,
     ce_loss,
     check_teacher_bn,
-    ema_horizon,
+    ema_phase,
     ema_update,
     entropy,
     hard_labels,
@@ -200,8 +200,7 @@ class U2PL(Method):
         n = min(self.sup_only_steps, self.info.max_iters)
         what = (f"supervised only (sup_only_epochs={self.cfg.sup_only_epochs} x {self.info.iters_per_epoch} "
                 "steps per epoch of the longest stream)")
-        ema = f"EMA teacher, decay {self.ema_decay:.4g} (averaging over ~{ema_horizon(self.ema_decay)} steps)"
-        return [*([(what, 0, n)] if n else []), (ema, n, self.info.max_iters)]
+        return [*([(what, 0, n)] if n else []), ema_phase(self.ema_decay, n, self.info.max_iters)]
 
     def eval_net(self) -> nn.Module:
         """The teacher once the semi-supervised phase has begun (as the authors evaluate), else the student."""

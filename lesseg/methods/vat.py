@@ -54,6 +54,7 @@ from .base import METHODS, Method, RunInfo
 from .common import (
     batchnorm_train,
     check_teacher_bn,
+    ema_phase,
     ema_update,
     hard_labels,
     make_teacher,
@@ -172,13 +173,15 @@ class VAT(Method):
         self.net = build_model(model_cfg, info.num_classes)
         self.teacher = make_teacher(self.net)
         self.rampup_steps = round(0.1 * info.max_iters) if cfg.rampup_steps is None else cfg.rampup_steps
+        self.ema_decay = run_relative_decay(cfg.ema_decay, info.max_iters)
 
     def eval_net(self) -> nn.Module:
         return self.teacher if self.cfg.eval_teacher else self.net
 
     def phases(self) -> list[tuple[str, int, int]]:
         n = min(self.rampup_steps, self.info.max_iters)
-        return [("consistency weight ramp-up (sigmoid)", 0, n)] if n else []
+        ramp = [("consistency weight ramp-up (sigmoid)", 0, n)] if n else []
+        return [*ramp, ema_phase(self.ema_decay, 0, self.info.max_iters)]
 
     def train(self, mode: bool = True) -> VAT:
         """The teacher labels in eval mode, except its BatchNorm layers with ``teacher_bn="weak"``."""
@@ -225,5 +228,4 @@ class VAT(Method):
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        ema_update(self.teacher, getattr(self.net, "module", self.net), step,
-                   run_relative_decay(self.cfg.ema_decay, self.info.max_iters))
+        ema_update(self.teacher, getattr(self.net, "module", self.net), step, self.ema_decay)
