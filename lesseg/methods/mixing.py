@@ -75,6 +75,42 @@ def box_mask_cps(
     return torch.remainder(count, 2).unsqueeze(1)
 
 
+def cutmix_box(
+    b: int,
+    h: int,
+    w: int,
+    device: torch.device | str,
+    p: float = 0.5,
+    area: tuple[float, float] = (0.02, 0.4),
+    ratio: tuple[float, float] = (0.3, 1 / 0.3),
+    tries: int = 32,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """UniMatch's ``obtain_cutmix_box`` for a batch, each image on its own: with probability ``p`` one box of
+    area ~ U(area) x H W and aspect ratio (h/w) ~ U(ratio), fully inside the image. -> B,1,H,W float
+
+    The authors redraw ratio and top-left corner until the box fits; here ``tries`` candidates are drawn at
+    once and the first that fits is kept (the same distribution; if none fits, the first candidate is
+    clipped to the image, which happens with negligible probability). Sizes are truncated like ``int()``.
+    """
+    u = torch.rand(2, b, device=device, generator=generator)
+    v = torch.rand(3, b, tries, device=device, generator=generator)
+    size = (area[0] + u[0] * (area[1] - area[0])) * h * w  # B
+    r = ratio[0] + v[0] * (ratio[1] - ratio[0])  # B,T
+    bw = torch.sqrt(size[:, None] / r).floor()
+    bh = torch.sqrt(size[:, None] * r).floor()
+    x0, y0 = (v[1] * w).floor(), (v[2] * h).floor()
+    fits = (x0 + bw <= w) & (y0 + bh <= h)
+    k = fits.float().argmax(1, keepdim=True)  # first fitting candidate (0 when none)
+    bw, bh = bw.gather(1, k).squeeze(1).clamp(max=w), bh.gather(1, k).squeeze(1).clamp(max=h)
+    x0 = torch.minimum(x0.gather(1, k).squeeze(1), w - bw)
+    y0 = torch.minimum(y0.gather(1, k).squeeze(1), h - bh)
+    rows, cols = _box(y0, x0, bh, bw, h, w)  # B,H ; B,W
+    box = rows[:, :, None] * cols[:, None, :]
+    on = (u[1] < p).float()  # the authors draw the box with probability p per image
+    return (box * on[:, None, None]).unsqueeze(1)
+
+
 def classmix_mask(
     labels: torch.Tensor, ignore: int = IGNORE, generator: torch.Generator | None = None
 ) -> torch.Tensor:
