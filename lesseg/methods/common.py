@@ -81,10 +81,10 @@ class PriorAlignment(nn.Module):
         both = dist.all_reduce_sum(torch.cat([lab, pred]))  # every process aligns with the same priors
         lab, pred = both[:c], both[c:]
         m = min(1.0 - 1.0 / (int(self.updates) + 1), self.momentum)
-        if lab.sum() > 0:
-            self.labeled.mul_(m).add_(lab / lab.sum(), alpha=1 - m)
-        if pred.sum() > 0:
-            self.predicted.mul_(m).add_(pred / pred.sum(), alpha=1 - m)
+        for running, counts in ((self.labeled, lab), (self.predicted, pred)):  # a batch without any: unchanged
+            total = counts.sum()
+            moved = running * m + counts / total.clamp_min(1e-12) * (1 - m)
+            running.copy_(torch.where(total > 0, moved, running))  # no host sync on the training step
         self.updates += 1
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
