@@ -83,6 +83,21 @@ def test_training_step_is_ce_on_the_ae_masks_plus_ce_on_the_online_masks_plus_bc
     assert losses["online_agree"].item() == pytest.approx(((online == mask) & known).sum().item() / known.sum().item())
 
 
+
+def test_online_masks_weight_ramps_up_over_the_configured_share_of_the_run():
+    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"encoder": "test_resnet", "decoder_channels": 16})
+    torch.manual_seed(0)
+    method = PSL(PslConfig(psl_weight=0.5, psl_rampup=0.5), model, RunInfo(num_classes=3, max_iters=100)).eval()
+    assert method.phases() == [("online masks' weight ramp-up (sigmoid, to 0.5)", 0, 50)]
+    batch = {"pseudo": {"image": torch.randn(2, 3, 32, 32), "mask": torch.randint(0, 3, (2, 32, 32)),
+                        "tags": torch.ones(2, 3)}}
+    for step, ramp in ((0, math.exp(-5)), (25, math.exp(-1.25)), (50, 1.0), (90, 1.0)):
+        losses = method.training_step(batch, step)
+        want = losses["loss_ae"] + 0.5 * ramp * losses["loss_psl"] + losses["loss_cls"]
+        assert losses["loss"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert PSL(PslConfig(), model, RunInfo(num_classes=3, max_iters=100)).phases() == []  # the paper: no ramp
+
+
 # -- the dense CRF -------------------------------------------------------------------------------------------
 
 needs_crf = pytest.mark.skipif(crf_missing() is not None, reason=str(crf_missing()))

@@ -54,6 +54,7 @@ from .base import METHODS, Method, RunInfo, Stage
 from .cam import CAM, CamSettings, cam_inputs, finish_masks, pseudo_train_config, tagged_images
 from .classifier import multilabel_loss
 from .common import IGNORE
+from .mean_teacher import sigmoid_rampup
 from .supervised import sup_loss
 from .weak.cam import foreground_counts
 from .weak.crf import CrfParams, crf_missing, dense_crf
@@ -85,6 +86,9 @@ class PslConfig(AeConfig):
     crf_bi_rgb: float = ranged(5.0, "(0, inf)")
     crf_bi_w: float = ranged(4.0, "[0, inf)")
     psl_weight: float = ranged(1.0, "[0, inf)")  # CE on the online masks (the paper adds the terms)
+    # sigmoid ramp-up of the online masks' weight over this share of the run (ours: the paper only says their
+    # quality rises as training proceeds); 0: full weight from the first step
+    psl_rampup: float = ranged(0.0, "[0, 1]")
     cls_weight: float = ranged(1.0, "[0, inf)")  # BCE of the classification branch
 
 
@@ -225,6 +229,11 @@ class PSL(Method):
     def __init__(self, cfg: PslConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)
         self.net = build_model(OmegaConf.merge(model_cfg, {"cls_head": True}), info.num_classes)
+        self.rampup_steps = round(cfg.psl_rampup * info.max_iters)
+
+    def phases(self) -> list[tuple[str, int, int]]:
+        n = min(self.rampup_steps, self.info.max_iters)
+        return [(f"online masks' weight ramp-up (sigmoid, to {self.cfg.psl_weight:g})", 0, n)] if n else []
 
     @classmethod
     def pipeline(cls, cfg: DictConfig) -> list[Stage]:
@@ -250,7 +259,8 @@ class PSL(Method):
         loss_ae = sup_loss(out, pse["mask"], self.cfg)
         loss_psl = sup_loss(out, online, self.cfg)
         loss_cls = multilabel_loss(out["cls"], pse["tags"])
-        loss = loss_ae + self.cfg.psl_weight * loss_psl + self.cfg.cls_weight * loss_cls
+        w_psl = self.cfg.psl_weight * sigmoid_rampup(step, self.rampup_steps)
+        loss = loss_ae + w_psl * loss_psl + self.cfg.cls_weight * loss_cls
         known = pse["mask"] != IGNORE
         agree = ((online == pse["mask"]) & known).sum() / known.sum().clamp_min(1)
         return {"loss": loss, "loss_ae": loss_ae, "loss_psl": loss_psl, "loss_cls": loss_cls,
