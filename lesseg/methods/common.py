@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from torch import nn
 
 from .. import dist
 from ..metrics import confusion_matrix
-from ..models import class_map
+from ..models import batchnorm_groups, class_map
 
 IGNORE = 255
 
@@ -165,6 +167,30 @@ def batchnorm_train(net: nn.Module, mode: bool) -> None:
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.train(mode)
+
+
+@dataclass
+class ViewStatsConfig:
+    """The setting of the methods whose student forwards differently augmented views in one pass."""
+
+    # BatchNorm statistics per view group in that pass (``forward_groups``): true: the labeled (and weak
+    # unlabeled) images are normalised apart from the strong / mixed / perturbed views, as if each group were
+    # forwarded alone (as CPS's and UniMatch's code forward them); false: with the whole batch's statistics (as
+    # the U2PL authors' code). The default is the measured better one per method (docs/benchmarks.md,
+    # "BatchNorm statistics per view"): Mean Teacher and CutMix-Seg true, the others false
+    split_bn: bool = False
+
+
+def forward_groups(net: nn.Module, groups: Sequence[torch.Tensor], split_bn: bool, **kwargs) -> dict[str, torch.Tensor]:
+    """``net(cat(groups), **kwargs)`` in one forward (one DDP forward per backward); with ``split_bn`` the
+    BatchNorm layers normalise each group with its own statistics (``models.batchnorm_groups``). A group holds
+    the views that share a distribution (labeled and weak unlabeled images); samples the network appends (a
+    feature-perturbation stream) form one more group."""
+    x = torch.cat(list(groups))
+    if not split_bn or len(groups) < 2:
+        return net(x, **kwargs)
+    with batchnorm_groups(net, [g.shape[0] for g in groups]):
+        return net(x, **kwargs)
 
 
 def split_outputs(

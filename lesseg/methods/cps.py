@@ -19,13 +19,21 @@ from torch import nn
 from ..config import ranged
 from ..models import build_model
 from .base import METHODS, Method, RunInfo
-from .common import IGNORE, ce_loss, hard_labels, pseudo_label_quality, split_outputs
+from .common import (
+    IGNORE,
+    ViewStatsConfig,
+    ce_loss,
+    forward_groups,
+    hard_labels,
+    pseudo_label_quality,
+    split_outputs,
+)
 from .mixing import box_mask_cps, mix_batch
 from .supervised import SupervisedConfig, sup_loss
 
 
 @dataclass
-class CPSConfig(SupervisedConfig):
+class CPSConfig(SupervisedConfig, ViewStatsConfig):
     name: str = "cps"
     cps_weight: float = ranged(1.5, "[0, inf)")  # lambda (paper: VOC 1.5, 1.0 with CutMix; Cityscapes 6, 5 with CutMix)
     cutmix: bool = False  # cross term on CutMix-ed unlabeled images (pseudo-labels mixed with the box mask)
@@ -86,8 +94,9 @@ class CPS(Method):
             x_u, y1_u, y2_u, valid_u, raw1 = self.mixed_pseudo_labels(unl)
         else:
             x_u, valid_u = unl["image"], unl["valid"]
-        x = torch.cat([lab["image"], x_u])  # N+B,3,H,W: one forward per network and step
-        out1, out2 = self.net1(x), self.net2(x)
+        # one forward per network and step; the CutMix'ed images are a view of their own (split_bn)
+        groups = [lab["image"], x_u] if self.cfg.cutmix else [torch.cat([lab["image"], x_u])]
+        out1, out2 = (forward_groups(net, groups, self.cfg.split_bn) for net in (self.net1, self.net2))
         (out1_l, out1_u), (out2_l, out2_u) = split_outputs(out1, n), split_outputs(out2, n)
         loss_sup = sup_loss(out1_l, lab["mask"], self.cfg) + sup_loss(out2_l, lab["mask"], self.cfg)
         if self.cfg.cutmix:

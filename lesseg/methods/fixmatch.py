@@ -36,13 +36,13 @@ from torch import Tensor
 from ..config import ranged
 from ..models import build_model
 from .base import METHODS, Method, RunInfo
-from .common import IGNORE, ce_loss, pseudo_label_quality, split_outputs
+from .common import IGNORE, ViewStatsConfig, ce_loss, forward_groups, pseudo_label_quality, split_outputs
 from .mixing import cutmix_box, mix, partner
 from .supervised import SupervisedConfig, sup_loss
 
 
 @dataclass
-class FixMatchConfig(SupervisedConfig):
+class FixMatchConfig(SupervisedConfig, ViewStatsConfig):
     name: str = "fixmatch"
     conf_thresh: float = ranged(0.95, "[0, 1]")  # tau: VOC 0.95, Cityscapes 0 (UniMatch README)
     mix_prob: float = ranged(0.5, "[0, 1]")  # per image and strong view: probability of a CutMix box
@@ -135,7 +135,8 @@ class FixMatch(Method):
                  for _ in range(self.n_strong)]  # fmt: skip
         strong = [mix(s, partner(s), m) for s, m in zip(self.strong_images(unl), boxes)]
         perturb = feature_dropout(n_l, n_l + n_u, c.fp_dropout) if self.feature_perturbation else None
-        out = self.net(torch.cat([x_l, x_w, *strong]), perturb=perturb)
+        # groups: [labeled, weak] and the strong views, as UniMatch's code forwards them (fp: one more)
+        out = forward_groups(self.net, [torch.cat([x_l, x_w]), torch.cat(strong)], c.split_bn, perturb=perturb)
         out_l, out_u = split_outputs(out, n_l)
         logits_u = out_u["logits"]  # [u_w, s_1 (, s_2)] (, fp of u_w)
         with torch.no_grad():

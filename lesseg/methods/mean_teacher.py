@@ -22,11 +22,13 @@ from .base import METHODS, Method, RunInfo
 from .common import (
     IGNORE,
     PriorAlignment,
+    ViewStatsConfig,
     batchnorm_train,
     ce_loss,
     check_teacher_bn,
     ema_phase,
     ema_update,
+    forward_groups,
     hard_labels,
     make_teacher,
     pseudo_label_quality,
@@ -39,7 +41,7 @@ CONSISTENCY = ("mse", "ce")
 
 
 @dataclass
-class MeanTeacherConfig(SupervisedConfig):
+class MeanTeacherConfig(SupervisedConfig, ViewStatsConfig):
     name: str = "mean_teacher"
     cons_weight: float = ranged(1.0, "[0, inf)")  # weight of loss_cons at the end of the ramp-up
     rampup_steps: int | None = ranged(None, "[0, inf)")  # sigmoid ramp-up length; None: 10% of the run; 0: no ramp-up
@@ -51,6 +53,9 @@ class MeanTeacherConfig(SupervisedConfig):
     ema_decay: float | None = ranged(None, "[0, 1]")
     eval_teacher: bool = True  # evaluate (and export) the EMA teacher rather than the student
     align: bool = False  # distribution alignment of the teacher's unlabeled predictions (common.PriorAlignment)
+    # labeled images normalised apart from the strong views (common.ViewStatsConfig): at 300 steps from ImageNet,
+    # +4.8 mIoU on shapes and +0.6 on fashion for Mean Teacher, +2.5 / -0.6 for CutMix-Seg (docs/benchmarks.md)
+    split_bn: bool = True
 
 
 def sigmoid_rampup(step: int, length: int) -> float:
@@ -138,7 +143,8 @@ class MeanTeacher(Method):
             self.align.update(lab["mask"], probs, unl["valid"])
             probs = self.align(probs.clamp_min(1e-12).log()).softmax(1)
         x_u, target_probs, valid = self.unlabeled_views(unl, probs)
-        out_l, out_u = split_outputs(self.net(torch.cat([lab["image"], x_u])), lab["image"].shape[0])
+        out = forward_groups(self.net, [lab["image"], x_u], self.cfg.split_bn)
+        out_l, out_u = split_outputs(out, lab["image"].shape[0])
         loss_sup = sup_loss(out_l, lab["mask"], self.cfg)
         loss_cons = self.consistency_loss(out_u["logits"], target_probs, valid)
         weight = self.cfg.cons_weight * sigmoid_rampup(step, self.rampup_steps)

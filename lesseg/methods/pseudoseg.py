@@ -54,13 +54,13 @@ from ..models import build_model
 from ..models.heads import ClassificationHead
 from ..models.sgc import SelfAttentionRefiner
 from .base import METHODS, Method, RunInfo
-from .common import IGNORE, ce_loss, pseudo_label_quality, split_outputs
+from .common import IGNORE, ViewStatsConfig, ce_loss, forward_groups, pseudo_label_quality, split_outputs
 from .supervised import SupervisedConfig, sup_loss
 from .weak.cam import class_activation_maps
 
 
 @dataclass
-class PseudoSegConfig(SupervisedConfig):
+class PseudoSegConfig(SupervisedConfig, ViewStatsConfig):
     name: str = "pseudoseg"
     unsup_weight: float = ranged(1.0, "[0, inf)")  # weight of loss_unsup (the authors' unlabeled_weight)
     temperature: float = ranged(0.5, "(0, inf)")  # T of the sharpening of the fused pseudo-label
@@ -194,7 +194,7 @@ class PseudoSeg(Method):
             kept["features"] = features
             return features
 
-        out = self.net(torch.cat([lab["image"], unl["image"], x_s]), perturb=keep)
+        out = forward_groups(self.net, [torch.cat([lab["image"], unl["image"]]), x_s], c.split_bn, perturb=keep)
         out_l, out_u = split_outputs(out, n_l)
         logits_w, logits_s = out_u["logits"][:n_u], out_u["logits"][n_u:]
 

@@ -32,12 +32,14 @@ from .base import METHODS, Method, RunInfo
 from .common import (
     IGNORE,
     PriorAlignment,
+    ViewStatsConfig,
     batchnorm_train,
     ce_loss,
     check_teacher_bn,
     ema_phase,
     ema_update,
     entropy,
+    forward_groups,
     hard_labels,
     make_teacher,
     pseudo_label_quality,
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class U2PLConfig(SupervisedConfig):
+class U2PLConfig(SupervisedConfig, ViewStatsConfig):
     name: str = "u2pl"
     # d_max (U2PL's configs: 0.99); None: relative to the steps after the warm-up (common.run_relative_decay:
     # 1/15 of them, 0.99 over shapes' 1,440, 0.9375 over 240 of a 300-step run)
@@ -252,7 +254,7 @@ class U2PL(Method):
             self.semi_started.fill_(True)
 
         t = self._teacher_pass(x_l, y_l, unl, alpha)  # 1-2
-        out = self.student(torch.cat([x_l, t.x_u]))  # 3
+        out = forward_groups(self.student, [x_l, t.x_u], self.cfg.split_bn)  # 3
         loss_sup = self.supervised({k: v[:n_l] for k, v in out.items()}, y_l)  # 4
         unsup = self.unsup_terms(out["logits"], t)  # 5
         kept = (t.valid & ~t.unreliable).sum() / t.valid.sum().clamp_min(1)

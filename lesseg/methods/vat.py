@@ -52,10 +52,12 @@ from ..config import ranged
 from ..models import build_model, eval_mode
 from .base import METHODS, Method, RunInfo
 from .common import (
+    ViewStatsConfig,
     batchnorm_train,
     check_teacher_bn,
     ema_phase,
     ema_update,
+    forward_groups,
     hard_labels,
     make_teacher,
     pseudo_label_quality,
@@ -67,7 +69,7 @@ from .supervised import SupervisedConfig, sup_loss
 
 
 @dataclass
-class VATConfig(SupervisedConfig):
+class VATConfig(SupervisedConfig, ViewStatsConfig):
     name: str = "vat"
     cons_weight: float = ranged(0.1, "[0, inf)")  # French et al.'s VOC run (their code default: 1)
     rampup_steps: int | None = ranged(0, "[0, inf)")  # sigmoid ramp-up; 0: none (VOC run); None: 10% of run
@@ -215,7 +217,7 @@ class VAT(Method):
             probs = self.teacher(unl["image"])["logits"].float().softmax(1)  # B,C,H,W
         x_s = unl["image_strong"] if c.strong_view else unl["image"]
         r_adv = self.perturbation(x_s, valid)
-        out = self.net(torch.cat([lab["image"], x_s + r_adv.to(x_s.dtype)]))  # one pass: [x_l, x_s + r_adv]
+        out = forward_groups(self.net, [lab["image"], x_s + r_adv.to(x_s.dtype)], c.split_bn)  # one pass
         out_l, out_u = split_outputs(out, lab["image"].shape[0])
         loss_sup = sup_loss(out_l, lab["mask"], c)
         weight, share = confidence_weight(probs, valid, c.conf_thresh, c.conf_per_pixel)

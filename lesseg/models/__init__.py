@@ -2,7 +2,15 @@
 
 from lesseg.models.classifier import Classifier, build_classifier
 from lesseg.models.pretrained import LoadReport, load_encoder_weights
-from lesseg.models.segmentor import HEADS, Segmentor, build_model, class_map, create_encoder, eval_mode
+from lesseg.models.segmentor import (
+    HEADS,
+    Segmentor,
+    batchnorm_groups,
+    build_model,
+    class_map,
+    create_encoder,
+    eval_mode,
+)
 
-__all__ = ["HEADS", "Classifier", "LoadReport", "Segmentor", "build_classifier", "build_model", "class_map",
-           "create_encoder", "eval_mode", "load_encoder_weights"]
+__all__ = ["HEADS", "Classifier", "LoadReport", "Segmentor", "batchnorm_groups", "build_classifier", "build_model",
+           "class_map", "create_encoder", "eval_mode", "load_encoder_weights"]

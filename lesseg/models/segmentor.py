@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -200,3 +201,57 @@ def eval_mode(net: nn.Module):
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+@contextmanager
+def batchnorm_groups(net: nn.Module, sizes: Sequence[int]):
+    """For the block, every training BatchNorm layer of ``net`` normalises each group of consecutive samples
+    (``sizes`` along dim 0) with that group's own batch statistics and updates its running statistics once per
+    group: what forwarding each group alone would do, in one forward call (one DDP forward per backward; a
+    SyncBatchNorm layer syncs each group's statistics). Samples a network appends beyond ``sum(sizes)`` (a
+    feature-perturbation stream of some of the first group's images, concatenated inside the decoder) join
+    the first group, as when the perturbed features are decoded with their clean ones (UniMatch's code); a
+    layer seeing fewer samples than ``sum(sizes)`` is an error. Layers in eval mode (running statistics) are
+    unchanged.
+
+    Semi-supervised methods forward ``[labeled, unlabeled views]`` together: normalised with the whole
+    batch's statistics, the labeled images take statistics shifted by the strongly augmented unlabeled ones
+    (docs/benchmarks.md, "BatchNorm statistics per view")."""
+    sizes = [int(s) for s in sizes]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"batchnorm_groups needs positive group sizes, got {sizes}")
+    patched = []
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            previous = m.__dict__.get("forward")  # an enclosing batchnorm_groups' patch, if any
+            m.forward = _grouped_forward(m, previous or type(m).forward.__get__(m), sizes)
+            patched.append((m, previous))
+    try:
+        yield net
+    finally:
+        for m, previous in patched:
+            if previous is None:
+                del m.forward
+            else:
+                m.forward = previous
+
+
+def _grouped_forward(module: nn.Module, forward: Callable[[Tensor], Tensor], sizes: list[int]):
+    total = sum(sizes)
+
+    def run(x: Tensor) -> Tensor:
+        if not module.training or len(sizes) == 1:
+            return forward(x)
+        n = x.shape[0]
+        if n < total:
+            raise ValueError(f"{type(module).__name__}: batch of {n} samples, fewer than the groups {sizes}")
+        parts = list(x.split(sizes + [n - total]))
+        extra = parts.pop()
+        if extra.shape[0]:  # appended samples: normalised with the first group
+            first = forward(torch.cat([parts[0], extra]))
+            parts[0], extra = first[: sizes[0]], first[sizes[0] :]
+        else:
+            parts[0] = forward(parts[0])
+        return torch.cat([parts[0], *(forward(p) for p in parts[1:]), extra])
+
+    return run
