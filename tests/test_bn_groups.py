@@ -81,9 +81,8 @@ def test_the_layers_come_back_as_they_were():
         assert torch.equal(net(x), nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight,
                                                             bn.bias, False, 0.0, bn.eps))
     assert "forward" not in bn.__dict__
-    with pytest.raises(ValueError, match="positive group sizes"):
-        with batchnorm_groups(net, [3, 0]):
-            pass
+    with pytest.raises(ValueError, match="positive group sizes"), batchnorm_groups(net, [3, 0]):
+        pass
 
 
 # the unlabeled input the student's non-labeled group is made from (CPS and CutMix-Seg mix the weak views)
