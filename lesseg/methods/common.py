@@ -185,7 +185,7 @@ def forward_groups(net: nn.Module, groups: Sequence[torch.Tensor], split_bn: boo
     """``net(cat(groups), **kwargs)`` in one forward (one DDP forward per backward); with ``split_bn`` the
     BatchNorm layers normalise each group with its own statistics (``models.batchnorm_groups``). A group holds
     the views that share a distribution (labeled and weak unlabeled images); samples the network appends (a
-    feature-perturbation stream) form one more group."""
+    feature-perturbation stream of first-group images) are normalised with the first group."""
     x = torch.cat(list(groups))
     if not split_bn or len(groups) < 2:
         return net(x, **kwargs)
