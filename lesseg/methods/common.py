@@ -177,7 +177,8 @@ class ViewStatsConfig:
     # unlabeled) images are normalised apart from the strong / mixed / perturbed views, as if each group were
     # forwarded alone (as CPS's and UniMatch's code forward them); false: with the whole batch's statistics (as
     # the U2PL authors' code). The default is the measured better one per method (docs/benchmarks.md,
-    # "BatchNorm statistics per view"): Mean Teacher and CutMix-Seg true, the others false
+    # "BatchNorm statistics per view"): Mean Teacher and CutMix-Seg true; U2PL, FixMatch, CPS, VAT and
+    # PseudoSeg false (worse or no better split)
     split_bn: bool = False
 
 
