@@ -182,15 +182,16 @@ class ViewStatsConfig:
     split_bn: bool = False
 
 
-def forward_groups(net: nn.Module, groups: Sequence[torch.Tensor], split_bn: bool, **kwargs) -> dict[str, torch.Tensor]:
-    """``net(cat(groups), **kwargs)`` in one forward (one DDP forward per backward); with ``split_bn`` the
-    BatchNorm layers normalise each group with its own statistics (``models.batchnorm_groups``). A group holds
-    the views that share a distribution (labeled and weak unlabeled images); samples the network appends (a
-    feature-perturbation stream of first-group images) are normalised with the first group."""
-    x = torch.cat(list(groups))
-    if not split_bn or len(groups) < 2:
+def forward_groups(net: nn.Module, x: torch.Tensor, sizes: Sequence[int], split_bn: bool,
+                   **kwargs) -> dict[str, torch.Tensor]:
+    """``net(x, **kwargs)`` in one forward (one DDP forward per backward) on a batch made of groups of ``sizes``
+    consecutive samples; with ``split_bn`` the BatchNorm layers normalise each group with its own statistics
+    (``models.batchnorm_groups``). A group holds the views that share a distribution (labeled and weak
+    unlabeled images); samples the network appends (a feature-perturbation stream of first-group images) are
+    normalised with the first group."""
+    if not split_bn or len(sizes) < 2:
         return net(x, **kwargs)
-    with batchnorm_groups(net, [g.shape[0] for g in groups]):
+    with batchnorm_groups(net, sizes):
         return net(x, **kwargs)
 
 

@@ -94,9 +94,9 @@ class CPS(Method):
             x_u, y1_u, y2_u, valid_u, raw1 = self.mixed_pseudo_labels(unl)
         else:
             x_u, valid_u = unl["image"], unl["valid"]
-        # one forward per network and step; the CutMix'ed images are a view of their own (split_bn)
-        groups = [lab["image"], x_u] if self.cfg.cutmix else [torch.cat([lab["image"], x_u])]
-        out1, out2 = (forward_groups(net, groups, self.cfg.split_bn) for net in (self.net1, self.net2))
+        x = torch.cat([lab["image"], x_u])  # N+B,3,H,W: one forward per network and step
+        sizes = [n, x_u.shape[0]] if self.cfg.cutmix else [n + x_u.shape[0]]  # CutMix'ed images: a view apart
+        out1, out2 = (forward_groups(net, x, sizes, self.cfg.split_bn) for net in (self.net1, self.net2))
         (out1_l, out1_u), (out2_l, out2_u) = split_outputs(out1, n), split_outputs(out2, n)
         loss_sup = sup_loss(out1_l, lab["mask"], self.cfg) + sup_loss(out2_l, lab["mask"], self.cfg)
         if self.cfg.cutmix:

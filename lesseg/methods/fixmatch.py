@@ -136,7 +136,8 @@ class FixMatch(Method):
         strong = [mix(s, partner(s), m) for s, m in zip(self.strong_images(unl), boxes)]
         perturb = feature_dropout(n_l, n_l + n_u, c.fp_dropout) if self.feature_perturbation else None
         # groups: [labeled, weak] and the strong views, as UniMatch's code forwards them (fp: with the first)
-        out = forward_groups(self.net, [torch.cat([x_l, x_w]), torch.cat(strong)], c.split_bn, perturb=perturb)
+        out = forward_groups(self.net, torch.cat([x_l, x_w, *strong]), [n_l + n_u, n_u * len(strong)], c.split_bn,
+                             perturb=perturb)
         out_l, out_u = split_outputs(out, n_l)
         logits_u = out_u["logits"]  # [u_w, s_1 (, s_2)] (, fp of u_w)
         with torch.no_grad():

@@ -144,8 +144,9 @@ class MeanTeacher(Method):
             self.align.update(lab["mask"], probs, unl["valid"])
             probs = self.align(probs.clamp_min(1e-12).log()).softmax(1)
         x_u, target_probs, valid = self.unlabeled_views(unl, probs)
-        out = forward_groups(self.net, [lab["image"], x_u], self.cfg.split_bn)
-        out_l, out_u = split_outputs(out, lab["image"].shape[0])
+        n_l = lab["image"].shape[0]
+        out = forward_groups(self.net, torch.cat([lab["image"], x_u]), [n_l, x_u.shape[0]], self.cfg.split_bn)
+        out_l, out_u = split_outputs(out, n_l)
         loss_sup = sup_loss(out_l, lab["mask"], self.cfg)
         loss_cons = self.consistency_loss(out_u["logits"], target_probs, valid)
         weight = self.cfg.cons_weight * sigmoid_rampup(step, self.rampup_steps)

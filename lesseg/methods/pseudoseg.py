@@ -194,7 +194,8 @@ class PseudoSeg(Method):
             kept["features"] = features
             return features
 
-        out = forward_groups(self.net, [torch.cat([lab["image"], unl["image"]]), x_s], c.split_bn, perturb=keep)
+        x = torch.cat([lab["image"], unl["image"], x_s])
+        out = forward_groups(self.net, x, [n_l + n_u, x_s.shape[0]], c.split_bn, perturb=keep)
         out_l, out_u = split_outputs(out, n_l)
         logits_w, logits_s = out_u["logits"][:n_u], out_u["logits"][n_u:]
 

@@ -254,7 +254,7 @@ class U2PL(Method):
             self.semi_started.fill_(True)
 
         t = self._teacher_pass(x_l, y_l, unl, alpha)  # 1-2
-        out = forward_groups(self.student, [x_l, t.x_u], self.cfg.split_bn)  # 3
+        out = forward_groups(self.student, torch.cat([x_l, t.x_u]), [n_l, t.x_u.shape[0]], self.cfg.split_bn)  # 3
         loss_sup = self.supervised({k: v[:n_l] for k, v in out.items()}, y_l)  # 4
         unsup = self.unsup_terms(out["logits"], t)  # 5
         kept = (t.valid & ~t.unreliable).sum() / t.valid.sum().clamp_min(1)

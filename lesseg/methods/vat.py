@@ -217,7 +217,8 @@ class VAT(Method):
             probs = self.teacher(unl["image"])["logits"].float().softmax(1)  # B,C,H,W
         x_s = unl["image_strong"] if c.strong_view else unl["image"]
         r_adv = self.perturbation(x_s, valid)
-        out = forward_groups(self.net, [lab["image"], x_s + r_adv.to(x_s.dtype)], c.split_bn)  # one pass
+        x = torch.cat([lab["image"], x_s + r_adv.to(x_s.dtype)])  # one pass: [x_l, x_s + r_adv]
+        out = forward_groups(self.net, x, [lab["image"].shape[0], x_s.shape[0]], c.split_bn)
         out_l, out_u = split_outputs(out, lab["image"].shape[0])
         loss_sup = sup_loss(out_l, lab["mask"], c)
         weight, share = confidence_weight(probs, valid, c.conf_thresh, c.conf_per_pixel)
