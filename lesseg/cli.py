@@ -230,7 +230,11 @@ def _bench_pretrain(args) -> int:
     quick = ["train.iters=30", "train.eval_every=0", "train.log_every=10"] if args.quick else []
     out = Path(args.out or ("runs/bench_pretrain_quick" if args.quick else "runs/bench_pretrain"))
     methods = tuple(args.methods.split(",")) if args.methods else ("supervised", "u2pl", "mean_teacher")
-    rows = bench_pretrain(out, STARTS, methods, tuple(range(1 if args.quick else args.seeds)),
+    starts = tuple(args.starts.split(",")) if args.starts else STARTS
+    unknown = [s for s in starts if s not in STARTS]
+    if unknown:
+        raise LessegError(f"--starts: unknown start(s) {', '.join(unknown)}; choose from {', '.join(STARTS)}")
+    rows = bench_pretrain(out, starts, methods, tuple(range(1 if args.quick else args.seeds)),
                           quick + list(args.overrides), ssl_iters=30 if args.quick else args.ssl_iters,
                           device=args.device, train_missing=not args.finished_only, family=args.dataset)
     print_pretrain_table(rows)
@@ -466,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "synthetic encoder; weak: every weakly supervised pipeline (tags only) against the "
                          "fully supervised network, stage by stage")
     sp.add_argument("--ssl-iters", type=int, default=3000, help="pretrain: steps of lesseg pretrain")
+    sp.add_argument("--starts", help="pretrain: comma-separated subset of the starts (scratch, ssl, synthetic; "
+                    "default: all)")
     sp.add_argument("config", nargs="?", help="YAML config (speed)")
     sp.add_argument("--dataset", default="shapes", help="semi, active: the embedded dataset whose packaged configs "
                     "are run (shapes, fashion)")

@@ -262,3 +262,34 @@ def test_bench_pretrain_runs_each_method_from_each_start(tmp_path, monkeypatch, 
     bp.print_pretrain_table(rows)
     out = capsys.readouterr().out
     assert "scratch" in out and "ssl" in out and "12s" in out
+
+
+def test_bench_pretrain_gives_pretrain_overrides_to_the_pretraining_only(tmp_path, monkeypatch):
+    """`lesseg bench pretrain pretrain.queue_size=...` configures lesseg pretrain; the training runs, which have
+    no `pretrain` section, get the other overrides (a pretrain.* key there would be an unknown-key error)."""
+    from lesseg.bench import pretrain as bp
+    from lesseg.engine import trainer
+
+    seen, given = [], []
+
+    def fake_train(cfg, resume=False):
+        seen.append(cfg.train.iters)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        return {"miou": 0.5}
+
+    def fake_ssl(out, iters, extra, device, train_missing, family):
+        given.append(list(extra))
+        return out / "ssl" / "encoder.pt", None
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    monkeypatch.setattr(bp, "ssl_encoder", fake_ssl)
+    extra = ["pretrain.queue_size=16", "train.iters=5"]
+    rows = bp.bench_pretrain(tmp_path, ("ssl",), ("supervised",), (0,), extra, ssl_iters=7)
+    assert given == [extra] and seen == [5] and [r["start_kind"] for r in rows] == ["ssl"]
+
+
+def test_bench_pretrain_refuses_an_unknown_start(capsys):
+    from lesseg.cli import main
+
+    assert main(["bench", "pretrain", "--starts", "ssl,imagenet", "--out", "unused"]) != 0
+    assert "imagenet" in capsys.readouterr().err

@@ -72,7 +72,8 @@ def bench_pretrain(out: Path, starts: tuple[str, ...] = STARTS, methods: tuple[s
         if start == "ssl":
             encoder, cost = ssl_encoder(out, ssl_iters, extra, device, train_missing, family)
             pretrain = str(encoder)
-        runs = bench_semi(out / start, methods, ("1-16",), seeds, list(extra), device, pretrain=pretrain,
+        train_extra = [o for o in extra if not o.split("=", 1)[0].strip().startswith("pretrain.")]  # ssl's own
+        runs = bench_semi(out / start, methods, ("1-16",), seeds, train_extra, device, pretrain=pretrain,
                           train_missing=train_missing, family=family, reference=False)
         if start == "synthetic":  # its supervised pretraining (bench semi's) recorded its wall time
             cost = (read_numbers(out / start / "pretrain" / "wall_s.txt")[:1] or [None])[0]
