@@ -293,3 +293,32 @@ def test_bench_pretrain_refuses_an_unknown_start(capsys):
 
     assert main(["bench", "pretrain", "--starts", "ssl,imagenet", "--out", "unused"]) != 0
     assert "imagenet" in capsys.readouterr().err
+
+
+def test_memory_bank_defaults_to_an_eighth_of_the_images_and_an_oversize_one_is_named(shapes_root, tmp_path,
+                                                                                        capsys):
+    from lesseg.pretrain.config import queue_for
+
+    assert (queue_for(None, 1024), queue_for(None, 10_582), queue_for(None, 100_000)) == (128, 1322, 4096)
+    assert queue_for(0, 1024) == 0 and queue_for(512, 1024) == 512  # a set size is kept
+    summary = pretrain(from_dict(pre_dict(shapes_root, tmp_path / "a", method="densecl", queue_size=None)))
+    assert summary["queue_size"] == 4  # 32 images
+    bank = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["method"]["_extra_state"]
+    assert bank["global.bank"].shape[0] == 4 and bank["dense.bank"].shape[0] == 4
+    assert "warning" not in capsys.readouterr().out
+    pretrain(from_dict(pre_dict(shapes_root, tmp_path / "b", method="densecl", queue_size=64)))
+    assert "queue_size=64 is not smaller than the 32 images" in capsys.readouterr().out
+
+
+def test_bench_refuses_to_reuse_a_pretraining_made_with_other_settings(shapes_root, tmp_path):
+    from lesseg.bench.pretrain import _same_pretraining
+
+    cfg = from_dict(pre_dict(shapes_root, tmp_path, queue_size=None))
+    config.save(cfg, tmp_path / "config.yaml")
+    _same_pretraining(cfg, tmp_path)  # the same: reused
+    _same_pretraining(from_dict(pre_dict(shapes_root, tmp_path, queue_size=None, log_every=3)), tmp_path)
+    with pytest.raises(LessegError, match=r"pretrain.queue_size: None -> 4096"):
+        _same_pretraining(from_dict(pre_dict(shapes_root, tmp_path, queue_size=4096)), tmp_path)
+    with pytest.raises(LessegError, match="model.pretrained"):
+        _same_pretraining(from_dict(pre_dict(shapes_root, tmp_path, queue_size=None), ["model.pretrained=x.pt"]),
+                          tmp_path)

@@ -44,6 +44,7 @@ def ssl_encoder(out: Path, iters: int = 3000, extra: list[str] = (), device: str
                                                  f"out={run_dir}", f"train.device={device}", "train.progress=false"])
     done = run_dir / "pretrain.json"
     if done.is_file() and json.loads(done.read_text()).get("steps") == iters:
+        _same_pretraining(cfg, run_dir)
         seconds = read_numbers(run_dir / "wall_s.txt")[:1] or [None]
         return run_dir / "encoder.pt", seconds[0]
     if not train_missing:
@@ -54,6 +55,22 @@ def ssl_encoder(out: Path, iters: int = 3000, extra: list[str] = (), device: str
     seconds = time.perf_counter() - t0
     (run_dir / "wall_s.txt").write_text(f"{seconds:.1f}\n")
     return Path(summary["encoder"]), seconds
+
+
+def _same_pretraining(cfg, run_dir: Path) -> None:
+    """Refuse to reuse a finished pretraining made with other settings (its ``config.yaml``: the ``pretrain``
+    section but its logging, and what the encoder and the images are)."""
+    from omegaconf import OmegaConf
+
+    stored = OmegaConf.load(run_dir / "config.yaml")
+    keys = [f"pretrain.{k}" for k in cfg.pretrain if k not in ("log_every", "ckpt_every")]
+    keys += ["model.encoder", "model.output_stride", "model.pretrained", "data.dataset", "data.root", "data.options"]
+    differ = [(k, OmegaConf.select(stored, k), OmegaConf.select(cfg, k)) for k in keys
+              if OmegaConf.select(stored, k) != OmegaConf.select(cfg, k)]
+    if differ:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differ[:4])
+        raise LessegError(f"{run_dir} holds a pretraining with other settings ({shown}); delete it to rerun, "
+                          "or pass --out for a new bench folder")
 
 
 STARTS = ("scratch", "ssl", "synthetic")

@@ -41,7 +41,9 @@ class PretrainConfig:
     warmup_iters: int = ranged(0, "[0, inf)")  # linear warmup, then cosine decay
     temperature: float = ranged(0.2, "(0, inf)")
     proj_dim: int = ranged(128, "[1, inf)")  # output of the projection heads
-    queue_size: int = ranged(4096, "[0, inf)")  # densecl: negatives kept in each memory bank; 0: the batch's
+    # densecl: negatives kept in each memory bank; 0: the batch's; None: an eighth of the images, at most 4096
+    # (``queue_for``: a bank as large as the image set holds older keys of each image, negatives of itself)
+    queue_size: int | None = ranged(None, "[0, inf)")
     ema: float = ranged(0.99, "[0, 1]")  # densecl: momentum of the key encoder
     dense_weight: float = ranged(0.5, "[0, 1]")  # densecl: weight of the dense term (0: MoCo v2, image-level)
     log_every: int = ranged(10, "[1, inf)")
@@ -54,6 +56,14 @@ class PretrainRun(Config):
 
 
 OPTIMIZERS = ("adamw", "sgd")
+QUEUE_MAX, QUEUE_SHARE = 4096, 8
+
+
+def queue_for(queue_size: int | None, images: int) -> int:
+    """The memory bank's size: ``queue_size`` when set, else ``images // 8`` capped at 4,096 (MoCo's and
+    DenseCL's banks hold 5-8 % of ImageNet's or CIFAR's images: a key in the bank is almost never an older
+    view of the query's own image, which a bank of as many keys as images would make every image's negative)."""
+    return queue_size if queue_size is not None else min(QUEUE_MAX, images // QUEUE_SHARE)
 
 
 def build(layers: list[dict], overrides: list[str] = (), where: str = "config") -> DictConfig:

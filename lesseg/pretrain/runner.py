@@ -36,6 +36,7 @@ from ..models import create_encoder
 from ..models.pretrained import load_pretrained
 from . import densecl, simclr  # noqa: F401  (register the methods)
 from .base import SSL_METHODS, SSLMethod
+from .config import queue_for
 from .data import ViewPairs, image_split, view_transform
 
 # keys a resumed run may change (besides the ones lesseg's trainer lets a resume change: device, workers, out)
@@ -79,7 +80,15 @@ class Pretrainer:
         encoder = create_encoder(cfg.model.encoder, cfg.model.output_stride)
         if not resume:  # a resumed run takes every weight from its checkpoint
             load_pretrained(encoder, cfg.model)
-        self.method: SSLMethod = SSL_METHODS.get(p.method)(encoder, p).to(self.device)
+        self.queue = queue_for(p.queue_size, len(samples))
+        if self.main and p.method == "densecl":
+            print(f"pretrain: memory banks of {self.queue} keys ({len(samples)} images)", flush=True)
+            if self.queue >= len(samples):
+                print(f"pretrain: warning: pretrain.queue_size={self.queue} is not smaller than the {len(samples)} "
+                      "images: older keys of each image are in the bank as its own negatives; leave it unset "
+                      f"(here {queue_for(None, len(samples))})", flush=True)
+        method_cfg = OmegaConf.merge(p, {"queue_size": self.queue})
+        self.method: SSLMethod = SSL_METHODS.get(p.method)(encoder, method_cfg).to(self.device)
         torch.manual_seed(t.seed + self.rank)
         params = list(self.method.student.parameters())
         if self.world > 1:
@@ -196,6 +205,7 @@ class Pretrainer:
             "steps": self.step,
             "images": len(self.stream.dataset),
             "split": self.split,
+            "queue_size": self.queue if p.method == "densecl" else None,
             **last,
         }
         if self.main:
