@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from .. import config
 from ..errors import LessegError
 from .runs import finished_or_train, read_numbers
@@ -60,8 +62,6 @@ def ssl_encoder(out: Path, iters: int = 3000, extra: list[str] = (), device: str
 def _same_pretraining(cfg, run_dir: Path) -> None:
     """Refuse to reuse a finished pretraining made with other settings (its ``config.yaml``: the ``pretrain``
     section but its logging, and what the encoder and the images are)."""
-    from omegaconf import OmegaConf
-
     stored = OmegaConf.load(run_dir / "config.yaml")
     keys = [f"pretrain.{k}" for k in cfg.pretrain if k not in ("log_every", "ckpt_every")]
     keys += ["model.encoder", "model.output_stride", "model.pretrained", "data.dataset", "data.root", "data.options"]

@@ -218,8 +218,9 @@ class VAT(Method):
         x_s = unl["image_strong"] if c.strong_view else unl["image"]
         r_adv = self.perturbation(x_s, valid)
         x = torch.cat([lab["image"], x_s + r_adv.to(x_s.dtype)])  # one pass: [x_l, x_s + r_adv]
-        out = forward_groups(self.net, x, [lab["image"].shape[0], x_s.shape[0]], c.split_bn)
-        out_l, out_u = split_outputs(out, lab["image"].shape[0])
+        n_l = lab["image"].shape[0]
+        out = forward_groups(self.net, x, [n_l, x_s.shape[0]], c.split_bn)
+        out_l, out_u = split_outputs(out, n_l)
         loss_sup = sup_loss(out_l, lab["mask"], c)
         weight, share = confidence_weight(probs, valid, c.conf_thresh, c.conf_per_pixel)
         loss_cons = consistency_kl(out_u["logits"], probs, valid, weight)
