@@ -430,7 +430,52 @@ def test_cost_reference_replays_the_passes_of_a_real_step(shapes_root, tmp_path,
     d["data"]["streams"] = {"labeled": {"split": "train", "batch_size": 2},
                             "unlabeled": {"split": "train", "batch_size": 3, "labeled": False, "strong": True}}
     trainer, (batch,) = steady_trainer(config.from_dict(d))
-    assert [(n, k, g) for n, _, k, g in bench.record_passes(trainer, batch)] == expected
+    assert [(c.name, c.images, c.grad) for c in bench.record_passes(trainer, batch)] == expected
+
+
+@pytest.mark.parametrize("name, method, expected, input_grad", [
+    ("advsemseg", {"semi_start": 0}, ["net 5 images forward+backward", "disc 5 images forward+backward",
+                                      "disc 7 images forward+backward"], [False, True, False]),
+    ("gct", {}, ["net_l 5 images forward+backward", "net_r 5 images forward+backward",
+                 "2 x fd 10 images forward+backward"], [False, False, False, True]),
+])
+def test_cost_reference_counts_the_methods_own_networks(shapes_root, tmp_path, name, method, expected, input_grad):
+    # AdvSemSeg's discriminator and GCT's flaw detector are network passes, not method-specific work; the
+    # replay asks gradient only towards the inputs that had it (the adversarial terms reach the segmenter's
+    # probabilities, the detector's own loss sees detached inputs)
+    from conftest import tiny_dict
+
+    from lesseg.bench.cost import _tensors, describe
+    from lesseg.bench.measure import steady_trainer
+
+    d = tiny_dict(shapes_root, tmp_path / "run", method={"name": name, **method})
+    d["data"]["streams"] = {"labeled": {"split": "train", "batch_size": 2},
+                            "unlabeled": {"split": "train", "batch_size": 3, "labeled": False, "strong": True}}
+    trainer, (batch,) = steady_trainer(config.from_dict(d))
+    calls = bench.record_passes(trainer, batch)
+    assert describe(calls) == expected
+    assert [any(t.requires_grad for t in _tensors(c.args)) for c in calls] == input_grad
+
+
+def test_cost_reference_counts_cct_decoders_once_each_call(shapes_root, tmp_path):
+    # every auxiliary decoder call is a pass (VAT's power iteration included); the decoders sit inside
+    # PerturbedDecoders, which is not itself a network; their input is the encoder features, with gradient
+    from conftest import tiny_dict
+
+    from lesseg.bench.cost import _tensors
+    from lesseg.bench.measure import steady_trainer
+
+    d = tiny_dict(shapes_root, tmp_path / "run", method={"name": "cct"})
+    d["data"]["streams"] = {"labeled": {"split": "train", "batch_size": 2},
+                            "unlabeled": {"split": "train", "batch_size": 3, "labeled": False, "strong": True}}
+    trainer, (batch,) = steady_trainer(config.from_dict(d))
+    calls = bench.record_passes(trainer, batch)
+    kinds = trainer.method.aux.kinds
+    vat = kinds.count("vat")
+    assert [c.name for c in calls[:1]] == ["net"]
+    assert len(calls) == 1 + len(kinds) + 2 * vat  # VAT decoders: target, power iteration, perturbed pass
+    assert all(c.name.startswith("aux.decoders.") and c.images == 3 for c in calls[1:])
+    assert all(any(t.requires_grad for t in _tensors(c.args)) == c.grad for c in calls[1:])
 
 
 def test_bench_rows_say_what_each_run_started_from(tmp_path):

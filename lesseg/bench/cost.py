@@ -1,12 +1,14 @@
 """Cost per step of the method-specific work (``lesseg bench semi``'s cost lines, ``--cost-only``): a method's
-training step timed against the segmentation-network passes it needs, replayed on the same batch."""
+training step timed against the network passes it makes, replayed on the same inputs."""
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig
@@ -18,17 +20,73 @@ from ..models import Segmentor
 from .measure import steady_trainer
 
 
-def record_passes(trainer: Trainer, batch: dict) -> list[tuple[str, nn.Module, int, bool]]:
-    """The segmentation-network passes one real training step makes: (network name, network, number of
-    images, with gradient) in call order, recorded by forward hooks. The step is taken (it changes the
-    weights and the method's state, as any warm-up step does)."""
-    names = {id(m): n for n, m in trainer.method.named_modules() if isinstance(m, Segmentor)}
-    calls = []
+def _network_types() -> tuple[type, ...]:
+    """The modules whose forward is one network pass: the segmentation networks and the methods' own extra
+    networks (CCT's auxiliary decoders, AdvSemSeg's discriminator, GCT's flaw detector)."""
+    from ..models.aux_decoders import ShuffleDecoder
+    from ..models.discriminator import FCDiscriminator
+    from ..models.flaw_detector import FlawDetector
 
-    def hook(module, args):
-        calls.append((names[id(module)], module, args[0].shape[0], torch.is_grad_enabled()))
+    return Segmentor, ShuffleDecoder, FCDiscriminator, FlawDetector
 
-    handles = [m.register_forward_pre_hook(hook) for m in trainer.method.modules() if isinstance(m, Segmentor)]
+
+def _detached(x):
+    """``x``'s tensors as new leaves that keep whether they required gradient."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone().requires_grad_(x.requires_grad)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_detached(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _detached(v) for k, v in x.items()}
+    return x
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    return []
+
+
+class Pass(NamedTuple):
+    """One network call of a real training step: which network, its inputs (detached copies) and whether
+    gradient was on."""
+
+    name: str
+    net: nn.Module
+    args: tuple
+    kwargs: dict
+    grad: bool
+
+    @property
+    def images(self) -> int:
+        """The batch size of the first tensor argument."""
+        return _tensors(self.args)[0].shape[0]
+
+
+def record_passes(trainer: Trainer, batch: dict) -> list[Pass]:
+    """The network passes one real training step makes, in call order, recorded by forward hooks on every
+    network module of the method (``_network_types``; a network called inside another counts once, in the
+    outer one). The step is taken (it changes the weights and the method's state, as any warm-up step does)."""
+    kinds = _network_types()
+    names = {id(m): n for n, m in trainer.method.named_modules() if isinstance(m, kinds)}
+    calls, depth = [], [0]
+
+    def pre(module, args, kwargs):
+        if depth[0] == 0:
+            calls.append(Pass(names[id(module)], module, _detached(args), _detached(kwargs),
+                              torch.is_grad_enabled()))
+        depth[0] += 1
+
+    def post(module, args, kwargs, output):
+        depth[0] -= 1
+
+    nets = [m for m in trainer.method.modules() if isinstance(m, kinds)]
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in nets]
+    handles += [m.register_forward_hook(post, with_kwargs=True, always_call=True) for m in nets]
     try:
         trainer.train_step(batch)
     finally:
@@ -37,29 +95,54 @@ def record_passes(trainer: Trainer, batch: dict) -> list[tuple[str, nn.Module, i
     return calls
 
 
+def describe(calls: list[Pass]) -> list[str]:
+    """``calls`` as lines, consecutive passes of numbered siblings (CCT's decoders) merged with a count."""
+    lines: list[tuple[str, int]] = []
+    for c in calls:
+        name = re.sub(r"\.\d+$", ".*", c.name)
+        text = f"{name} {c.images} images {'forward+backward' if c.grad else 'forward, no gradient'}"
+        if lines and lines[-1][0] == text:
+            lines[-1] = (text, lines[-1][1] + 1)
+        else:
+            lines.append((text, 1))
+    return [text if n == 1 else f"{n} x {text}" for text, n in lines]
+
+
 def bench_overhead(cfg: DictConfig, iters: int = 10, warmup: int = 2) -> dict:
     """Seconds per step of the method vs the network passes it needs, on the same batch.
 
-    The reference replays the segmentation-network passes a real step of the method makes (recorded by
-    ``record_passes``: which network, on how many images, with or without gradient): each pass with
-    gradient is a forward + backward, the others a forward without gradient (teachers, CPS's pseudo-labels
-    on the unmixed images), then the optimizer step. The difference is the method-specific work: entropy,
-    percentiles, mixing, contrastive loss, memory bank, pseudo-labels, losses.
+    The reference replays the network passes a real step of the method makes (recorded by ``record_passes``:
+    which network, on which inputs, with or without gradient): each pass with gradient is a forward and a
+    backward of its outputs, towards the inputs that required gradient in the real step too (an auxiliary
+    decoder's gradient reaches the encoder features), the others a forward without gradient (teachers, CPS's pseudo-labels on the unmixed images),
+    then the optimizer step. Passes inside a method's perturbation search (VAT's power iteration) are
+    network passes too. A pass made with detached parameters (AdvSemSeg's and GCT's adversarial terms through
+    ``functional_call``) is replayed with the parameters' gradient as well, so the reference is then slightly
+    above the real passes. The difference is the method-specific work: entropy, percentiles, mixing,
+    perturbations, contrastive loss, memory bank, pseudo-labels, losses.
     """
     trainer, (batch,) = steady_trainer(cfg)
     calls = record_passes(trainer, batch)
-    images = torch.cat([b["image"] for b in batch.values()])
-    inputs = [images[torch.arange(n, device=images.device) % images.shape[0]] for _, _, n, _ in calls]
     cuda = trainer.device.type == "cuda"
     autocast = torch.autocast(trainer.device.type, dtype=trainer.amp) if trainer.amp else nullcontext()
 
+    def inputs(x, grad: bool):
+        if isinstance(x, torch.Tensor):  # gradient towards the inputs that had it: VAT's direction, CCT's features
+            return x.detach().requires_grad_(grad and x.requires_grad)
+        if isinstance(x, (list, tuple)):
+            return type(x)(inputs(v, grad) for v in x)
+        if isinstance(x, dict):
+            return {k: inputs(v, grad) for k, v in x.items()}
+        return x
+
     def passes():
         with autocast:
-            for (_, net, _, grad), x in zip(calls, inputs):
-                with torch.set_grad_enabled(grad):  # the input needs gradient where the network has none
-                    out = net(x.detach().requires_grad_(grad))  # (a frozen teacher's pass towards VAT's direction)
-                if grad:
-                    sum(v.float().mean() for v in out.values()).backward()
+            for c in calls:
+                with torch.set_grad_enabled(c.grad):
+                    out = c.net(*inputs(c.args, c.grad), **inputs(c.kwargs, c.grad))
+                    outs = [t.float().mean() for t in _tensors(out) if t.requires_grad]
+                    if c.grad and outs:
+                        sum(outs).backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
@@ -80,8 +163,7 @@ def bench_overhead(cfg: DictConfig, iters: int = 10, warmup: int = 2) -> dict:
     full = statistics.median(p[0] for p in pairs)
     ref = statistics.median(p[1] for p in pairs)
     return {"method": cfg.method.name, "step_s": full, "passes_s": ref, "overhead": full / ref - 1.0,
-            "passes": [f"{name} {n} images {'forward+backward' if grad else 'forward, no gradient'}"
-                       for name, _, n, grad in calls]}
+            "passes": describe(calls)}
 
 
 def bench_costs(methods: tuple[str, ...], out: Path, extra: list[str] = (), device: str = "auto",
