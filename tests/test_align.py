@@ -31,7 +31,7 @@ def test_running_means_use_the_ema_warm_up_and_skip_invalid_pixels():
     assert int(a.updates) == 2 and "predicted" in a.state_dict()  # checkpointed: a resume continues the means
 
 
-@pytest.mark.parametrize("name", ["u2pl", "mean_teacher"])
+@pytest.mark.parametrize("name", ["u2pl", "mean_teacher", "fixmatch", "unimatch"])
 def test_methods_with_alignment_train_and_checkpoint_its_running_means(name, tiny_cfg):
     from lesseg.engine.trainer import Trainer
 
@@ -44,3 +44,23 @@ def test_methods_with_alignment_train_and_checkpoint_its_running_means(name, tin
     assert int(a.updates) == 3 and a.labeled.sum().item() == pytest.approx(1.0)
     assert a.predicted.sum().item() == pytest.approx(1.0) and not torch.equal(a.predicted, torch.full_like(a.predicted, 1 / 7))
     assert "align.predicted" in trainer.state()["method"]
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "unimatch"])
+def test_fixmatch_takes_its_pseudo_labels_from_the_aligned_probabilities(name, tiny_cfg):
+    # priors that call every labeled pixel class 3 and a prediction mean that is uniform: the aligned
+    # weak-view probabilities put (almost) all mass on class 3, so every pseudo-label is 3 (none background);
+    # without alignment the same network's pseudo-labels are not
+    from lesseg.bench.measure import steady_trainer
+
+    streams = {"labeled": {"split": "train", "batch_size": 4},
+               "unlabeled": {"split": "train", "batch_size": 4, "labeled": False, "strong": True, "true_masks": True}}
+    shares = {}
+    for align in (False, True):
+        trainer, (batch,) = steady_trainer(tiny_cfg(method={"name": name, "align": align}, data={"streams": streams}))
+        if align:
+            a = trainer.method.align
+            a.updates.fill_(10**6)  # running means at their momentum: one batch moves them by 1 %
+            a.labeled.copy_(torch.full((7,), 1e-9).index_fill_(0, torch.tensor([3]), 1.0))
+        shares[align] = float(trainer.method.training_step(batch, trainer.step)["pl_c0"])
+    assert shares[True] == 0.0 and shares[False] > 0.0

@@ -19,6 +19,9 @@ Choices and departures from the authors' code (section 15):
   module inside ``forward``, active in any mode), applied to the weak unlabeled samples only (the authors
   also perturb the labeled ones and discard those outputs) and to every encoder level (DeepLabv3+ reads the
   stride-4 and the last one, the two the authors drop).
+- ``align`` (off by default; not in either paper): the weak-view probabilities are aligned to the labeled
+  class frequencies before the pseudo-labels and confidences are taken (``common.PriorAlignment``, as
+  U2PL's and Mean Teacher's ``align``), against the confident pixels' drift toward background.
 - The second strong view: ``image_strong2``, an independent photometric draw on the same geometry
   (``strong_views = 2``: the loader makes both), each with its own CutMix box.
 """
@@ -36,7 +39,15 @@ from torch import Tensor
 from ..config import ranged
 from ..models import build_model
 from .base import METHODS, Method, RunInfo
-from .common import IGNORE, ViewStatsConfig, ce_loss, forward_groups, pseudo_label_quality, split_outputs
+from .common import (
+    IGNORE,
+    PriorAlignment,
+    ViewStatsConfig,
+    ce_loss,
+    forward_groups,
+    pseudo_label_quality,
+    split_outputs,
+)
 from .mixing import cutmix_box, mix, partner
 from .supervised import SupervisedConfig, sup_loss
 
@@ -49,6 +60,7 @@ class FixMatchConfig(SupervisedConfig, ViewStatsConfig):
     box_area: list[float] = ranged([0.02, 0.4], "[0, 1]")  # box area ~ U(lo, hi) x crop area
     box_ratio: list[float] = ranged([0.3, 1 / 0.3], "(0, inf)")  # aspect ratio ~ U(lo, hi)
     strong_weight: float = ranged(1.0, "[0, inf)")  # weight of each strong view's term (inside the / 2)
+    align: bool = False  # distribution alignment of the weak-view predictions (common.PriorAlignment)
 
 
 @dataclass
@@ -117,6 +129,7 @@ class FixMatch(Method):
     def __init__(self, cfg: FixMatchConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)
         self.net = build_model(model_cfg, info.num_classes)
+        self.align = PriorAlignment(info.num_classes) if cfg.align else None
 
     def strong_images(self, unl: dict[str, Tensor]) -> list[Tensor]:
         """The photometric strong views, one per strong term (``image_strong2`` for the second when given)."""
@@ -141,7 +154,11 @@ class FixMatch(Method):
         out_l, out_u = split_outputs(out, n_l)
         logits_u = out_u["logits"]  # [u_w, s_1 (, s_2)] (, fp of u_w)
         with torch.no_grad():
-            conf, pseudo = logits_u[:n_u].detach().float().softmax(1).max(1)  # train-mode pass (see top)
+            logits_w = logits_u[:n_u].detach().float()  # train-mode pass (see top)
+            if self.align is not None:  # pseudo-labels and confidences from the aligned probabilities
+                self.align.update(lab["mask"], logits_w.softmax(1), valid)
+                logits_w = self.align(logits_w)
+            conf, pseudo = logits_w.softmax(1).max(1)
         loss_sup = sup_loss(out_l, lab["mask"], c)
         losses_s = []
         for k, m in enumerate(boxes):  # targets: the image's own outside the box, the partner's inside
