@@ -114,9 +114,9 @@ def bench_overhead(cfg: DictConfig, iters: int = 10, warmup: int = 2) -> dict:
     The reference replays the network passes a real step of the method makes (recorded by ``record_passes``:
     which network, on which inputs, with or without gradient): each pass with gradient is a forward and a
     backward of its outputs, towards the inputs that required gradient in the real step too (an auxiliary
-    decoder's gradient reaches the encoder features), the others a forward without gradient (teachers, CPS's pseudo-labels on the unmixed images),
-    then the optimizer step. Passes inside a method's perturbation search (VAT's power iteration) are
-    network passes too. A pass made with detached parameters (AdvSemSeg's and GCT's adversarial terms through
+    decoder's gradient reaches the encoder features); the others a forward without gradient (teachers, CPS's
+    pseudo-labels on the unmixed images); then the optimizer step. Passes inside a method's perturbation
+    search (VAT's power iteration) are network passes too. A pass made with detached parameters (AdvSemSeg's and GCT's adversarial terms through
     ``functional_call``) is replayed with the parameters' gradient as well, so the reference is then slightly
     above the real passes. The difference is the method-specific work: entropy, percentiles, mixing,
     perturbations, contrastive loss, memory bank, pseudo-labels, losses.
