@@ -146,7 +146,7 @@ COMPARED = ("eval miou", "loss_sup", "loss", "pl_miou", "pl_acc", "pl_c0")
 def runs_figure(run_dirs: list[str | Path], path: str | Path, names: list[str] | None = None) -> Path:
     """Several runs' curves in one figure, one line per run (its folder name, or ``names``), a panel per
     quantity of ``COMPARED`` that at least one run logged; the pl_c0 panel also shows the true background
-    share (dashed, grey) where a run logged it. Runs without a metrics.jsonl are refused by name."""
+    share (dotted, black) where a run logged it. Runs without a metrics.jsonl are refused by name."""
     missing = [str(r) for r in run_dirs if not (Path(r) / "metrics.jsonl").is_file()]
     if missing:
         from .errors import LessegError
@@ -156,26 +156,33 @@ def runs_figure(run_dirs: list[str | Path], path: str | Path, names: list[str] |
     all_series = [metric_series(Path(r) / "metrics.jsonl") for r in run_dirs]
     shown = [k for k in COMPARED if any(k in s for s in all_series)]
     fig, axes = _panels(len(shown), 3.6, 2.8)
-    colors = [f"C{i % 10}" for i in range(len(names))]  # a run keeps its colour in every panel
+    styles = run_styles(len(names))  # a run keeps its colour and line style in every panel
     for ax, key in zip(axes, shown):
-        for name, series, color in zip(names, all_series, colors):
+        for name, series, (color, style) in zip(names, all_series, styles):
             if key in series:
                 pts = series[key]
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None,
-                        color=color, label=name)
+                        color=color, linestyle=style, label=name)
         if key == "pl_c0":
             ref = next((s["true_c0"] for s in all_series if "true_c0" in s), None)
             if ref:
-                ax.plot([p[0] for p in ref], [p[1] for p in ref], "--", color="gray", label="true background")
+                ax.plot([p[0] for p in ref], [p[1] for p in ref], ":", color="black", label="true background")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=c, label=n) for n, c in zip(names, colors)]
+    handles = [Line2D([], [], color=c, linestyle=ls, label=n) for n, (c, ls) in zip(names, styles)]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(names), 5), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.06 * ((len(names) + 4) // 5)))
     return _save(fig, path, layout=False)
+
+
+def run_styles(n: int) -> list[tuple[str, str]]:
+    """``n`` distinct (colour, line style) pairs: the 10 default colours without grey (the true-background
+    reference is drawn in black dots), solid first, then dashed, dash-dotted, dotted."""
+    colors = [f"C{i}" for i in range(10) if i != 7]
+    return [(colors[i % len(colors)], ("-", "--", "-.", ":")[i // len(colors) % 4]) for i in range(n)]
 
 
 def _run_name(run: Path, runs: list) -> str:

@@ -549,3 +549,13 @@ def test_bench_weak_summary_means_stages_over_seeds_and_shares_of_full(tmp_path)
     assert psl["cam_images_per_s"] == pytest.approx(50.0)
     with pytest.raises(LessegError, match=r"nosuch.*shapes has .*cam"):
         bench_weak(tmp_path, ("nosuch",), (0,))
+
+
+def test_runs_figure_gives_every_run_its_own_line_past_ten_runs():
+    # the default colour cycle repeats after 10 (an 11-run comparison drew two runs alike) and its grey is
+    # the true-background reference's
+    from lesseg.viz import run_styles
+
+    styles = run_styles(30)
+    assert len(set(styles)) == 30 and all(color != "C7" for color, _ in styles)
+    assert styles[:2] == [("C0", "-"), ("C1", "-")] and styles[9] == ("C0", "--")
