@@ -173,8 +173,10 @@ def runs_figure(run_dirs: list[str | Path], path: str | Path, names: list[str] |
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=c, linestyle=ls, label=n) for n, (c, ls) in zip(names, styles)]
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(names), 5), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.06 * ((len(names) + 4) // 5)))
+    if "pl_c0" in shown and any("true_c0" in s for s in all_series):
+        handles.append(Line2D([], [], color="black", linestyle=":", label="true background share (pl_c0)"))
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.06 * ((len(handles) + 4) // 5)))
     return _save(fig, path, layout=False)
 
 
