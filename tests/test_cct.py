@@ -275,7 +275,10 @@ def test_one_step_of_cost_and_a_tiny_training(shapes_root, tmp_path):
     unlabeled = {"split": "train", "batch_size": 3, "labeled": False, "true_masks": True}
     d["data"]["streams"] = {"labeled": {"split": "train", "batch_size": 2}, "unlabeled": unlabeled}
     cost = bench_overhead(config.from_dict(d), iters=1, warmup=0)
-    assert cost["passes"] == ["net 5 images forward+backward"] and cost["step_s"] > 0  # the aux: overhead
+    # the auxiliary decoders are network passes of the reference: one per perturbation on the 3 unlabeled
+    # images, the VAT decoder's also its target (no gradient) and its power iteration
+    assert cost["passes"] == ["net 5 images forward+backward", "aux.decoders.* 3 images forward, no gradient",
+                              f"{len(KINDS) + 1} x aux.decoders.* 3 images forward+backward"] and cost["step_s"] > 0
     d["train"].update(iters=3, log_every=1)
     trainer = Trainer(config.from_dict(d))
     trainer.fit()

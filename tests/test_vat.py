@@ -224,7 +224,7 @@ def test_the_passes_of_a_step_and_a_tiny_training(shapes_root, tmp_path):
     d["data"]["streams"] = {"labeled": {"split": "train", "batch_size": 2}, "unlabeled": unlabeled}
     trainer, (batch,) = steady_trainer(config.from_dict(d))
     # the teacher labels the weak view; the direction: a clean pass, one power iteration; the student's pass
-    assert [(n, k, g) for n, _, k, g in bench.record_passes(trainer, batch)] == [
+    assert [(c.name, c.images, c.grad) for c in bench.record_passes(trainer, batch)] == [
         ("teacher", 3, False), ("teacher", 3, False), ("teacher", 3, True), ("net", 5, True)]
     d["train"].update(iters=3, log_every=1)
     trainer = Trainer(config.from_dict(d))
