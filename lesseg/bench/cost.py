@@ -17,38 +17,37 @@ from torch import nn
 from .. import config
 from ..engine import Trainer
 from ..models import Segmentor
+from ..models.aux_decoders import ShuffleDecoder
+from ..models.discriminator import FCDiscriminator
+from ..models.flaw_detector import FlawDetector
 from .measure import steady_trainer
 
-
-def _network_types() -> tuple[type, ...]:
-    """The modules whose forward is one network pass: the segmentation networks and the methods' own extra
-    networks (CCT's auxiliary decoders, AdvSemSeg's discriminator, GCT's flaw detector)."""
-    from ..models.aux_decoders import ShuffleDecoder
-    from ..models.discriminator import FCDiscriminator
-    from ..models.flaw_detector import FlawDetector
-
-    return Segmentor, ShuffleDecoder, FCDiscriminator, FlawDetector
+# the modules whose forward is one network pass: the segmentation networks and the methods' own extra networks
+# (CCT's auxiliary decoders, AdvSemSeg's discriminator, GCT's flaw detector)
+NETWORKS = (Segmentor, ShuffleDecoder, FCDiscriminator, FlawDetector)
 
 
-def _detached(x):
-    """``x``'s tensors as new leaves that keep whether they required gradient."""
+def _map_tensors(fn, x):
+    """``x`` (tensors nested in lists, tuples and dicts; anything else kept) with ``fn`` applied to each tensor."""
     if isinstance(x, torch.Tensor):
-        return x.detach().clone().requires_grad_(x.requires_grad)
+        return fn(x)
     if isinstance(x, (list, tuple)):
-        return type(x)(_detached(v) for v in x)
+        return type(x)(_map_tensors(fn, v) for v in x)
     if isinstance(x, dict):
-        return {k: _detached(v) for k, v in x.items()}
+        return {k: _map_tensors(fn, v) for k, v in x.items()}
     return x
 
 
 def _tensors(x) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in _tensors(v)]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors(v)]
-    return []
+    """The tensors nested in ``x``, in order."""
+    found: list[torch.Tensor] = []
+    _map_tensors(found.append, x)
+    return found
+
+
+def _detached(x):
+    """``x``'s tensors as new leaves that keep whether they required gradient."""
+    return _map_tensors(lambda t: t.detach().clone().requires_grad_(t.requires_grad), x)
 
 
 class Pass(NamedTuple):
@@ -69,10 +68,9 @@ class Pass(NamedTuple):
 
 def record_passes(trainer: Trainer, batch: dict) -> list[Pass]:
     """The network passes one real training step makes, in call order, recorded by forward hooks on every
-    network module of the method (``_network_types``; a network called inside another counts once, in the
-    outer one). The step is taken (it changes the weights and the method's state, as any warm-up step does)."""
-    kinds = _network_types()
-    names = {id(m): n for n, m in trainer.method.named_modules() if isinstance(m, kinds)}
+    network module of the method (``NETWORKS``; a network called inside another counts once, in the outer
+    one). The step is taken (it changes the weights and the method's state, as any warm-up step does)."""
+    names = {id(m): n for n, m in trainer.method.named_modules() if isinstance(m, NETWORKS)}
     calls, depth = [], [0]
 
     def pre(module, args, kwargs):
@@ -84,7 +82,7 @@ def record_passes(trainer: Trainer, batch: dict) -> list[Pass]:
     def post(module, args, kwargs, output):
         depth[0] -= 1
 
-    nets = [m for m in trainer.method.modules() if isinstance(m, kinds)]
+    nets = [m for m in trainer.method.modules() if isinstance(m, NETWORKS)]
     handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in nets]
     handles += [m.register_forward_hook(post, with_kwargs=True, always_call=True) for m in nets]
     try:
@@ -126,14 +124,8 @@ def bench_overhead(cfg: DictConfig, iters: int = 10, warmup: int = 2) -> dict:
     cuda = trainer.device.type == "cuda"
     autocast = torch.autocast(trainer.device.type, dtype=trainer.amp) if trainer.amp else nullcontext()
 
-    def inputs(x, grad: bool):
-        if isinstance(x, torch.Tensor):  # gradient towards the inputs that had it: VAT's direction, CCT's features
-            return x.detach().requires_grad_(grad and x.requires_grad)
-        if isinstance(x, (list, tuple)):
-            return type(x)(inputs(v, grad) for v in x)
-        if isinstance(x, dict):
-            return {k: inputs(v, grad) for k, v in x.items()}
-        return x
+    def inputs(x, grad: bool):  # gradient towards the inputs that had it: VAT's direction, CCT's features
+        return _map_tensors(lambda t: t.detach().requires_grad_(grad and t.requires_grad), x)
 
     def passes():
         with autocast:
