@@ -94,6 +94,11 @@ class AugConfig:
     color_jitter_p: float = ranged(0.8, "[0, 1]")
     grayscale_p: float = ranged(0.2, "[0, 1]")
     blur_p: float = ranged(0.5, "[0, 1]")
+    # labeled streams: chance that an image gets the pixels of one class of another image of its stream pasted
+    # on, both through the stream's geometry (Simple Copy-Paste, Ghiasi et al. 2021; AEL's copy-paste without
+    # its class weighting). Unlabeled streams have no masks to cut from and ignore it.
+    copy_paste: float = ranged(0.0, "[0, 1]")
+    paste_exclude: list[int] = field(default_factory=lambda: [0])  # never pasted (0: VOC-style background)
 
 
 @dataclass

@@ -127,3 +127,70 @@ def test_each_stream_has_its_own_crop_and_augmentation(tiny_cfg):
     with pytest.raises(ConfigError, match=r"data\.streams\.target\.aug\.blur_p must be in \[0, 1\]"):
         tiny_cfg(["data.streams.target.aug.blur_p=3"], data={"streams": {
             "target": {"split": "train", "batch_size": 2, "labeled": False}}})
+
+
+class TwoImages(SegSource):
+    """Image "a": class 3 everywhere; image "b": class 0 on the left, 1 top right, 2 bottom right. 32x32,
+    pixel value = 60 * class; tags from the masks."""
+
+    classes: ClassVar[list[str]] = ["bg", "one", "two", "three"]
+
+    def __init__(self):
+        self.root = Path(".")
+        b = np.zeros((32, 32), np.uint8)
+        b[:16, 16:] = 1
+        b[16:, 16:] = 2
+        self.masks = {"a": np.full((32, 32), 3, np.uint8), "b": b}
+
+    def read_image(self, path):
+        return np.repeat((self.masks[path.stem] * 60)[..., None], 3, axis=2).astype(np.uint8)
+
+    def read_mask(self, path):
+        return self.masks[path.stem].copy()
+
+
+def pasting(p=1.0, exclude=(0,), labeled=True):
+    samples = [Sample(n, Path(f"{n}.png"), Path(f"{n}.png"), tags=t) for n, t in (("a", (3,)), ("b", (1, 2)))]
+    return SegDataset(TwoImages(), samples, train=True, labeled=labeled, crop_size=[32, 32],
+                      aug=aug(scale=[1.0, 1.0], hflip=False), mean=[0.0] * 3, std=[1.0] * 3,
+                      copy_paste=p, paste_exclude=exclude)
+
+
+def test_copy_paste_pastes_one_allowed_class_of_another_image_with_its_pixels():
+    ds = pasting()
+    pasted = {}
+    for seed in range(40):
+        item = ds[(0, seed)]  # image "a" (all class 3)
+        mask, img = item["mask"], item["image"][0]
+        assert torch.allclose(img * 255, mask.float() * 60, atol=0.5)  # image and mask pasted together
+        new = set(mask.unique().tolist()) - {3}
+        assert new <= {1, 2} and len(new) <= 1, new  # one class, never the excluded background
+        for c in new:  # the whole 16x16 block of that class, where image "b" has it
+            assert (mask == c).sum() == 256 and bool((mask[:16, 16:] == c).all() or (mask[16:, 16:] == c).all())
+            assert item["tags"].tolist() == [0, 1 if c == 1 else 0, 1 if c == 2 else 0, 1]
+            pasted[c] = pasted.get(c, 0) + 1
+        assert torch.equal(ds[(0, seed)]["mask"], mask)  # a pure function of the seed (exact resume)
+    assert set(pasted) == {1, 2}, pasted  # both classes of "b" get drawn
+    assert sum(pasted.values()) >= 10  # "a" draws "b" about half the time (itself: nothing to paste)
+    for seed in range(10):  # p = 0: never; background allowed: class 0 can be pasted too
+        assert torch.equal(pasting(p=0.0)[(0, seed)]["mask"], torch.full((32, 32), 3))
+    assert any((pasting(exclude=())[(0, s)]["mask"] == 0).any() for s in range(40))
+
+
+def test_copy_paste_errors_name_the_setting(tiny_cfg):
+    from lesseg.data import build_streams
+    from lesseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"paste_exclude: \[7\] are not class ids of this 4-class"):
+        pasting(exclude=(7,))
+    with pytest.raises(ConfigError, match="labeled streams only"):
+        pasting(labeled=False)
+    cfg = tiny_cfg(["data.aug.copy_paste=1.0"], data={"streams": {
+        "labeled": {"split": "train", "batch_size": 2},
+        "unlabeled": {"split": "train", "batch_size": 2, "labeled": False}}})  # fmt: skip
+    streams = build_streams(cfg.data, ("labeled", "unlabeled"), progress=False)
+    assert streams["labeled"].dataset.copy_paste == 1.0 and streams["unlabeled"].dataset.copy_paste == 0.0
+    cfg = tiny_cfg(["data.streams.unlabeled.aug.copy_paste=0.5"], data={"streams": {
+        "unlabeled": {"split": "train", "batch_size": 2, "labeled": False}}})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"data\.streams\.unlabeled\.aug\.copy_paste: stream 'unlabeled' is unlabeled"):
+        build_streams(cfg.data, ("unlabeled",), progress=False)

@@ -53,6 +53,8 @@ class SegDataset(Dataset):
         mean: list[float],
         std: list[float],
         maps: dict[str, MapReader] | None = None,
+        copy_paste: float = 0.0,
+        paste_exclude: tuple[int, ...] = (0,),
     ) -> None:
         self.source, self.samples = source, samples
         self.train, self.labeled, self.strong = train, labeled, strong
@@ -73,6 +75,13 @@ class SegDataset(Dataset):
                     f"{missing[0]}; set true_masks=false (it only serves pseudo-label diagnostics)"
                 )
             self.maps["true_mask"] = TrueMask(source, samples)
+        if copy_paste and not labeled:
+            raise ConfigError("aug.copy_paste pastes labeled pixels: set it on labeled streams only")
+        bad = [c for c in paste_exclude if not 0 <= c < source.num_classes]
+        if copy_paste and bad:
+            raise ConfigError(f"aug.paste_exclude: {bad} are not class ids of this {source.num_classes}-class "
+                              f"dataset ({source.classes})")
+        self.copy_paste, self.paste_exclude = copy_paste, set(paste_exclude)
         self.with_tags = bool(samples) and all(s.tags is not None for s in samples)
         self.geometry = weak_geometry(aug, crop_size) if train else None
         self.photometric = strong_photometric(aug, crop_size) if (train and strong) else None
@@ -90,8 +99,9 @@ class SegDataset(Dataset):
         mask = self.source.read_mask(s.mask)
         return self.source.align(image, mask, s)
 
-    def __getitem__(self, key) -> dict:
-        i, seed = key if isinstance(key, tuple) else (key, None)
+    def planes(self, i: int) -> tuple[tv_tensors.Image, tv_tensors.Mask, list[str]]:
+        """Sample ``i`` as an image and its per-pixel planes (the mask, or ``_pad`` when unlabeled, then the
+        extra maps), with the planes' names."""
         image, mask = self.load(i)
         size = image.shape[:2]
         planes = {"mask": mask} if mask is not None else {"_pad": np.zeros(size, np.uint8)}  # 255 marks padding
@@ -102,18 +112,44 @@ class SegDataset(Dataset):
                                 f"the image {size[1]}x{size[0]}")
             planes[name] = plane
         img = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
-        m = tv_tensors.Mask(torch.from_numpy(np.stack(list(planes.values()))))
+        return img, tv_tensors.Mask(torch.from_numpy(np.stack(list(planes.values())))), list(planes)
+
+    def paste(self, img: tv_tensors.Image, m: tv_tensors.Mask) -> tuple[tv_tensors.Image, tv_tensors.Mask, int | None]:
+        """Copy-paste: a random image of the stream through its own geometry, and every pixel of one of its
+        classes (drawn uniformly among those it shows, ``paste_exclude`` and ignore left out) pasted on
+        ``img`` and each plane. Returns the pasted class (None: the drawn image shows none). Draws from
+        torch's global generator (the caller seeds it)."""
+        j = int(torch.randint(len(self), ()))
+        seed = int(torch.randint(2**62, ()))
+        d_img, d_m, _ = self.planes(j)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            d_img, d_m = self.geometry(d_img, d_m)
+        shown = [c for c in d_m[0].unique().tolist() if c != IGNORE and c not in self.paste_exclude]
+        if not shown:
+            return img, m, None
+        c = shown[int(torch.randint(len(shown), ()))]
+        where = d_m[0] == c
+        return (tv_tensors.wrap(torch.where(where, d_img, img), like=img),
+                tv_tensors.wrap(torch.where(where, d_m, m), like=m), c)
+
+    def __getitem__(self, key) -> dict:
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        img, m, names = self.planes(i)
         item: dict = {"index": i, "name": self.samples[i].name}
+        pasted = None
         if self.train:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 img, m = self.geometry(img, m)
+                if self.copy_paste and float(torch.rand(())) < self.copy_paste:
+                    img, m, pasted = self.paste(img, m)
                 if self.photometric is not None:  # image_strong, then image_strong2, ...: independent draws
                     for v in range(self.strong_views):
                         item["image_strong" + (str(v + 1) if v else "")] = self.norm(self.photometric(img))
         item["image"] = self.norm(img)
         m = m.as_subclass(torch.Tensor).long()
-        for k, name in enumerate(planes):
+        for k, name in enumerate(names):
             if name == "_pad":
                 if self.train:
                     item["valid"] = m[k] != IGNORE
@@ -122,6 +158,8 @@ class SegDataset(Dataset):
         if self.with_tags:
             tags = torch.zeros(self.source.num_classes)
             tags[list(self.samples[i].tags)] = 1.0
+            if pasted is not None:
+                tags[pasted] = 1.0
             item["tags"] = tags
         return item
 
