@@ -559,3 +559,20 @@ def test_runs_figure_gives_every_run_its_own_line_past_ten_runs():
     styles = run_styles(30)
     assert len(set(styles)) == 30 and all(color != "C7" for color, _ in styles)
     assert styles[:2] == [("C0", "-"), ("C1", "-")] and styles[9] == ("C0", "--")
+
+
+@pytest.mark.parametrize("family", ["shapes", "fashion"])
+def test_bench_weak_reference_trains_with_the_pipelines_augmentation(tmp_path, monkeypatch, family):
+    """The segmentation configs paste objects (data.aug.copy_paste) and the weak pipelines do not: the fully
+    supervised reference of `bench weak` must train as the pipelines' final networks do, or "of full" compares
+    two recipes."""
+    from lesseg.bench import weak
+
+    seen = {}
+    monkeypatch.setattr(weak, "finished_or_train", lambda cfg, run_dir, what, train: seen.update(
+        {what.split()[0]: cfg.data.aug}))
+    methods = tuple(p.stem[5:] for p in (config.PACKAGED / family).glob("weak_*.yaml"))
+    weak.bench_weak(tmp_path, methods, (0,), family=family, train_missing=False)
+    assert config.load(f"{family}/supervised.yaml").data.aug.copy_paste == 1.0  # what the reference overrides
+    assert seen.pop("full").copy_paste == 0.0
+    assert all(a.copy_paste == 0.0 for a in seen.values()) and len(seen) == len(methods)

@@ -37,12 +37,13 @@ def bench_weak(out: Path, methods: tuple[str, ...] = WEAK_METHODS, seeds: tuple[
     if missing:
         known = sorted(p.stem[5:] for p in (config.PACKAGED / family).glob("weak_*.yaml"))
         raise LessegError(f"no {family}/weak_<method>.yaml for {missing}; {family} has {', '.join(known)}")
-    plan = [("full", f"{family}/supervised.yaml", s) for s in seeds]
-    plan += [(m, f"{family}/weak_{m}.yaml", s) for m in methods for s in seeds]
+    # the reference trains as the pipelines' final networks do: without the segmentation configs' copy-paste
+    plan = [("full", f"{family}/supervised.yaml", s, ["data.aug.copy_paste=0"]) for s in seeds]
+    plan += [(m, f"{family}/weak_{m}.yaml", s, []) for m in methods for s in seeds]
     rows = []
-    for name, cfg_name, seed in plan:
+    for name, cfg_name, seed, own in plan:
         run_dir = out / name / f"seed{seed}"
-        cfg = config.load(cfg_name, [*begin, *extra, f"train.seed={seed}", f"out={run_dir}",
+        cfg = config.load(cfg_name, [*begin, *own, *extra, f"train.seed={seed}", f"out={run_dir}",
                                      f"train.device={device}", "train.progress=false"])
         result = finished_or_train(cfg, run_dir, f"{name} seed {seed}", train_missing)
         if result is None:
