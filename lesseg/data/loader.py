@@ -118,7 +118,8 @@ class SegDataset(Dataset):
         """Copy-paste: a random image of the stream through its own geometry, and every pixel of one of its
         classes (drawn uniformly among those it shows, ``paste_exclude`` and ignore left out) pasted on
         ``img`` and each plane. Returns the pasted class (None: the drawn image shows none). Draws from
-        torch's global generator (the caller seeds it)."""
+        torch's global generator (the caller seeds it). Two ``torch.where`` after the stream's own torchvision
+        geometry: albumentations' CopyAndPaste is instance-level (crop, shrink, place) and not torchvision's."""
         j = int(torch.randint(len(self), ()))
         seed = int(torch.randint(2**62, ()))
         d_img, d_m, _ = self.planes(j)
