@@ -300,6 +300,9 @@ def _check(cfg: DictConfig, where: str) -> None:
             errors = range_errors(AugConfig, merged, f"data.streams.{name}.aug.")
             if errors:
                 raise ConfigError(f"{where}: " + "; ".join(errors))
+            if sc.aug.get("copy_paste") and not sc.labeled:
+                raise ConfigError(f"{where}: data.streams.{name}.aug.copy_paste: stream {name!r} is unlabeled (no "
+                                  "masks to cut objects from); copy-paste applies to labeled streams")
 
 
 def _check_stages(cfg: DictConfig, method: str, where: str) -> None:

@@ -113,9 +113,6 @@ def build_streams(data: DictConfig, names: tuple[str, ...], strong: tuple[str, .
         if check:
             require_clean(src, samples, sc.labeled or sc.true_masks, f"stream {name!r} ({sc.split})", progress)
         aug = stream_aug(data, sc)
-        if aug.copy_paste and not sc.labeled and sc.aug and "copy_paste" in sc.aug:
-            raise ConfigError(f"data.streams.{name}.aug.copy_paste: stream {name!r} is unlabeled (no masks to "
-                              "cut objects from); copy-paste applies to labeled streams")
         ds = SegDataset(src, samples, train=True, labeled=sc.labeled, strong=sc.strong or name in strong,
                         strong_views=strong_views if name in strong else 1,
                         true_masks=sc.true_masks and not sc.labeled,
