@@ -66,6 +66,32 @@ def test_appended_samples_are_normalised_with_the_first_group():
     assert torch.allclose(out, want, atol=1e-6)
 
 
+class AppendSome(nn.Module):
+    """Appends twice samples [start, start + k) (a feature-perturbation stream of a later group)."""
+
+    def __init__(self, start: int, k: int) -> None:
+        super().__init__()
+        self.start, self.k = start, k
+
+    def forward(self, x):
+        return torch.cat([x, x[self.start:self.start + self.k] * 2])
+
+
+def test_appended_samples_join_the_group_named_by_join():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm1d(4), AppendSome(3, 2), nn.BatchNorm1d(4)).train()
+    ref = copy.deepcopy(net)
+    x1, x2, x3 = torch.randn(3, 4), torch.randn(2, 4) + 5, torch.randn(2, 4) * 3
+    with batchnorm_groups(net, [3, 2, 2], join=1):
+        out = net(torch.cat([x1, x2, x3]))
+    a1, a2, a3 = ref[0](x1), ref[0](x2), ref[0](x3)
+    second = ref[2](torch.cat([a2, a2 * 2]))  # group 2 and its appended copies together, group 1 untouched
+    want = torch.cat([ref[2](a1), second[:2], ref[2](a3), second[2:]])
+    assert torch.allclose(out, want, atol=1e-6)
+    with pytest.raises(ValueError, match="join=3 names no group"), batchnorm_groups(net, [3, 2, 2], join=3):
+        pass
+
+
 def test_the_layers_come_back_as_they_were():
     net = nn.Sequential(nn.BatchNorm1d(4)).train()
     bn = net[0]
@@ -85,28 +111,26 @@ def test_the_layers_come_back_as_they_were():
         pass
 
 
-# the unlabeled input the student's non-labeled group is made from (CPS and CutMix-Seg mix the weak views)
-VARIED = {"cps": "image", "cutmix_seg": "image"}
 SMALL = {"u2pl": {"sup_only_epochs": 0, "num_queries": 4, "num_negatives": 4, "bank_size": 32},
          "u2pl_ael": {"sup_only_epochs": 0, "num_queries": 4, "num_negatives": 4, "bank_size": 32},
          "cps": {"cutmix": True}}
 
 
-def batch(strong_scale: float, key: str) -> dict:
+def batch(strong_scale: float) -> dict:
     g = torch.Generator().manual_seed(0)
     lab = {"image": torch.randn(2, 3, 32, 32, generator=g), "mask": torch.randint(0, C, (2, 32, 32), generator=g),
            "valid": torch.ones(2, 32, 32, dtype=torch.bool), "index": torch.arange(2)}
     unl = {"image": torch.randn(2, 3, 32, 32, generator=g), "image_strong": torch.randn(2, 3, 32, 32, generator=g),
            "mask": torch.full((2, 32, 32), 255), "valid": torch.ones(2, 32, 32, dtype=torch.bool),
            "index": torch.arange(2)}
-    unl[key] = unl[key] * strong_scale + (strong_scale - 1)
+    for k in ("image", "image_strong"):  # every unlabeled view: the labeled group is normalised alone
+        unl[k] = unl[k] * strong_scale + (strong_scale - 1)
     return {"labeled": lab, "unlabeled": unl}
 
 
 @pytest.mark.parametrize("name", ["mean_teacher", "cutmix_seg", "vat", "u2pl", "u2pl_ael", "fixmatch", "unimatch",
                                   "cps", "pseudoseg"])
 def test_labeled_loss_ignores_the_other_views_with_split_bn(name):
-    key = VARIED.get(name, "image_strong")
 
     def loss_sup(split_bn: bool, scale: float) -> torch.Tensor:
         cfg = config.from_dict({
@@ -118,7 +142,7 @@ def test_labeled_loss_ignores_the_other_views_with_split_bn(name):
         m = build_method(cfg, RunInfo(num_classes=C, class_names=list("abc"), max_iters=10, iters_per_epoch=2))
         m.train()
         torch.manual_seed(1)  # the same mixing boxes and perturbations in both calls
-        return m.training_step(batch(scale, key), 0)["loss_sup"].detach()
+        return m.training_step(batch(scale), 0)["loss_sup"].detach()
 
     assert torch.allclose(loss_sup(True, 1.0), loss_sup(True, 4.0), atol=1e-6)
     # the check has teeth: with the whole batch's statistics the other views move the labeled loss

@@ -173,25 +173,26 @@ def batchnorm_train(net: nn.Module, mode: bool) -> None:
 class ViewStatsConfig:
     """The setting of the methods whose student forwards differently augmented views in one pass."""
 
-    # BatchNorm statistics per view group in that pass (``forward_groups``): true: the labeled (and weak
-    # unlabeled) images are normalised apart from the strong / mixed / perturbed views, as if each group were
-    # forwarded alone (as CPS's and UniMatch's code forward them); false: with the whole batch's statistics (as
-    # the U2PL authors' code). The default is the measured better one per method (docs/benchmarks.md,
-    # "BatchNorm statistics per view"): Mean Teacher and CutMix-Seg true; U2PL, FixMatch, CPS, VAT and
-    # PseudoSeg false (worse or no better split)
+    # BatchNorm statistics per view group in that pass (``forward_groups``): true: the labeled images are
+    # normalised alone, and apart from them each kind of unlabeled view (weak; strong / mixed / perturbed), as
+    # if each group were forwarded alone; false: with the whole batch's statistics (as the U2PL authors' code).
+    # The default is the measured better one per method (docs/benchmarks.md, "BatchNorm statistics per view"
+    # and "The labeled images normalised alone"): Mean Teacher, CutMix-Seg, FixMatch and UniMatch true; U2PL,
+    # CPS, VAT and PseudoSeg false (worse or no better split)
     split_bn: bool = False
 
 
-def forward_groups(net: nn.Module, x: torch.Tensor, sizes: Sequence[int], split_bn: bool,
+def forward_groups(net: nn.Module, x: torch.Tensor, sizes: Sequence[int], split_bn: bool, join: int = 0,
                    **kwargs) -> dict[str, torch.Tensor]:
     """``net(x, **kwargs)`` in one forward (one DDP forward per backward) on a batch made of groups of ``sizes``
     consecutive samples; with ``split_bn`` the BatchNorm layers normalise each group with its own statistics
-    (``models.batchnorm_groups``). A group holds the views that share a distribution (labeled and weak
-    unlabeled images); samples the network appends (a feature-perturbation stream of first-group images) are
-    normalised with the first group."""
+    (``models.batchnorm_groups``). A group holds the views that share a distribution: the labeled images are
+    a group of their own, so what the labeled loss sees never depends on the unlabeled images. Samples the
+    network appends (a feature-perturbation stream of some images of group ``join``) are normalised with group
+    ``join``."""
     if not split_bn or len(sizes) < 2:
         return net(x, **kwargs)
-    with batchnorm_groups(net, sizes):
+    with batchnorm_groups(net, sizes, join):
         return net(x, **kwargs)
 
 

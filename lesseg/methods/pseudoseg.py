@@ -195,7 +195,7 @@ class PseudoSeg(Method):
             return features
 
         x = torch.cat([lab["image"], unl["image"], x_s])
-        out = forward_groups(self.net, x, [n_l + n_u, x_s.shape[0]], c.split_bn, perturb=keep)
+        out = forward_groups(self.net, x, [n_l, n_u, x_s.shape[0]], c.split_bn, perturb=keep)
         out_l, out_u = split_outputs(out, n_l)
         logits_w, logits_s = out_u["logits"][:n_u], out_u["logits"][n_u:]
 

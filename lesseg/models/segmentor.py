@@ -204,13 +204,13 @@ def eval_mode(net: nn.Module):
 
 
 @contextmanager
-def batchnorm_groups(net: nn.Module, sizes: Sequence[int]):
+def batchnorm_groups(net: nn.Module, sizes: Sequence[int], join: int = 0):
     """For the block, every training BatchNorm layer of ``net`` normalises each group of consecutive samples
     (``sizes`` along dim 0) with that group's own batch statistics and updates its running statistics once per
     group: what forwarding each group alone would do, in one forward call (one DDP forward per backward; a
     SyncBatchNorm layer syncs each group's statistics). Samples a network appends beyond ``sum(sizes)`` (a
-    feature-perturbation stream of some of the first group's images, concatenated inside the decoder) join
-    the first group, as when the perturbed features are decoded with their clean ones (UniMatch's code); a
+    feature-perturbation stream of some of group ``join``'s images, concatenated inside the decoder) join
+    group ``join``, as when the perturbed features are decoded with their clean ones (UniMatch's code); a
     layer seeing fewer samples than ``sum(sizes)`` is an error. Layers in eval mode (running statistics) are
     unchanged.
 
@@ -220,11 +220,13 @@ def batchnorm_groups(net: nn.Module, sizes: Sequence[int]):
     sizes = [int(s) for s in sizes]
     if not sizes or min(sizes) < 1:
         raise ValueError(f"batchnorm_groups needs positive group sizes, got {sizes}")
+    if not 0 <= join < len(sizes):
+        raise ValueError(f"batchnorm_groups: join={join} names no group of {sizes}")
     patched = []
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             previous = m.__dict__.get("forward")  # an enclosing batchnorm_groups' patch, if any
-            m.forward = _grouped_forward(m, previous or type(m).forward.__get__(m), sizes)
+            m.forward = _grouped_forward(m, previous or type(m).forward.__get__(m), sizes, join)
             patched.append((m, previous))
     try:
         yield net
@@ -236,7 +238,7 @@ def batchnorm_groups(net: nn.Module, sizes: Sequence[int]):
                 m.forward = previous
 
 
-def _grouped_forward(module: nn.Module, forward: Callable[[Tensor], Tensor], sizes: list[int]):
+def _grouped_forward(module: nn.Module, forward: Callable[[Tensor], Tensor], sizes: list[int], join: int):
     total = sum(sizes)
 
     def run(x: Tensor) -> Tensor:
@@ -247,11 +249,14 @@ def _grouped_forward(module: nn.Module, forward: Callable[[Tensor], Tensor], siz
             raise ValueError(f"{type(module).__name__}: batch of {n} samples, fewer than the groups {sizes}")
         parts = list(x.split(sizes + [n - total]))
         extra = parts.pop()
-        if extra.shape[0]:  # appended samples: normalised with the first group
-            first = forward(torch.cat([parts[0], extra]))
-            parts[0], extra = first[: sizes[0]], first[sizes[0] :]
-        else:
-            parts[0] = forward(parts[0])
-        return torch.cat([parts[0], *(forward(p) for p in parts[1:]), extra])
+        outs = []
+        for k, p in enumerate(parts):
+            if k == join and extra.shape[0]:  # appended samples: normalised with group ``join``
+                both = forward(torch.cat([p, extra]))
+                outs.append(both[: sizes[k]])
+                extra = both[sizes[k]:]
+            else:
+                outs.append(forward(p))
+        return torch.cat([*outs, extra])
 
     return run
