@@ -66,7 +66,8 @@ class FixMatchConfig(SupervisedConfig, ViewStatsConfig):
     align: bool = False  # distribution alignment of the weak-view predictions (common.PriorAlignment)
     # labeled, weak and strong views normalised apart (common.ViewStatsConfig). 300 steps from ImageNet, 1/16,
     # seed 0, shapes / fashion: UniMatch 36.2 / 18.4 against 27.9 / 16.1 with the whole batch's statistics,
-    # FixMatch 32.7 / 17.3 against 29.3 / 17.9 (SupOnly 32.4 / 18.3; docs/benchmarks.md)
+    # FixMatch 32.7 / 17.3 against 29.3 / 17.9 (SupOnly 32.4 / 18.3); bench semi's 1,500 steps, seed 0: FixMatch
+    # 51.2 against 50.4, UniMatch 49.7 against 51.9 (SupOnly 45.9; docs/benchmarks.md)
     split_bn: bool = True
 
 
