@@ -66,8 +66,9 @@ class FixMatchConfig(SupervisedConfig, ViewStatsConfig):
     align: bool = False  # distribution alignment of the weak-view predictions (common.PriorAlignment)
     # labeled, weak and strong views normalised apart (common.ViewStatsConfig). 300 steps from ImageNet, 1/16,
     # seed 0, shapes / fashion: UniMatch 36.2 / 18.4 against 27.9 / 16.1 with the whole batch's statistics,
-    # FixMatch 32.7 / 17.3 against 29.3 / 17.9 (SupOnly 32.4 / 18.3); bench semi's 1,500 steps, seed 0: FixMatch
-    # 51.2 against 50.4, UniMatch 49.7 against 51.9 (SupOnly 45.9; docs/benchmarks.md)
+    # FixMatch 32.7 / 17.3 against 29.3 / 17.9 (SupOnly 32.4 / 18.3); bench semi's 1,500 steps, 2 seeds: FixMatch
+    # 51.1 against 49.1, UniMatch 47.2 against 50.0 (SupOnly 44.0): UniMatch keeps it as the setting that is
+    # above SupOnly at both lengths; a long UniMatch run may prefer false (docs/benchmarks.md)
     split_bn: bool = True
 
 
