@@ -94,3 +94,14 @@ def test_step_terms_and_gradients(cutmix):
     assert 0.0 <= out["overlap"].item() <= 1.0 and not out["overlap"].requires_grad
     assert reaches(method, out["loss_sup"]) == {"net1": True, "net2": True}
     assert reaches(method, out["loss_cps"]) == {"net1": True, "net2": True}
+
+
+@pytest.mark.parametrize("step, factor", [(0, math.exp(-5.0)), (3, math.exp(-5.0 * 0.4**2)), (5, 1.0), (9, 1.0)])
+def test_cross_term_ramp_up_over_a_share_of_the_run(step, factor):
+    # rampup 0.5 of a 10-step run: the cross term's weight is cps_weight x exp(-5 (1 - step/5)^2), full from step 5
+    method = build(rampup=0.5, cps_weight=1.5).train()
+    assert method.phases() == [("cross term's weight ramp-up (sigmoid, to 1.5)", 0, 5)]
+    out = method.training_step(make_batch(strong=False), step=step)
+    expected = out["loss_sup"] + 1.5 * factor * out["loss_cps"]
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert build().phases() == []  # the paper's: no ramp-up

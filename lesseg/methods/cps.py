@@ -28,6 +28,7 @@ from .common import (
     pseudo_label_quality,
     split_outputs,
 )
+from .mean_teacher import sigmoid_rampup
 from .mixing import box_mask_cps, mix_batch
 from .supervised import SupervisedConfig, sup_loss
 
@@ -37,6 +38,8 @@ class CPSConfig(SupervisedConfig, ViewStatsConfig):
     name: str = "cps"
     cps_weight: float = ranged(1.5, "[0, inf)")  # lambda (paper: VOC 1.5, 1.0 with CutMix; Cityscapes 6, 5 with CutMix)
     cutmix: bool = False  # cross term on CutMix-ed unlabeled images (pseudo-labels mixed with the box mask)
+    # sigmoid ramp-up of the cross term over this share of the run (ours; the paper has none); 0: full from step 0
+    rampup: float = ranged(0.0, "[0, 1]")
 
 
 def cps_loss(
@@ -66,6 +69,11 @@ class CPS(Method):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((torch.initial_seed() + 1) % 2**63)
             self.net2 = build_model(model_cfg, info.num_classes)
+        self.rampup_steps = round(cfg.rampup * info.max_iters)
+
+    def phases(self) -> list[tuple[str, int, int]]:
+        n = min(self.rampup_steps, self.info.max_iters)
+        return [(f"cross term's weight ramp-up (sigmoid, to {self.cfg.cps_weight:g})", 0, n)] if n else []
 
     def trainable_nets(self) -> dict[str, nn.Module]:
         return {"net1": self.net1, "net2": self.net2}
@@ -107,7 +115,7 @@ class CPS(Method):
             loss_cps = cps_loss(out1["logits"], out2["logits"], y1, y2)
             y1_u, y2_u = y1[n:], y2[n:]
             raw1 = y1_u
-        loss = loss_sup + self.cfg.cps_weight * loss_cps
+        loss = loss_sup + self.cfg.cps_weight * sigmoid_rampup(step, self.rampup_steps) * loss_cps
         return {
             "loss": loss,
             "loss_sup": loss_sup,
