@@ -129,7 +129,7 @@ def batch(strong_scale: float) -> dict:
 
 
 @pytest.mark.parametrize("name", ["mean_teacher", "cutmix_seg", "vat", "u2pl", "u2pl_ael", "fixmatch", "unimatch",
-                                  "cps", "pseudoseg"])
+                                  "cps", "pseudoseg", "cct", "advsemseg", "gct"])
 def test_labeled_loss_ignores_the_other_views_with_split_bn(name):
 
     def loss_sup(split_bn: bool, scale: float) -> torch.Tensor:

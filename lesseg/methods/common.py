@@ -177,8 +177,9 @@ class ViewStatsConfig:
     # normalised alone, and apart from them each kind of unlabeled view (weak; strong / mixed / perturbed), as
     # if each group were forwarded alone; false: with the whole batch's statistics (as the U2PL authors' code).
     # The default is the measured better one per method (docs/benchmarks.md, "BatchNorm statistics per view"
-    # and "The labeled images normalised alone"): Mean Teacher, CutMix-Seg, FixMatch and UniMatch true; U2PL,
-    # CPS, VAT and PseudoSeg false (worse or no better split)
+    # "The labeled images normalised alone", "Every method with copy-paste at 300 steps"): Mean Teacher,
+    # CutMix-Seg, FixMatch, UniMatch, CCT, AdvSemSeg, GCT and PseudoSeg true; U2PL, CPS and VAT false (worse or
+    # no better split)
     split_bn: bool = False
 
 
