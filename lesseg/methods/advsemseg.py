@@ -27,8 +27,8 @@ Choices and departures from the authors' code (section 12):
 - The ``lambda_semi_adv`` term is always back-propagated (the authors drop it on steps where no unlabeled
   pixel passes ``T_semi`` after the start); ``T_semi`` counts a pixel at equality.
 - One segmenter forward on ``[x_l, x_u]`` (lesseg's one-forward rule) whose BatchNorm normalises the two
-  batches apart (``split_bn``, as the authors' separate forwards; ``method.split_bn=false``: together) and one D forward on ``[P_l, P_u, onehot(y)]`` (D has no normalization:
-  batching them changes nothing).
+  batches apart (``split_bn``, as the authors' separate forwards; ``method.split_bn=false``: together) and
+  one D forward on ``[P_l, P_u, onehot(y)]`` (D has no normalization: batching them changes nothing).
 """
 
 from __future__ import annotations
