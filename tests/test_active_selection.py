@@ -16,13 +16,17 @@ from lesseg.methods.active.selection import (
     region_scores,
     select_pixels,
     select_regions,
+    tie_ranks,
 )
 
 
-def naive_greedy(score: torch.Tensor, n: int, radius: int, active: torch.Tensor | None, active_radius: int):
-    """The definition, one pick at a time: best score first, ties by lower row-major index."""
+def naive_greedy(score: torch.Tensor, n: int, radius: int, active: torch.Tensor | None, active_radius: int,
+                 tiebreak: torch.Tensor | None = None):
+    """The definition, one pick at a time: best score first, ties by lower tie-break rank (else row-major
+    index)."""
     h, w = score.shape
-    order = sorted(range(h * w), key=lambda i: (-float(score.flatten()[i]), i))
+    rank = tiebreak.flatten().tolist() if tiebreak is not None else list(range(h * w))
+    order = sorted(range(h * w), key=lambda i: (-float(score.flatten()[i]), rank[i]))
     blocked = torch.zeros(h, w, dtype=torch.bool)
     if active is not None:
         for y, x in active.nonzero().tolist():
@@ -100,6 +104,35 @@ def test_ties_break_towards_the_upper_left():
     score = torch.zeros(6, 6)
     centres, _ = select_regions(score, 3, k=1)
     assert centres.tolist() == [0, 3, 18]  # (0,0), (0,3), (3,0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_tie_ranks_order_equal_scores_and_nothing_else(seed):
+    """With tie ranks the greedy is the naive one ordering ties by rank; scores still decide first."""
+    g = torch.Generator().manual_seed(200 + seed)
+    h, w = 15, 19
+    score = (torch.rand(h, w, generator=g) * 3).floor()  # three values: ties everywhere
+    active = torch.rand(h, w, generator=g) < 0.03
+    ranks = tie_ranks((h, w), g)
+    assert sorted(ranks.flatten().tolist()) == list(range(h * w))
+    centres, _ = select_regions(score, 9, k=1, active=active, tiebreak=ranks)
+    assert centres.tolist() == naive_greedy(score, 9, 2, active, 1, ranks)
+    pixels, _ = select_pixels(score, 12, radius=1, active=active, tiebreak=ranks)
+    assert pixels.tolist() == naive_greedy(score, 12, 1, active, 1, ranks)
+    assert all(score.flatten()[i] == score.max() for i in centres[:3].tolist())  # the best value still first
+
+
+def test_random_ties_spread_a_flat_map_over_the_image():
+    """A map of one value (a network predicting one class everywhere scores 0 everywhere): by index the
+    picks fill the top rows, by seeded random ranks they cover the image, the same for the same seed."""
+    score = torch.zeros(64, 64)
+    by_index = select_regions(score, 20, k=1)[0] // 64
+    assert by_index.max() <= 6  # rows 0, 3 and 6 only
+    spread = [select_regions(score, 20, k=1, tiebreak=tie_ranks((64, 64), torch.Generator().manual_seed(s)))[0]
+              for s in (0, 0, 1)]
+    assert torch.equal(spread[0], spread[1]) and not torch.equal(spread[0], spread[2])
+    rows = spread[0] // 64
+    assert rows.min() < 20 and rows.max() > 44  # both halves of the image
 
 
 def test_budgets():

@@ -179,6 +179,13 @@ def test_ties_go_to_the_lower_id():
     assert ids.tolist() == [1, 3, 0]
 
 
+def test_tie_ranks_order_equal_scores_only():
+    segments = torch.tensor([[0, 1, 2, 3]])
+    score = torch.tensor([0.5, 0.9, 0.5, 0.9])
+    ids, _ = select_superpixels(score, segments, 4, tiebreak=torch.tensor([3, 2, 0, 1]))
+    assert ids.tolist() == [3, 1, 2, 0]  # 0.9s first (rank 1 before 2), then the 0.5s (rank 0 before 3)
+
+
 def test_budget_rule_may_overshoot_by_less_than_the_last_superpixel():
     segments = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 2]])  # sizes 5, 2, 1
     score = torch.tensor([0.1, 0.9, 0.5])

@@ -7,11 +7,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from lesseg.engine.trainer import Trainer
+from lesseg.errors import ConfigError
 from lesseg.methods.active.losses import boundary_pixels, local_consistency, negative_learning
 
 
@@ -64,6 +66,7 @@ def test_a_tiny_adaptation_run_labels_the_budget_from_the_ground_truth(tiny_cfg,
     store, data = trainer.method.label_store, trainer.streams["target"].dataset
     n = len(data)
     assert [r["images"] for r in rounds] == [n, n]
+    assert all(0 <= r["flat_score_images"] <= n for r in rounds)  # counted every round
     if regions == "superpixel":  # whole superpixels until the round's pixels reach the budget
         budget = math.ceil(32 * 32 * 0.05 / 2)
         for r in rounds:
@@ -149,3 +152,23 @@ def test_margin_keeps_region_centres_away_from_the_border(tiny_cfg):
     paper = T(tiny_cfg(["train.iters=3"], method={"name": "ripu", "rounds": [0.5], "ratio": 0.2},
                        data=STREAMS)).method.select(score, torch.zeros(32, 32, dtype=torch.bool))
     assert (paper[0] >= 0).any()  # the paper's selection takes the border first
+
+
+def test_equal_scores_are_broken_at_random_unless_configured_by_index(tiny_cfg):
+    """An image whose prediction is one class scores 0 everywhere: the round's squares spread over it (seeded
+    ranks, the default), or fill its top rows with ``method.ties=index`` (the authors' argmax)."""
+    def picks(seed, **extra):
+        method = Trainer(tiny_cfg(["train.iters=3"], method={"name": "ripu", "rounds": [0.5], "ratio": 0.2, **extra},
+                            data=STREAMS)).method
+        logits = torch.zeros(3, 32, 32)
+        logits[0] = 9.0  # one class, confidently, everywhere: score 0 at every pixel
+        return method.pick(logits, torch.zeros(32, 32, dtype=torch.bool), torch.Generator().manual_seed(seed),
+                           np.zeros((32, 32, 3), np.uint8))
+    regions, score = picks(0)
+    assert not score.any()
+    rows = (regions >= 0).nonzero()[:, 0]
+    assert rows.min() < 10 and rows.max() > 21
+    assert torch.equal(regions, picks(0)[0]) and not torch.equal(regions, picks(1)[0])
+    assert (picks(0, ties="index")[0] >= 0).nonzero()[:, 0].max() <= 7  # rows 0-7: the top of the image
+    with pytest.raises(ConfigError, match="method.ties"):
+        picks(0, ties="upper-left")

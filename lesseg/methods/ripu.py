@@ -35,6 +35,7 @@ from .active.selection import (
     region_scores,
     select_pixels,
     select_regions,
+    tie_ranks,
 )
 from .active.superpixels import select_superpixels, slic_segments, superpixel_scores
 from .base import METHODS, Method, RunInfo
@@ -42,6 +43,7 @@ from .common import ce_loss, split_outputs
 from .supervised import SupervisedConfig, sup_loss
 
 SCORES = ("ripu", "random", "entropy", "impurity")
+TIES = ("random", "index")
 ANNOTATORS = ("gt", "human")
 
 
@@ -61,6 +63,10 @@ class RIPUConfig(SupervisedConfig):
     rounds: list[float] = field(default_factory=lambda: [0.25, 0.30, 0.35, 0.40, 0.45])  # fractions of the run
     score: str = "ripu"  # ripu | random | entropy | impurity (the paper's baselines)
     log_norm: float | None = None  # normaliser of P and U; None: ln C (the authors use ln 19 everywhere)
+    # equal scores (score 0 wherever one class is predicted around a pixel): random (seeded; they spread over
+    # the image) | index (the upper-left first, as the authors' argmax: an image predicted as one class gets
+    # its squares in a row along the top border; docs/benchmarks.md, "Active domain adaptation on shapes")
+    ties: str = "random"
     annotator: str = "gt"  # gt: labels copied from the target ground truth (simulation); human: a person
     lc_weight: float = ranged(0.1, "[0, inf)")  # local consistency on source semantic boundaries
     nl_weight: float = ranged(1.0, "[0, inf)")  # negative learning on target pixels
@@ -85,6 +91,8 @@ class RIPU(Method):
             raise ConfigError("method.regions=superpixel selects regions: it needs method.mode=region")
         if cfg.score not in SCORES:
             raise ConfigError(f"method.score must be one of {SCORES}, not {cfg.score!r}")
+        if cfg.ties not in TIES:
+            raise ConfigError(f"method.ties must be one of {TIES}, not {cfg.ties!r}")
         if cfg.annotator not in ANNOTATORS:
             raise ConfigError(f"method.annotator must be one of {ANNOTATORS}, not {cfg.annotator!r}")
         if not cfg.rounds or any(not 0 < f < 1 for f in cfg.rounds):
@@ -112,9 +120,14 @@ class RIPU(Method):
             return pixel_scores(logits, c.pa_k, c.log_norm)
         return region_scores(logits, c.k, c.log_norm)[0]
 
-    def select(self, score: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def tie_break(self, shape: tuple[int, ...], generator: torch.Generator, device) -> torch.Tensor | None:
+        """The ranks ordering equal scores (``method.ties``): a seeded random permutation, or None (index)."""
+        return tie_ranks(shape, generator, device) if self.cfg.ties == "random" else None
+
+    def select(self, score: torch.Tensor, active: torch.Tensor, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
         """H,W int64 map of the regions to label in this round of one image: region id (0, 1, ... in the order
-        picked) on the selected pixels, -1 elsewhere. A PA pixel is a region of its own."""
+        picked) on the selected pixels, -1 elsewhere. A PA pixel is a region of its own. ``tiebreak``: H,W ranks
+        ordering equal scores (None: row-major)."""
         c, (h, w) = self.cfg, score.shape
         if c.margin:  # the network is least certain at the zero-padded border: squares there are clipped too
             m = c.margin
@@ -122,9 +135,10 @@ class RIPU(Method):
             inner[m : h - m, m : w - m] = score[m : h - m, m : w - m]
             score = inner
         if c.mode == "pixel":
-            picks = select_pixels(score, pixel_budget(c.pixels, len(c.rounds), (h, w)), c.pa_radius, active)[0]
+            picks = select_pixels(score, pixel_budget(c.pixels, len(c.rounds), (h, w)), c.pa_radius, active,
+                                  tiebreak)[0]
             return _region_map(picks, 0, h, w)
-        picks = select_regions(score, region_budget(h, w, c.ratio, len(c.rounds), c.k), c.k, active)[0]
+        picks = select_regions(score, region_budget(h, w, c.ratio, len(c.rounds), c.k), c.k, active, tiebreak)[0]
         return _region_map(picks, c.k, h, w)
 
     def superpixel_size(self, h: int, w: int) -> int:
@@ -139,13 +153,14 @@ class RIPU(Method):
         c, (h, w) = self.cfg, logits.shape[1:]
         if not (c.mode == "region" and c.regions == "superpixel"):
             score = self.score_map(logits, generator)
-            return self.select(score, active), score
+            return self.select(score, active, self.tie_break(score.shape, generator, score.device)), score
         segments = slic_segments(rgb, self.superpixel_size(h, w)).to(logits.device)
         ripu, impurity, uncertainty = superpixel_scores(logits, segments, c.log_norm)
         score = {"ripu": ripu, "impurity": impurity, "entropy": uncertainty}.get(c.score)
         if score is None:  # random
             score = torch.rand(ripu.shape, generator=generator, device=ripu.device)
-        ids = select_superpixels(score, segments, math.ceil(h * w * c.ratio / len(c.rounds)), active)[0]
+        ids = select_superpixels(score, segments, math.ceil(h * w * c.ratio / len(c.rounds)), active,
+                                 self.tie_break(score.shape, generator, score.device))[0]
         order = torch.full_like(score, -1, dtype=torch.long)
         order[ids] = torch.arange(ids.numel(), device=ids.device)
         return order[segments], score[segments]
@@ -153,7 +168,7 @@ class RIPU(Method):
     def run_round(self, index: int, ctx: Any) -> dict:
         """Score every target image (each process its shard), select, then on every process: store the gt
         annotator's labels, or the requests a person will label (the run then pauses, ``waiting``)."""
-        store, picks, seconds, drawn = ctx.label_store, [], 0.0, []
+        store, picks, seconds, drawn, flat = ctx.label_store, [], 0.0, [], 0
         human = self.cfg.annotator == "human"
         generator = torch.Generator(device=ctx.device).manual_seed(1000 * ctx.step + index)  # random baseline
         mean, std = (torch.tensor(v).view(3, 1, 1) for v in (ctx.cfg.data.mean, ctx.cfg.data.std))
@@ -165,15 +180,17 @@ class RIPU(Method):
             t = time.perf_counter()
             regions, score = self.pick(logits, store.labeled(i, size).to(ctx.device), generator, rgb)
             seconds += time.perf_counter() - t
+            flat += int(bool(score.max() == score.min()))  # no preference anywhere: its picks are the tie rule's
             if len(drawn) < self.cfg.pictures and ctx.main and ctx.folder is not None:
                 drawn.append((rgb, score.float().cpu().numpy(), (regions >= 0).cpu().numpy()))
             regions = regions.flatten().cpu()
             pixels = (regions >= 0).nonzero().flatten()
             given = regions[pixels] if human else item["mask"][0].flatten()[pixels].to(torch.uint8)  # gt labels
             picks.append((i, pixels, given, size))
-        added, images, area, total_seconds = 0, 0, 0, 0.0
-        for shard, secs in ctx.gather((picks, seconds)):
+        added, images, area, total_seconds, flat_images = 0, 0, 0, 0.0, 0
+        for shard, secs, n_flat in ctx.gather((picks, seconds, flat)):
             total_seconds += secs
+            flat_images += n_flat
             for i, pixels, given, size in shard:
                 write = store.request if human else store.add
                 added += write(i, pixels, given, index, size)
@@ -184,7 +201,10 @@ class RIPU(Method):
             what = "pixels" if c.mode == "pixel" else "superpixels" if c.regions == "superpixel" else "squares"
             round_picture(*map(list, zip(*drawn)), ctx.folder / "rounds" / f"round{index}.png",
                           f"round {index} at step {ctx.step}: {c.score} score, {what}")
-        record = {"images": images, "select_s_per_image": total_seconds / max(images, 1)}
+        # images whose score map is one value (a network predicting one class over the whole image): RIPU
+        # has nothing to prefer there and their regions follow method.ties
+        record = {"images": images, "flat_score_images": flat_images,
+                  "select_s_per_image": total_seconds / max(images, 1)}
         if human:
             return {**record, "requested_pixels": added, "requested_regions": (store.pending() or {}).get("regions", 0)}
         # the budget actually spent (the per-image budget is rounded up: on small images it exceeds the ratio)

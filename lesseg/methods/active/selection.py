@@ -14,8 +14,13 @@ whose square would touch them (RA: within ``k``; PA: within ``radius``), so squa
 is selected twice. It stops when the budget is reached **or no candidate is left** (the authors' code then
 re-picks pixel (0, 0)).
 
-**Tie rule**: candidates are ordered by decreasing score, equal scores by increasing row-major index
-(``y * W + x``): among equal scores the upper-left one wins.
+**Tie rule**: candidates are ordered by decreasing score, equal scores by increasing ``tiebreak`` rank (an
+H,W permutation of ``0 .. H*W-1``; :func:`tie_ranks` draws a seeded random one, what RIPU's rounds use) or,
+without one, by increasing row-major index (``y * W + x``: the upper-left one wins). Ties are common: a
+region inside one predicted class has impurity 0, hence score 0, and a young network that predicts one class
+over a whole image scores all of it 0; broken by index, such an image's budget went to squares in a row along
+its top border (docs/benchmarks.md, "Active domain adaptation on shapes"), broken at random it spreads over the
+image as the random baseline's does.
 
 Vectorised, without a host synchronisation per pick: every pick of the greedy depends only on candidates
 of higher priority, so the greedy over the ``K`` best candidates gives exactly the greedy's first picks as
@@ -142,9 +147,17 @@ def pixel_budget(pixels: float, rounds: int, size: tuple[int, int] | None = None
 
 
 # -- greedy selection with suppression -----------------------------------------------------------------
-def _ordered_candidates(score: Tensor, valid: Tensor, count: int) -> Tensor:
+def tie_ranks(shape: tuple[int, ...], generator: torch.Generator | None = None, device=None) -> Tensor:
+    """A random priority among equal scores: a permutation of ``0 .. numel-1`` shaped ``shape`` (drawn with
+    ``generator``: the same seed, the same picks)."""
+    n = math.prod(shape)
+    device = device if device is not None else (generator.device if generator is not None else None)
+    return torch.randperm(n, generator=generator, device=device).view(shape)
+
+
+def _ordered_candidates(score: Tensor, valid: Tensor, count: int, tiebreak: Tensor | None = None) -> Tensor:
     """Flat indices of a prefix of the valid pixels in the tie rule's order (decreasing score, then increasing
-    index) holding at least the ``count`` best (all of them when fewer are valid).
+    ``tiebreak`` rank or index) holding at least the ``count`` best (all of them when fewer are valid).
 
     The cut is found on a strided sample of the map (a threshold that about twice ``count`` pixels pass),
     lowered until enough pass: one comparison over the map instead of a top-k or sort of all of it."""
@@ -160,7 +173,9 @@ def _ordered_candidates(score: Tensor, valid: Tensor, count: int) -> Tensor:
             break
         below = flat[flat < threshold]  # not enough: the next cut takes at least count more
         threshold = below.topk(min(count, below.numel())).values[-1] if below.numel() else -torch.inf
-    order = flat[idx].argsort(descending=True, stable=True)  # ties keep the ascending index
+    if tiebreak is not None:  # the whole tie at the cut passed it (>=): re-rank within ties
+        idx = idx[tiebreak.flatten()[idx].argsort()]
+    order = flat[idx].argsort(descending=True, stable=True)  # ties keep the tie-break (or ascending index) order
     return idx[order]
 
 
@@ -213,7 +228,8 @@ def _greedy(cand: Tensor, width: int, radius: int, n: int) -> tuple[Tensor, bool
     return cand[order[:n]], bool(order.numel() < n)
 
 
-def _select(score: Tensor, n: int, radius: int, active: Tensor | None, active_radius: int) -> Tensor:
+def _select(score: Tensor, n: int, radius: int, active: Tensor | None, active_radius: int,
+            tiebreak: Tensor | None) -> Tensor:
     w = score.shape[1]
     valid = torch.ones_like(score, dtype=torch.bool)
     if active is not None and bool(active.any()):
@@ -221,17 +237,19 @@ def _select(score: Tensor, n: int, radius: int, active: Tensor | None, active_ra
         valid &= ~near
     k = max(4 * n, 64)
     while True:
-        cand = _ordered_candidates(score, valid, k)
+        cand = _ordered_candidates(score, valid, k, tiebreak)
         picks, ran_out = _greedy(cand, w, radius, n)
         if not ran_out or len(cand) >= int(valid.sum()):
             return picks  # the budget is met, or no candidate is left anywhere
         k = 4 * len(cand)
 
 
-def select_regions(score: Tensor, n: int, k: int = 1, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def select_regions(score: Tensor, n: int, k: int = 1, active: Tensor | None = None,
+                   tiebreak: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """RA: up to ``n`` region centres of one image (flat indices, in the order picked) and the H,W bool mask of
-    their clipped (2k+1)^2 squares. ``active``: H,W bool, the pixels labeled in earlier rounds."""
-    centres = _select(score, n, 2 * k, active, k)
+    their clipped (2k+1)^2 squares. ``active``: H,W bool, the pixels labeled in earlier rounds; ``tiebreak``:
+    H,W ranks ordering equal scores (:func:`tie_ranks`; None: row-major)."""
+    centres = _select(score, n, 2 * k, active, k, tiebreak)
     h, w = score.shape
     mask = torch.zeros(h * w, dtype=torch.bool, device=score.device)
     mask[centres] = True
@@ -239,10 +257,12 @@ def select_regions(score: Tensor, n: int, k: int = 1, active: Tensor | None = No
     return centres, squares
 
 
-def select_pixels(score: Tensor, n: int, radius: int = 1, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def select_pixels(score: Tensor, n: int, radius: int = 1, active: Tensor | None = None,
+                  tiebreak: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """PA: up to ``n`` pixels of one image (flat indices, in the order picked), no two within Chebyshev
-    distance ``radius``, none within ``radius`` of a pixel labeled before; and their H,W bool mask."""
-    pixels = _select(score, n, radius, active, radius)
+    distance ``radius``, none within ``radius`` of a pixel labeled before; and their H,W bool mask.
+    ``tiebreak`` as :func:`select_regions`."""
+    pixels = _select(score, n, radius, active, radius, tiebreak)
     h, w = score.shape
     mask = torch.zeros(h * w, dtype=torch.bool, device=score.device)
     mask[pixels] = True

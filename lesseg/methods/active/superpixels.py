@@ -15,7 +15,8 @@ labeled already (so nothing is labeled twice across rounds), taken while the pix
 the round's pixel budget (the last superpixel may overshoot it by less than its own size), until the
 candidates run out.
 
-**Tie rule**: equal scores are taken by increasing superpixel id.
+**Tie rule**: equal scores are taken by increasing ``tiebreak`` rank (RIPU's rounds: a seeded random permutation,
+``selection.tie_ranks``) or, without one, by increasing superpixel id (SLIC's raster order: the upper-left first).
 
 All of it is vectorised over the superpixels (bincount, one stable sort, a cumulative sum): no Python loop over
 superpixels or picks.
@@ -79,13 +80,14 @@ def superpixel_scores(logits: Tensor, segments: Tensor, log_norm: float | None =
     return impurity * uncertainty, impurity, uncertainty
 
 
-def select_superpixels(score: Tensor, segments: Tensor, budget_pixels: int, active: Tensor | None = None
-                       ) -> tuple[Tensor, Tensor]:
+def select_superpixels(score: Tensor, segments: Tensor, budget_pixels: int, active: Tensor | None = None,
+                       tiebreak: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The superpixels to label in one round of one image: their ids (int64, in the order picked) and the H,W
     bool mask of their pixels.
 
     Candidates: the superpixels with at least one pixel, none of them in ``active`` (H,W bool, the pixels
-    labeled in earlier rounds). Greedy by decreasing ``score`` (S,), **ties by increasing id**; a candidate
+    labeled in earlier rounds). Greedy by decreasing ``score`` (S,), **ties by increasing ``tiebreak`` rank**
+    ((S,), e.g. :func:`selection.tie_ranks`; None: by increasing id, i.e. SLIC's raster order); a candidate
     is taken while the pixels taken before it are fewer than ``budget_pixels``, so the round labels at least
     the budget (overshooting by less than the last superpixel's size) unless the candidates run out first
     (then all of them are taken); ``budget_pixels <= 0`` takes nothing."""
@@ -100,7 +102,9 @@ def select_superpixels(score: Tensor, segments: Tensor, budget_pixels: int, acti
         touched = torch.bincount(flat[active.to(score.device).flatten()], minlength=s) > 0
         candidate &= ~touched
     ids = candidate.nonzero().flatten()  # ascending id
-    order = score[ids].argsort(descending=True, stable=True)  # stable: equal scores keep ascending id
+    if tiebreak is not None:
+        ids = ids[tiebreak.to(score.device)[ids].argsort()]
+    order = score[ids].argsort(descending=True, stable=True)  # stable: equal scores keep the tie-break order
     ids = ids[order]
     sizes = size[ids]
     before = sizes.cumsum(0) - sizes  # pixels taken before each one, if all before it are taken
