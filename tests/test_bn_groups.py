@@ -147,3 +147,23 @@ def test_labeled_loss_ignores_the_other_views_with_split_bn(name):
     assert torch.allclose(loss_sup(True, 1.0), loss_sup(True, 4.0), atol=1e-6)
     # the check has teeth: with the whole batch's statistics the other views move the labeled loss
     assert not torch.allclose(loss_sup(False, 1.0), loss_sup(False, 4.0), atol=1e-4)
+
+
+def test_ripu_source_loss_ignores_the_target_images_with_split_bn():
+    """RIPU's two domains normalised apart, as the authors' two forward calls do."""
+
+    def loss_src(split_bn: bool, scale: float) -> torch.Tensor:
+        cfg = config.from_dict({
+            "method": {"name": "ripu", "split_bn": split_bn},
+            "model": {"encoder": "test_resnet", "decoder_channels": 16, "dropout": 0.0},
+            "train": {"iters": 10},
+        })
+        torch.manual_seed(0)
+        m = build_method(cfg, RunInfo(num_classes=C, class_names=list("abc"), max_iters=10, iters_per_epoch=2))
+        m.train()
+        b = batch(scale)
+        target = {k: b["unlabeled"][k] for k in ("image", "mask", "valid", "index")}
+        return m.training_step({"source": b["labeled"], "target": target}, 0)["loss_src"].detach()
+
+    assert torch.allclose(loss_src(True, 1.0), loss_src(True, 4.0), atol=1e-6)
+    assert not torch.allclose(loss_src(False, 1.0), loss_src(False, 4.0), atol=1e-4)
