@@ -179,7 +179,8 @@ class ViewStatsConfig:
     # The default is the measured better one per method (docs/benchmarks.md, "BatchNorm statistics per view"
     # "The labeled images normalised alone", "Every method with copy-paste at 300 steps"): Mean Teacher,
     # CutMix-Seg, FixMatch, UniMatch, CCT, AdvSemSeg, GCT and PseudoSeg true; U2PL, CPS and VAT false (worse or
-    # no better split)
+    # no better split); RIPU true (its groups: the source and the target images, "The two domains normalised
+    # apart")
     split_bn: bool = False
 
 

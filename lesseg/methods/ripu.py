@@ -8,8 +8,8 @@ are selected (lesseg.methods.active.selection) and labeled by the annotator: ``g
 ground truth (the paper's simulation); ``human`` pauses the run after the round's checkpoint until a person's
 labels of the requested regions are imported (``lesseg active export`` / ``import``, engine/annotation.py). Loss: source CE + target CE on the labeled pixels + 0.1 local
 consistency on source boundaries + 1.0 negative learning on target pixels. The source and target images go
-through one forward with BatchNorm statistics per domain (``split_bn``: what the authors' two forwards do). ``score`` also gives the
-paper's baselines at the same budget (random, entropy-only, impurity-only).
+through one forward with BatchNorm statistics per domain (``split_bn``: what the authors' two forwards do).
+``score`` also gives the paper's baselines at the same budget (random, entropy-only, impurity-only).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .active.selection import (
 )
 from .active.superpixels import select_superpixels, slic_segments, superpixel_scores
 from .base import METHODS, Method, RunInfo
-from .common import ce_loss, forward_groups, split_outputs
+from .common import ViewStatsConfig, ce_loss, forward_groups, split_outputs
 from .supervised import SupervisedConfig, sup_loss
 
 SCORES = ("ripu", "random", "entropy", "impurity")
@@ -49,7 +49,7 @@ ANNOTATORS = ("gt", "human")
 
 
 @dataclass
-class RIPUConfig(SupervisedConfig):
+class RIPUConfig(SupervisedConfig, ViewStatsConfig):
     name: str = "ripu"
     mode: str = "region"  # region (RA) | pixel (PA: single pixels)
     regions: str = "square"  # RA: square ((2k+1)^2, the paper's) | superpixel (SLIC: regions a person can label)
@@ -72,8 +72,8 @@ class RIPUConfig(SupervisedConfig):
     lc_weight: float = ranged(0.1, "[0, inf)")  # local consistency on source semantic boundaries
     nl_weight: float = ranged(1.0, "[0, inf)")  # negative learning on target pixels
     nl_tau: float = ranged(0.05, "(0, 1)")
-    # BatchNorm statistics per domain in the joint forward (``forward_groups``): true: the source and the target
-    # images normalised apart, as the authors' two forward calls do (their DeepLab-v2 freezes the encoder's
+    # BatchNorm statistics per domain in the joint forward (common.ViewStatsConfig: the groups are the source
+    # and the target images): true: normalised apart, as the authors' two forward calls do (their DeepLab-v2 freezes the encoder's
     # BatchNorm; the decoder's still normalises per call); false: with the whole batch's statistics, where the
     # target images took statistics half from the source domain and the network labeled 83 % of them as one
     # class (shapes, 600 steps: source only 1.2 mIoU against 38.4 split; docs/benchmarks.md, "Active domain
