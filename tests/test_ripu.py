@@ -172,3 +172,19 @@ def test_equal_scores_are_broken_at_random_unless_configured_by_index(tiny_cfg):
     assert (picks(0, ties="index")[0] >= 0).nonzero()[:, 0].max() <= 7  # rows 0-7: the top of the image
     with pytest.raises(ConfigError, match="method.ties"):
         picks(0, ties="upper-left")
+
+
+def test_the_random_regions_and_tie_ranks_are_drawn_with_the_run_seed(tiny_cfg, tmp_path):
+    """Seeds of a random-baseline run differ in their picks too, not only in the training (before, every seed
+    drew the same regions); one seed draws the same ones again."""
+    def labels(seed, tag):
+        cfg = tiny_cfg([f"train.seed={seed}", "train.iters=2", f"out={tmp_path / tag}"],
+                       method={"name": "ripu", "score": "random", "rounds": [0.5], "ratio": 0.05}, data=STREAMS)
+        trainer = Trainer(cfg)
+        trainer.fit()
+        state = trainer.method.label_store.get_extra_state()
+        assert state["pixels"].numel() > 0
+        return state["pixels"]
+
+    first = labels(0, "a")
+    assert torch.equal(first, labels(0, "b")) and not torch.equal(first, labels(1, "c"))

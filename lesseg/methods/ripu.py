@@ -178,7 +178,7 @@ class RIPU(Method):
         annotator's labels, or the requests a person will label (the run then pauses, ``waiting``)."""
         store, picks, seconds, drawn, flat = ctx.label_store, [], 0.0, [], 0
         human = self.cfg.annotator == "human"
-        generator = torch.Generator(device=ctx.device).manual_seed(1000 * ctx.step + index)  # random baseline
+        generator = torch.Generator(device=ctx.device).manual_seed(round_seed(ctx.cfg.train.seed, ctx.step, index))
         mean, std = (torch.tensor(v).view(3, 1, 1) for v in (ctx.cfg.data.mean, ctx.cfg.data.std))
         for item in ctx.loader("target", masks=not human):
             i, image = int(item["index"]), item["image"]
@@ -238,6 +238,14 @@ class RIPU(Method):
         loss_nl = negative_learning(out_t["logits"].float().softmax(1), tgt["valid"], self.cfg.nl_tau)
         loss = loss_src + loss_tgt + self.cfg.lc_weight * loss_lc + self.cfg.nl_weight * loss_nl
         return {"loss": loss, "loss_src": loss_src, "loss_tgt": loss_tgt, "loss_lc": loss_lc, "loss_nl": loss_nl}
+
+
+def round_seed(seed: int, step: int, index: int) -> int:
+    """The seed of a round's random draws (the random baseline's scores, the tie ranks): a function of the
+    run's seed, the step and the round. Seed 0 keeps the value from before the run's seed entered it (until
+    then every seed drew the same random regions); torch's CPU generator reads 32 bits of it."""
+    base = 1000 * step + index
+    return base if seed == 0 else int(np.random.SeedSequence([seed, base]).generate_state(1)[0])
 
 
 def _region_map(centres: torch.Tensor, k: int, h: int, w: int) -> torch.Tensor:
