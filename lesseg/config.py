@@ -77,7 +77,7 @@ class StreamConfig:
     true_masks: bool = False
     dataset: str | None = None  # None: data.dataset (a stream may come from another dataset, e.g. DA)
     root: str | None = None  # None: data.root
-    options: dict[str, Any] | None = None  # None: data.options
+    options: dict[str, Any] | None = None  # over data.options (a stream of another dataset: its own only)
     # this stream's own geometry (e.g. RIPU: source crops 1280x720, target 1280x640): None: data.crop_size
     crop_size: list[int] | None = ranged(None, "[1, inf)")
     aug: dict[str, Any] = field(default_factory=dict)  # overrides of data.aug for this stream (same keys)

@@ -294,7 +294,7 @@ def test_written_layout_and_file_separation(fake: Path, tmp_path: Path) -> None:
     train = [f"real_train_{i:05d}" for i in range(8)]
     val = [f"real_val_{i:05d}" for i in range(4)]
     tree = _tree(root)
-    expected = {f"{d}/{s}.png" for d in ("images", "masks") for s in train + val}
+    expected = {f"{d}/{s}.png" for d in ("images", "masks", "masks_full") for s in train + val}
     expected |= {"classes.txt", "image_labels.csv", "meta.json", "splits/train.txt", "splits/val.txt"}
     assert set(tree) == expected
     assert (root / "classes.txt").read_text().splitlines() == list(CLASSES) and len(CLASSES) == 11
@@ -315,6 +315,11 @@ def test_written_layout_and_file_separation(fake: Path, tmp_path: Path) -> None:
                 image, mask = np.asarray(im), np.asarray(m)
             ref, _ = scene(3, "real", split, i, *arrays[split], 32)
             assert np.array_equal(image, ref.image) and np.array_equal(mask, ref.mask)
+            with Image.open(root / "masks_full" / f"{stem}.png") as m:
+                full = np.asarray(m)
+            # the same classes without the 255 border: each border pixel its drawn class (mostly background)
+            assert np.array_equal(full, ref.full) and IGNORE not in full and (mask == IGNORE).any()
+            assert np.array_equal(full[mask != IGNORE], mask[mask != IGNORE])
             tags = [int(t) for t in lines[stem].split(";")]
             assert tags == list(ref.tags) == sorted(set(np.unique(mask).tolist()) - {0, IGNORE})
             # train products come from the train file (labels 0-4), val products from t10k (labels 5-9)

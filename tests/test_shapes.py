@@ -11,7 +11,15 @@ from PIL import Image
 
 from lesseg.data import shapes
 from lesseg.data.base import IGNORE
-from lesseg.data.shapes import CLASSES, DOMAINS, ensure_shapes, generate_shapes, render_sample, sample_rng
+from lesseg.data.shapes import (
+    CLASSES,
+    DOMAINS,
+    ensure_shapes,
+    generate_shapes,
+    render_sample,
+    render_sample_full,
+    sample_rng,
+)
 from lesseg.errors import ConfigError, DataError
 
 C = len(CLASSES)
@@ -134,7 +142,7 @@ def test_written_layout(tmp_path: Path) -> None:
     assert root == tmp_path / "real" and sorted(p.name for p in tmp_path.iterdir()) == ["real"]
     stems = [f"real_{i:05d}" for i in range(9)]
     tree = _tree(root)
-    expected = {f"{d}/{s}.png" for d in ("images", "masks") for s in stems}
+    expected = {f"{d}/{s}.png" for d in ("images", "masks", "masks_full") for s in stems}
     expected |= {"classes.txt", "image_labels.csv", "meta.json", "splits/train.txt", "splits/val.txt"}
     assert set(tree) == expected
     assert (root / "classes.txt").read_text().splitlines() == list(CLASSES)
@@ -154,6 +162,11 @@ def test_written_layout(tmp_path: Path) -> None:
             mask = np.asarray(m)
         ref_image, ref_mask, tags = render_sample(sample_rng(3, "real", i), "real", 32)
         assert np.array_equal(image, ref_image) and np.array_equal(mask, ref_mask)
+        with Image.open(root / "masks_full" / f"{stem}.png") as m:
+            full = np.asarray(m)
+        # the border's pixels get the class they were drawn as; every other pixel keeps its class
+        assert IGNORE not in full and np.array_equal(full[mask != IGNORE], mask[mask != IGNORE])
+        assert set(np.unique(full[mask == IGNORE]).tolist()) <= {0, *tags}
         assert line == f"{stem},{';'.join(map(str, tags))}"
 
 
@@ -216,17 +229,17 @@ def test_interrupted_generation_leaves_no_complete_looking_folder(tmp_path: Path
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return render_sample(*args, **kwargs)
+        return render_sample_full(*args, **kwargs)
 
-    monkeypatch.setattr(shapes, "render_sample", failing)
+    monkeypatch.setattr(shapes, "render_sample_full", failing)
     with pytest.raises(KeyboardInterrupt):
         generate_shapes(tmp_path / "ds", **kw)
     assert list(tmp_path.iterdir()) == []  # neither the dataset nor a partial folder
 
-    monkeypatch.setattr(shapes, "render_sample", render_sample)
+    monkeypatch.setattr(shapes, "render_sample_full", render_sample_full)
     root = ensure_shapes(tmp_path / "ds", **kw)
     old = _tree(root)
-    monkeypatch.setattr(shapes, "render_sample", failing)
+    monkeypatch.setattr(shapes, "render_sample_full", failing)
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         ensure_shapes(root, **{**kw, "seed": 9})
@@ -247,3 +260,32 @@ BAD = [{"domain": "cartoon"}, {"size": 8}, {"n_train": -1}, {"seed": -1}, {"n_tr
 def test_bad_parameters(tmp_path: Path, kw: dict) -> None:
     with pytest.raises(ConfigError):
         ensure_shapes(tmp_path / "ds", **{"progress": False, **kw})
+
+
+def test_annotator_masks_and_stream_options(tmp_path: Path) -> None:
+    """``masks_dir: masks_full`` reads the masks without border (RIPU's simulated annotator); the standard
+    partitions are drawn from ``masks/`` whichever source comes first; a stream's options of the same dataset
+    are set over ``data.options`` (RIPU's target stream keeps the run's n_train, size, ...)."""
+    from lesseg import config
+    from lesseg.data import build_source, stream_source
+
+    opts = {"n_train": 32, "n_val": 4, "size": 32}
+    full = build_source("shapes", str(tmp_path / "ds"), {**opts, "masks_dir": "masks_full"})  # first
+    plain = build_source("shapes", str(tmp_path / "ds"), opts)
+    ref = build_source("shapes", str(tmp_path / "ref"), opts)
+    for k in (16, 8, 4, 2):
+        for kind in ("labeled", "unlabeled"):
+            assert [s.name for s in full.samples(f"{kind}_1-{k}")] == [s.name for s in ref.samples(f"{kind}_1-{k}")]
+    border = 0
+    for a, b in zip(plain.samples("train"), full.samples("train"), strict=True):
+        mask, whole = plain.read_mask(a.mask), full.read_mask(b.mask)
+        assert IGNORE not in whole and np.array_equal(whole[mask != IGNORE], mask[mask != IGNORE])
+        border += int((mask == IGNORE).sum())
+    assert border > 0
+
+    options = "data.options={n_train: 32, n_val: 4, size: 32}"
+    cfg = config.load("shapes/ripu.yaml", [f"data.root={tmp_path / 'ds'}", options])
+    target = stream_source(cfg.data, cfg.data.streams.target)
+    assert target.options["masks_dir"] == "masks_full" and target.options["n_train"] == 32
+    assert stream_source(cfg.data).options["masks_dir"] == "masks"  # evaluation keeps the border
+    assert len(target.samples("train")) == 32  # n_train inherited: no regeneration at the default size

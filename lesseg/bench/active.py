@@ -12,6 +12,9 @@ learning), differing only in what is labeled:
 - ``full target``: every target pixel labeled at the first percent of the run (PA without suppression and
   an unbounded budget) — the upper bound "fully supervised target with the same recipe".
 
+The simulated annotator answers from ``masks_full/`` (the real shapes' masks without the 255 outline border,
+``{family}/ripu.yaml``); training on the source and evaluation keep the border.
+
 Every run starts from torchvision's ImageNet MobileNetV2 fine-tuned at a tenth of the head's learning rate
 (the paper starts from ImageNet too): from random initialisation the short CPU schedules leave the network
 undertrained, and the labels barely matter (600 steps from scratch: RIPU RA 5 % 22.2, random 21.8, the fully

@@ -64,9 +64,14 @@ def stream_source(data: DictConfig, stream: DictConfig | None = None) -> SegSour
     own = stream is not None and stream.dataset and stream.dataset != data.dataset  # another dataset
     dataset = stream.dataset if own else data.dataset
     root = (stream.root if stream is not None and stream.root else None) or data.root
-    # options are the dataset's own: a stream of another dataset does not inherit data.options
-    opts = stream.options if stream is not None and stream.options is not None else ({} if own else data.options)
-    return build_source(dataset, root, OmegaConf.to_container(opts) if isinstance(opts, DictConfig) else opts)
+    # options are the dataset's own: a stream of another dataset does not inherit data.options; a stream of
+    # the same dataset sets its options over them (e.g. RIPU's target: masks_dir=masks_full)
+    def plain(opts) -> dict:
+        return dict(OmegaConf.to_container(opts) if isinstance(opts, DictConfig) else opts or {})
+    opts = {} if own else plain(data.options)
+    if stream is not None and stream.options is not None:
+        opts.update(plain(stream.options))
+    return build_source(dataset, root, opts)
 
 
 def build_streams(data: DictConfig, names: tuple[str, ...], strong: tuple[str, ...] = (),

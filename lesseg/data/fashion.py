@@ -29,9 +29,10 @@ Sources:
 Datasets are written in the generic folder format, as :mod:`lesseg.data.shapes` writes them::
 
     root/images/<stem>.png  root/masks/<stem>.png  root/classes.txt  root/image_labels.csv
-    root/splits/train.txt   root/splits/val.txt    root/meta.json
+    root/splits/train.txt   root/splits/val.txt    root/meta.json  root/masks_full/<stem>.png
 
-Masks hold class indices with a 1 px 255 (ignore) border around each object's visible outline, as in VOC.
+Masks hold class indices with a 1 px 255 (ignore) border around each object's visible outline, as in VOC;
+``masks_full/`` holds them without the border, for RIPU's simulated annotator (as in shapes).
 The ``fashion`` source (:class:`FashionSource`) adds the standard partitions ``labeled_1-16`` /
 ``unlabeled_1-16`` (and 1-8, 1-4, 1-2) of ``train``, exactly as the ``shapes`` source does.
 """
@@ -66,7 +67,7 @@ CLASSES = ("background", "tshirt_top", "trouser", "pullover", "dress", "coat", "
            "bag", "ankle_boot")  # class k = Fashion-MNIST label k - 1
 DOMAINS = ("synthetic", "real")
 SPLITS = ("train", "val")
-VERSION = 1  # bump whenever the generated images change, so that ensure_fashion regenerates old trees
+VERSION = 2  # bump whenever the generated images change, so that ensure_fashion regenerates old trees
 FORMAT = "lesseg-fashion"
 
 ENV_VAR = "LESSEG_FASHION_MNIST"
@@ -286,13 +287,14 @@ class Placed:
 
 @dataclass
 class Scene:
-    """One generated scene: HxWx3 uint8 image, HxW uint8 mask (255 = ignore), the sorted classes present
-    and the kept products bottom to top."""
+    """One generated scene: HxWx3 uint8 image, HxW uint8 mask (255 = ignore), the sorted classes present,
+    the kept products bottom to top and the mask without ignore border (each border pixel its drawn class)."""
 
     image: np.ndarray
     mask: np.ndarray
     tags: tuple[int, ...]
     objects: list[Placed] = field(default_factory=list)
+    full: np.ndarray | None = None
 
 
 def _place(rng: np.random.Generator, item: np.ndarray, cls: int, slot: int, size: int) -> _Object:
@@ -357,11 +359,12 @@ def render_scene(rng: np.random.Generator, products: Sequence[tuple[np.ndarray, 
         img = _jitter(rng, img)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     lut = np.array([0] + [o.cls for o in objs], dtype=np.uint8)
-    mask = lut[z]
+    full = lut[z]
+    mask = full.copy()
     mask[border] = IGNORE
     counts = np.bincount(z[~border].ravel(), minlength=len(objs) + 1)
     kept = [Placed(o.cls, o.slot, o.box, int(counts[k])) for k, o in enumerate(objs, 1)]
-    return Scene(image, mask, tuple(sorted({o.cls for o in objs})), kept)
+    return Scene(image, mask, tuple(sorted({o.cls for o in objs})), kept, full)
 
 
 def sample_rng(seed: int, domain: str, split: str, index: int) -> np.random.Generator:
@@ -437,7 +440,7 @@ def _matches(old: dict | None, meta: dict, files: dict[str, int] | None) -> bool
 def _write(root: Path, meta: dict, folder: Path, progress: bool) -> None:
     """Write a complete dataset into the fresh folder ``root``; meta.json comes last."""
     domain, seed, size = meta["domain"], meta["seed"], meta["size"]
-    for sub in ("images", "masks", "splits"):
+    for sub in ("images", "masks", "masks_full", "splits"):
         (root / sub).mkdir(parents=True)
     counts = {"train": meta["n_train"], "val": meta["n_val"]}
     bar = tqdm(total=sum(counts.values()), desc=f"generating fashion/{domain}", disable=not progress,
@@ -456,6 +459,7 @@ def _write(root: Path, meta: dict, folder: Path, progress: bool) -> None:
                 sc, _ = scene(seed, domain, split, i, images, item_labels, size, order)
                 Image.fromarray(sc.image).save(root / "images" / f"{s}.png")
                 Image.fromarray(sc.mask).save(root / "masks" / f"{s}.png")
+                Image.fromarray(sc.full).save(root / "masks_full" / f"{s}.png")
                 stems.append(s)
                 labels.append(f"{s},{';'.join(str(t) for t in sc.tags)}\n")
                 bar.update()

@@ -79,7 +79,8 @@ class FolderSource(FileSource):
 class ShapesSource(FolderSource):
     """The embedded dataset (:mod:`lesseg.data.shapes`), generated on first use or when its options change,
     then read as a folder dataset. Besides ``train``/``val`` it has the standard partitions
-    ``labeled_1-16``/``unlabeled_1-16`` (and 1-8, 1-4, 1-2) of ``train``, drawn once with seed 0."""
+    ``labeled_1-16``/``unlabeled_1-16`` (and 1-8, 1-4, 1-2) of ``train``, drawn once with seed 0 from
+    ``masks/``. ``masks_dir: masks_full`` reads the masks without ignore border (RIPU's annotator)."""
 
     defaults: ClassVar[dict[str, Any]] = {
         **FolderSource.defaults, "domain": "real", "n_train": 1024, "n_val": 256, "size": 64, "seed": 0,
@@ -97,6 +98,9 @@ class ShapesSource(FolderSource):
     def write_partitions(self) -> None:
         splits = self.root / "splits"
         if all((splits / f"{kind}_{p}.txt").exists() for p in self.partitions for kind in ("labeled", "unlabeled")):
+            return
+        if self.options["masks_dir"] != self.defaults["masks_dir"]:  # drawn from the dataset's own masks,
+            type(self)(self.root, **{**self.options, "masks_dir": self.defaults["masks_dir"]})  # whoever is first
             return
         train = self.samples("train")
         for name, fraction in self.partitions.items():
