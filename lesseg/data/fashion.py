@@ -67,7 +67,7 @@ CLASSES = ("background", "tshirt_top", "trouser", "pullover", "dress", "coat", "
            "bag", "ankle_boot")  # class k = Fashion-MNIST label k - 1
 DOMAINS = ("synthetic", "real")
 SPLITS = ("train", "val")
-VERSION = 2  # bump whenever the generated images change, so that ensure_fashion regenerates old trees
+VERSION = 2  # bump whenever the generated files change, so that ensure_fashion regenerates old trees (2: masks_full)
 FORMAT = "lesseg-fashion"
 
 ENV_VAR = "LESSEG_FASHION_MNIST"

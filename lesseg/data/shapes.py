@@ -36,7 +36,7 @@ from .base import IGNORE
 
 CLASSES = ("background", "disk", "square", "triangle", "star", "ring", "cross")
 DOMAINS = ("synthetic", "real")
-VERSION = 3  # bump whenever the generated images change, so that ensure_shapes regenerates old trees
+VERSION = 3  # bump whenever the generated files change, so that ensure_shapes regenerates old trees (3: masks_full)
 FORMAT = "lesseg-shapes"
 
 _MIN_VISIBLE_FRAC = 0.6  # an object keeps at least this share of its full area unoccluded, else dropped
