@@ -40,6 +40,14 @@ def test_variants_label_what_their_names_say(shapes_root, tmp_path, capsys):
     points = {p["series"]: p for p in curve_points(rows)}
     assert points["source only"]["pixels"] == 0 and points["RIPU RA"]["pixels"] > 0
     assert points["full target"]["pixels"] == 32 * 32 * 32  # the 32 target (train) images, every pixel
+    # the simulated annotator answers from masks_full/: no 255 among the labels, where masks/ has its border
+    from lesseg.data import build_source
+    from lesseg.engine.annotation import _open_run
+
+    labels = _open_run(tmp_path / "full_target" / "seed0").store.get_extra_state()["labels"]
+    assert labels.numel() == 32 * 32 * 32 and not (labels == 255).any()
+    target = build_source("shapes", str(shapes_root), {"n_train": 32, "n_val": 15, "size": 32})
+    assert any((target.read_mask(s.mask) == 255).any() for s in target.samples("train"))
     again = bench_active(tmp_path, names, (0,), tiny, device="cpu", train_missing=False)
     assert [r["miou"] for r in again] == [r["miou"] for r in rows]  # finished runs are reused
 

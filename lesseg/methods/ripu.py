@@ -72,10 +72,10 @@ class RIPUConfig(SupervisedConfig, ViewStatsConfig):
     lc_weight: float = ranged(0.1, "[0, inf)")  # local consistency on source semantic boundaries
     nl_weight: float = ranged(1.0, "[0, inf)")  # negative learning on target pixels
     nl_tau: float = ranged(0.05, "(0, 1)")
-    # BatchNorm statistics per domain in the joint forward (common.ViewStatsConfig: the groups are the source
-    # and the target images): true: normalised apart, as the authors' two forward calls do (their DeepLab-v2 freezes the encoder's
-    # BatchNorm; the decoder's still normalises per call); false: with the whole batch's statistics, where the
-    # target images took statistics half from the source domain and the network labeled 83 % of them as one
+    # BatchNorm statistics per domain in the joint forward (common.ViewStatsConfig: the groups are the source and
+    # the target images): true: normalised apart, as the authors' two forward calls do (their DeepLab-v2 freezes the
+    # encoder's BatchNorm; the decoder's still normalises per call); false: with the whole batch's statistics, where
+    # the target images took statistics half from the source domain and the network labeled 83 % of them as one
     # class (shapes, 600 steps: source only 1.2 mIoU against 38.4 split; docs/benchmarks.md, "Active domain
     # adaptation on shapes")
     split_bn: bool = True
