@@ -45,6 +45,10 @@ def test_online_masks_suppress_absent_classes_and_scale_by_the_confidence():
     # argmax); [.35 .3375 0] -> 0 (the argmax 1 loses to background once scaled by 0.75)
     assert online_masks(logits, weights).tolist() == [[[0, 1, 0, 0]]]
     assert online_masks(logits, torch.ones(1, 3)).tolist() == [[[0, 1, 2, 1]]]  # no suppression: the argmax
+    # with a threshold: the winner's share of the weighted sum; [.5 .3 0] -> .625, [.3 .45 0] -> .6,
+    # [.2 .075 0] -> .727, [.35 .3375 0] -> .509: at 0.62 the second and fourth pixels are ignored
+    assert online_masks(logits, weights, 0.62).tolist() == [[[0, 255, 0, 255]]]
+    assert online_masks(logits, weights, 0.5).tolist() == [[[0, 1, 0, 0]]]
 
 
 def test_tag_filter_keeps_background_and_the_tags_and_renormalises():
@@ -244,3 +248,40 @@ def test_refine_is_redone_when_its_prediction_window_changes(tiny_cfg, tmp_path)
     assert refine_marker() == refine_marker()
     assert refine_marker() != refine_marker("stages.refine.data.crop_size=[16,16]")
     assert refine_marker() != refine_marker("stages.refine.eval.flip=true")
+
+
+def test_init_from_classifier_starts_the_psl_networks_encoder_from_the_classifier(tiny_cfg, tmp_path, monkeypatch):
+    # the shapes configs start PSL's segmentation networks (psl and, with PSL+, train) from the classifier the
+    # pipeline trained on the tags: their encoder, not the classification head (the branch starts fresh)
+    from lesseg.methods.base import stage_config, stage_product
+
+    cfg = psl_cfg(tiny_cfg, tmp_path / "plan", init_from_classifier=True, crf=False)
+    stages = PSL.pipeline(cfg)
+    products = {s.name: stage_product(cfg.out, stages, j) for j, s in enumerate(stages)}
+    classifier = str(products["classifier"])
+    for name in ("psl", "train"):
+        k = [s.name for s in stages].index(name)
+        scfg = stage_config(cfg, stages, k, products)
+        assert scfg.model.pretrained == classifier and scfg.model.cls_head, name
+    plain = psl_cfg(tiny_cfg, tmp_path / "plan2", crf=False)
+    k = [s.name for s in PSL.pipeline(plain)].index("psl")
+    assert stage_config(plain, PSL.pipeline(plain), k, products).model.pretrained is None
+
+    # a real run: the psl network's encoder before its first step is the classifier's
+    cfg = psl_cfg(tiny_cfg, tmp_path / "run", plus=False, steps=1, init_from_classifier=True)
+    seen = {}
+    original_step = trainer_mod.Trainer.train_step
+
+    def first_step(self, batch):
+        if self.step == 0 and Path(self.out) == tmp_path / "run":
+            seen.update({k: v.detach().clone() for k, v in self.method.net.state_dict().items()})
+        return original_step(self, batch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", first_step)
+    PipelineRun(cfg).run()
+    trained = ckpt.load(tmp_path / "run" / "classifier" / "last.pt")["method"]
+    encoder = {k[len("net."):]: v for k, v in trained.items() if k.startswith("net.encoder.")}
+    assert encoder and all(torch.equal(seen[k], v) for k, v in encoder.items())
+    head = [k for k in seen if k.startswith("cls_head.")]
+    assert head and not any(torch.equal(seen[k], trained[f"net.{k}"]) for k in head if f"net.{k}" in trained)
+    torch.use_deterministic_algorithms(False)

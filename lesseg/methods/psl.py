@@ -25,6 +25,9 @@ Departures and choices (the authors released no code, so none copies or departs 
   on the un-augmented training images in eval mode, relative to the tag prior's (``stop_loss``);
 - step t's classifier starts from ``model.pretrained`` like step 1's (the paper retrains, not saying from what);
 - the online masks also label crop padding (labeled streams carry no padding map);
+- ``psl_rampup`` and ``psl_threshold`` (ours, off by default as in the paper) ramp the online masks' weight up
+  and keep only their confident pixels: a young network's own argmax teaches it background where the
+  AE masks are uncertain (docs/benchmarks.md, "The segmentation network starts from the tag classifier");
 - evaluation scores the segmentation output alone; the paper also multiplies test outputs by the
   classification branch's scores (the evaluator sees ``logits`` only).
 """
@@ -89,6 +92,9 @@ class PslConfig(AeConfig):
     # sigmoid ramp-up of the online masks' weight over this share of the run (ours: the paper only says their
     # quality rises as training proceeds); 0: full weight from the first step
     psl_rampup: float = ranged(0.0, "[0, 1]")
+    # online masks only where the tag-weighted probability, renormalised over the classes, reaches this (ours:
+    # the paper labels every pixel); the others are ignored. 0: every pixel
+    psl_threshold: float = ranged(0.0, "[0, 1)")
     cls_weight: float = ranged(1.0, "[0, inf)")  # BCE of the classification branch
 
 
@@ -104,12 +110,17 @@ def psl_weights(cls_logits: torch.Tensor, tags: torch.Tensor, bg_class: int = 0)
     return w
 
 
-def online_masks(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """PSL's online segmentation masks: ``argmax_c softmax(logits)_c x weights_c`` (the first class on ties).
+def online_masks(logits: torch.Tensor, weights: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """PSL's online segmentation masks: ``argmax_c softmax(logits)_c x weights_c`` (the first class on ties);
+    with ``threshold`` > 0, pixels whose winning share of ``sum_c softmax_c x weights_c`` is below it are 255.
 
     logits B,C,H,W ; weights B,C -> B,H,W long (no gradient)"""
     probs = F.softmax(logits.detach().float(), dim=1) * weights[:, :, None, None]
-    return class_map(probs)
+    masks = class_map(probs)
+    if threshold > 0:
+        share = probs.max(1).values / probs.sum(1).clamp_min(1e-12)
+        masks[share < threshold] = IGNORE
+    return masks
 
 
 def tag_filter(probs: torch.Tensor, tags: torch.Tensor, bg_class: int = 0) -> torch.Tensor:
@@ -255,16 +266,17 @@ class PSL(Method):
             raise ConfigError("psl trains its classification branch on image tags: every image of the stream "
                               "'pseudo' needs them (image_labels.csv)")
         out = self.net(pse["image"])
-        online = online_masks(out["logits"], psl_weights(out["cls"], pse["tags"], self.cfg.bg_class))
+        online = online_masks(out["logits"], psl_weights(out["cls"], pse["tags"], self.cfg.bg_class),
+                              self.cfg.psl_threshold)
         loss_ae = sup_loss(out, pse["mask"], self.cfg)
         loss_psl = sup_loss(out, online, self.cfg)
         loss_cls = multilabel_loss(out["cls"], pse["tags"])
         w_psl = self.cfg.psl_weight * sigmoid_rampup(step, self.rampup_steps)
         loss = loss_ae + w_psl * loss_psl + self.cfg.cls_weight * loss_cls
-        known = pse["mask"] != IGNORE
+        known = (pse["mask"] != IGNORE) & (online != IGNORE)
         agree = ((online == pse["mask"]) & known).sum() / known.sum().clamp_min(1)
         return {"loss": loss, "loss_ae": loss_ae, "loss_psl": loss_psl, "loss_cls": loss_cls,
-                "online_agree": agree.float()}
+                "online_agree": agree.float(), "online_kept": (online != IGNORE).float().mean()}
 
 
 __all__ = ["AE", "PSL", "AeConfig", "PslConfig", "online_masks", "psl_weights", "run_refine", "tag_filter"]
