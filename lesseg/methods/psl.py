@@ -116,10 +116,11 @@ def online_masks(logits: torch.Tensor, weights: torch.Tensor, threshold: float =
 
     logits B,C,H,W ; weights B,C -> B,H,W long (no gradient)"""
     probs = F.softmax(logits.detach().float(), dim=1) * weights[:, :, None, None]
-    masks = class_map(probs)
-    if threshold > 0:
-        share = probs.max(1).values / probs.sum(1).clamp_min(1e-12)
-        masks[share < threshold] = IGNORE
+    if threshold <= 0:
+        return class_map(probs)
+    best = probs.max(1)  # class_map's maximum, its value kept for the share
+    masks = best.indices
+    masks[best.values < threshold * probs.sum(1)] = IGNORE
     return masks
 
 
