@@ -20,18 +20,24 @@ from lesseg.engine.stages import STATUS, PipelineRun
 from lesseg.errors import ConfigError
 from lesseg.methods import METHODS
 from lesseg.methods.psl import AE, PSL
+from lesseg.methods.weak.crf import CrfParams, crf_missing
 from lesseg.methods.weak.erasing import (
     STATE,
+    crf_object_masks,
     erase,
     erase_regions,
     erasing_converged,
+    erasing_inputs,
     erasing_stopped,
     fill_values,
     load_regions,
     object_masks,
+    region_unary,
     save_regions,
     tag_prior_loss,
 )
+
+needs_crf = pytest.mark.skipif(crf_missing() is not None, reason=str(crf_missing()))
 
 # one image, five pixels, classes background, 1, 2 (as tests/test_cam.py)
 CAM1 = [0.9, 0.5, 0.2, 0.6, 0.0]
@@ -71,6 +77,46 @@ def test_object_masks_of_the_union_of_the_regions():
     assert object_masks(step1, TAGS, bg_class=2).tolist() == [[[1, 255, 2, 255, 2]]]
     empty = torch.zeros(1, 3, 1, 5, dtype=torch.bool)
     assert object_masks(empty, torch.tensor([[1.0, 0.0, 0.0]]), background).tolist() == [[[0] * 5]]
+
+
+def test_the_crf_unary_of_the_regions_by_hand():
+    step1 = erase_regions(maps([0.0] * 5, CAM1, CAM2), TAGS, 0.5)[0]  # class 1: pixels 0, 1, 3; class 2: 1, 3
+    u = region_unary(step1, [0, 1, 2], 0.7)
+    assert u.shape == (3, 1, 5) and u.dtype == np.float32
+    # in class 1's region: 0.7 for it, (1 - 0.7) / 2 for the two others; in both regions: 0.7 for each of
+    # them before renormalising; in none: 0.7 for background
+    one, both, none = [0.15, 0.7, 0.15], [0.15 / 1.55, 0.7 / 1.55, 0.7 / 1.55], [0.7, 0.15, 0.15]
+    assert np.allclose(u[:, 0].T, [one, both, none, both, none])
+    # a saliency cue: where it is high (not background) and no region is, nothing is known (1/3 each); a
+    # region keeps its class even where saliency is low
+    background = torch.tensor([[True, True, False, False, True]])
+    u = region_unary(step1, [0, 1, 2], 0.7, background)
+    assert np.allclose(u[:, 0].T, [one, both, [1 / 3] * 3, both, none])
+    # only the image's classes, in the given order; another background id, whose own regions (erasing never
+    # makes any) are not read: background is where no object class's region is
+    assert np.allclose(region_unary(step1, [1, 2], 0.6, bg_class=2)[:, 0].T,
+                       [[0.6, 0.4], [0.6, 0.4], [0.4, 0.6], [0.6, 0.4], [0.4, 0.6]])
+    with pytest.raises(ValueError, match="background"):
+        region_unary(step1, [1, 2], 0.7)
+
+
+@needs_crf
+def test_crf_masks_move_a_region_to_the_colour_edge():
+    # a 4x8 image, red left of column 4, blue from it; class 1's region ends one column late
+    image = np.zeros((4, 8, 3), np.uint8)
+    image[:, :4] = (255, 0, 0)
+    image[:, 4:] = (0, 0, 255)
+    regions = torch.zeros(3, 4, 8, dtype=torch.bool)
+    regions[1, :, :5] = True
+    mask = crf_object_masks(image, regions, torch.tensor([1.0, 1.0, 0.0]), 0.7, CrfParams())
+    assert mask.dtype == torch.uint8 and (mask == torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])).all()
+    # background id 2: the same pixels, labelled with it
+    assert (crf_object_masks(image, regions, torch.tensor([0.0, 1.0, 1.0]), 0.7, CrfParams(), bg_class=2)
+            == torch.tensor([1, 1, 1, 1, 2, 2, 2, 2])).all()
+    # an image tagged with no object: background everywhere, without a CRF
+    assert (crf_object_masks(image, regions, torch.tensor([1.0, 0.0, 0.0]), 0.7, CrfParams()) == 0).all()
+    with pytest.raises(ValueError, match="regions are 8x4"):
+        crf_object_masks(image[:, :6], regions, torch.tensor([1.0, 1.0, 0.0]), 0.7, CrfParams())
 
 
 def test_erasing_sets_the_mean_pixel_the_same_in_memory_and_in_the_written_file():
@@ -254,3 +300,42 @@ def test_the_stopping_rule_ends_the_mining_and_the_later_steps_are_skipped(tiny_
     assert (out / "erase3").resolve() == (out / "erase2").resolve()
     assert (out / "classifier3" / "last.pt").resolve() == (out / "classifier2" / "last.pt").resolve()
     assert AE.final_config(cfg).data.streams.pseudo.root == str(out / "erase3")  # the last stage reads step 2's
+
+
+@needs_crf
+def test_crf_masks_in_the_pipeline_label_every_pixel_and_keep_the_regions_masks_score(tiny_cfg):
+    cfg = ae_cfg(tiny_cfg, mask_crf=True, steps=1, crf_bi_rgb=13.0)
+    out = Path(cfg.out)
+    PipelineRun(cfg).run(until="erase1")
+    from lesseg.data import stream_source
+    from lesseg.data.saliency import saliency_map
+
+    src = stream_source(cfg.data)
+    samples = src.samples("train")
+    masks = masks_of(out / "erase1")
+    raw = torch.zeros(7, 7, dtype=torch.long)
+    for s in samples:
+        regions = load_regions(out / "erase1" / "regions" / f"{s.name}.npz", 7, (32, 32))
+        tags = torch.zeros(7).index_fill_(0, torch.tensor(s.tags), 1.0)
+        original = src.read_image(s.image)
+        low = torch.from_numpy(saliency_map(original, "spectral_residual") / 255.0 < 0.2)
+        expected = crf_object_masks(original, regions, tags, 0.7, CrfParams(bi_rgb=13.0), low)
+        assert np.array_equal(masks[s.name], expected.numpy()), s.name
+        from lesseg.metrics import confusion_matrix
+
+        true = torch.from_numpy(np.array(Image.open(s.mask)).astype(np.int64))
+        before = object_masks(regions[None], tags[None], low[None])
+        raw += confusion_matrix(before, true[None].masked_fill(before == 255, 255), 7)  # its labelled pixels
+    assert all((m != 255).all() for m in masks.values())  # the CRF labels every pixel
+    status = json.loads((out / STATUS).read_text())
+    quality = json.loads((out / "erase1" / "quality.json").read_text())
+    assert status[1]["metrics"]["pseudo_miou"] == quality["miou"] and status[1]["metrics"]["pseudo_labelled"] == 1.0
+    # the masks of the regions and saliency, before the CRF, are scored apart
+    from lesseg.metrics import iou_from_confusion
+
+    assert status[1]["metrics"]["raw_miou"] == pytest.approx(iou_from_confusion(raw)["miou"])
+    assert quality["raw"]["miou"] == status[1]["metrics"]["raw_miou"]
+    # the CRF's settings are the step's inputs only when its masks use the CRF
+    on = erasing_inputs(cfg, last=True)["method"]
+    off = erasing_inputs(ae_cfg(tiny_cfg, steps=1), last=True)["method"]
+    assert on["crf_bi_rgb"] == 13.0 and on["mask_crf"] and "crf_bi_rgb" not in off and not off["mask_crf"]

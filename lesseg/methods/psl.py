@@ -75,19 +75,25 @@ class AeConfig(CamSettings):
     erase_threshold: float = ranged(0.5, "(0, 1]")  # a tagged class's normalised CAM >= this: erased
     # stop rule: step t >= 2 mines only if its classifier's BCE <= stop_loss x the tag prior's; None: never stop
     stop_loss: float | None = ranged(0.5, "(0, inf)")
+    # the masks by the dense CRF over the image (ours; the paper: regions + saliency, the rest 255): its unary
+    # puts mask_crf_prob on a region's class and on background outside every region (and, with a saliency
+    # cue, spreads it evenly where saliency is high); every pixel gets the CRF's label (:func:`crf_object_masks`)
+    mask_crf: bool = False
+    mask_crf_prob: float = ranged(0.7, "(0, 1)")
+    # the dense CRF's settings (the masks' with mask_crf; PSL+'s refinement): DeepLab-CRF-LargeFOV's kernels
+    crf_iters: int = ranged(10, "[0, inf)")  # mean-field steps
+    crf_pos_xy: float = ranged(3.0, "(0, inf)")
+    crf_pos_w: float = ranged(3.0, "[0, inf)")
+    crf_bi_xy: float = ranged(121.0, "(0, inf)")
+    crf_bi_rgb: float = ranged(5.0, "(0, inf)")
+    crf_bi_w: float = ranged(4.0, "[0, inf)")
 
 
 @dataclass
 class PslConfig(AeConfig):
     name: str = "psl"
     plus: bool = True  # PSL+: predict the training images, refine (tags, CRF), train again
-    crf: bool = True  # refine with the dense CRF (pydensecrf2); false: tags only
-    crf_iters: int = ranged(10, "[0, inf)")  # mean-field steps; DeepLab-CRF-LargeFOV's kernel settings:
-    crf_pos_xy: float = ranged(3.0, "(0, inf)")
-    crf_pos_w: float = ranged(3.0, "[0, inf)")
-    crf_bi_xy: float = ranged(121.0, "(0, inf)")
-    crf_bi_rgb: float = ranged(5.0, "(0, inf)")
-    crf_bi_w: float = ranged(4.0, "[0, inf)")
+    crf: bool = True  # refine with the dense CRF (pydensecrf2, the crf_* settings); false: tags only
     psl_weight: float = ranged(1.0, "[0, inf)")  # CE on the online masks (the paper adds the terms)
     # sigmoid ramp-up of the online masks' weight over this share of the run (ours: the paper only says their
     # quality rises as training proceeds); 0: full weight from the first step
@@ -183,7 +189,7 @@ def run_refine(ctx: Any) -> dict:
     d = OmegaConf.to_container(ctx.cfg)
     d["model"]["cls_head"] = True  # the psl stage's network has its classification branch
     net = dataclasses.replace(ctx, cfg=config_mod.from_dict(d)).network("psl")
-    params = CrfParams(m.crf_iters, m.crf_pos_xy, m.crf_pos_w, m.crf_bi_xy, m.crf_bi_rgb, m.crf_bi_w)
+    params = CrfParams.of(m)
     raw_conf = torch.zeros(ctx.num_classes, ctx.num_classes, dtype=torch.long)
     counts = torch.zeros(5, dtype=torch.long)
     for item in tqdm(ctx.loader("labeled", masks=scored), desc="PSL+ masks", disable=not ctx.progress,

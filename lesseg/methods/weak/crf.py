@@ -26,6 +26,12 @@ class CrfParams:
     bi_rgb: float = 5.0
     bi_w: float = 4.0
 
+    @classmethod
+    def of(cls, method) -> CrfParams:
+        """The ``crf_*`` settings of a method's config (``ae``, ``psl``)."""
+        return cls(method.crf_iters, method.crf_pos_xy, method.crf_pos_w, method.crf_bi_xy, method.crf_bi_rgb,
+                   method.crf_bi_w)
+
 
 def crf_missing() -> str | None:
     """Why the dense CRF cannot run here (the package is not installed), or None when it can."""

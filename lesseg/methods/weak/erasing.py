@@ -47,6 +47,7 @@ from ... import config as config_mod
 from ...data.saliency import DETECTORS, SaliencyMaps, check_detectors
 from ...data.writer import FolderWriter
 from ...errors import ConfigError
+from ...metrics import confusion_matrix, iou_from_confusion
 from ..base import Stage
 from ..cam import (
     Throughput,
@@ -61,16 +62,18 @@ from ..cam import (
 )
 from ..classifier import multilabel_loss
 from .cam import IGNORE, foreground_counts, multiscale_cams, pseudo_masks
+from .crf import CrfParams, crf_missing, dense_crf
 
-__all__ = ["ERASED", "ERASE_STAGES", "MAX_STEPS", "STATE", "erase", "erase_regions", "erasing_converged",
-           "erasing_stages", "erasing_stopped", "fill_values", "load_regions", "object_masks",
-           "run_erasing_step", "save_regions", "tag_prior_loss", "write_tags"]
+__all__ = ["ERASED", "ERASE_STAGES", "MAX_STEPS", "STATE", "crf_object_masks", "erase", "erase_regions",
+           "erasing_converged", "erasing_stages", "erasing_stopped", "fill_values", "load_regions",
+           "object_masks", "region_unary", "run_erasing_step", "save_regions", "tag_prior_loss", "write_tags"]
 
 MAX_STEPS = 4  # erasing steps a run may have (the stage names exist for these); the paper tried 4, kept 3
 ERASED = "erased"  # an erasing step's dataset of erased images, for the next step's classifier
 STATE = "erasing.json"  # an erasing step's record: did it mine regions, its classifier's loss
 ERASE_KEYS = ("scales", "flip", "bg_class", "saliency", "saliency_dir", "saliency_threshold", "erase_threshold",
-              "stop_loss")
+              "stop_loss", "mask_crf")
+CRF_KEYS = ("mask_crf_prob", "crf_iters", "crf_pos_xy", "crf_pos_w", "crf_bi_xy", "crf_bi_rgb", "crf_bi_w")
 ERASE_STAGES = ("classifier", *(f"{kind}{t}" for t in range(1, MAX_STEPS + 1)
                                 for kind in ("classifier", "erase") if (kind, t) != ("classifier", 1)))
 
@@ -116,6 +119,51 @@ def object_masks(regions: Tensor, tags: Tensor, background: Tensor | None = None
     out = pseudo_masks(regions.float(), tags, 1.0, None, background, bg_class=bg_class)
     conflict = regions.sum(1) > 1
     return out.masked_fill(conflict.to(out.device), IGNORE)
+
+
+def region_unary(regions: Tensor, classes: Sequence[int], prob: float, background: Tensor | None = None,
+                 bg_class: int = 0) -> np.ndarray:
+    """The dense CRF's starting probabilities over ``classes`` (the image's tagged classes and ``bg_class``,
+    K of them) from the erased regions:
+
+    - a pixel in class c's region: ``prob`` for c, the rest ``1 - prob`` shared by the other K - 1 classes
+      (in the regions of several classes, each of them gets ``prob`` before the pixel is renormalised);
+    - a pixel in no region: ``prob`` for background, the rest shared; where a ``background`` map is given and
+      does not say background there (high saliency), every class 1/K: nothing is known.
+
+    regions C,H,W bool (all classes) ; classes K ids, ``bg_class`` among them ; background H,W bool
+    -> K,H,W float32 summing to 1 over K"""
+    classes = [int(c) for c in classes]
+    if bg_class not in classes or len(classes) < 2:
+        raise ValueError(f"region_unary needs background ({bg_class}) and at least one object class, got {classes}")
+    k = len(classes)
+    low = (1.0 - prob) / (k - 1)
+    own = regions[classes].cpu().numpy().astype(bool)  # K,H,W
+    objects = own[[j for j, c in enumerate(classes) if c != bg_class]].any(0)  # H,W
+    bg = classes.index(bg_class)
+    own[bg] = ~objects
+    probs = np.where(own, np.float32(prob), np.float32(low))
+    if background is not None:
+        unknown = ~objects & ~background.cpu().numpy().astype(bool)
+        probs[:, unknown] = 1.0 / k
+    return (probs / probs.sum(0, keepdims=True)).astype(np.float32)
+
+
+def crf_object_masks(rgb: np.ndarray, regions: Tensor, tags: Tensor, prob: float, params: CrfParams,
+                     background: Tensor | None = None, bg_class: int = 0) -> Tensor:
+    """One image's mask from its erased regions by the dense CRF (:func:`~.crf.dense_crf`) over the image:
+    the unary of :func:`region_unary`, the label of the CRF's most probable class at every pixel (only the
+    image's tags and background can win). An image tagged with no object is background everywhere.
+
+    rgb H,W,3 uint8 ; regions C,H,W bool ; tags C multi-hot ; background H,W bool -> H,W uint8"""
+    h, w = regions.shape[-2:]
+    if rgb.shape[:2] != (h, w):
+        raise ValueError(f"the image is {rgb.shape[1]}x{rgb.shape[0]} but its regions are {w}x{h}")
+    classes = sorted({bg_class, *torch.nonzero(tags > 0)[:, 0].tolist()})
+    if len(classes) < 2:
+        return torch.full((h, w), bg_class, dtype=torch.uint8)
+    marginals = dense_crf(rgb, region_unary(regions, classes, prob, background, bg_class), params)
+    return torch.tensor(classes, dtype=torch.uint8)[torch.from_numpy(marginals.argmax(0))]
 
 
 def tag_prior_loss(tag_sum: Tensor, images: int) -> float:
@@ -240,6 +288,8 @@ def run_erasing_step(ctx: Any, step: int, last: bool) -> dict:
     saliency = SaliencyMaps(data.source, data.samples, m.saliency, m.saliency_dir) if m.saliency else None
     autocast = torch.autocast(ctx.device.type, dtype=ctx.amp) if ctx.amp else nullcontext()
     counts = torch.zeros(5, dtype=torch.long)
+    raw_conf = torch.zeros(ctx.num_classes, ctx.num_classes, dtype=torch.long)  # the masks before the CRF
+    params = CrfParams.of(m) if m.mask_crf else None
     area = torch.zeros(2, dtype=torch.float64)  # erased pixels, pixels
     speed = Throughput(ctx.device)
     for batch in batches(f"step {step}: erasing"):
@@ -252,8 +302,16 @@ def run_erasing_step(ctx: Any, step: int, last: bool) -> dict:
                     cams = multiscale_cams(net.cam, image, tags, list(m.scales), m.flip)
                 mined = erase_regions(cams, tags, m.erase_threshold, m.bg_class).cpu()
             regions |= mined
-        masks = object_masks(regions, batch["tags"], low_saliency(saliency, batch, m.saliency_threshold),
-                             m.bg_class)
+        low = low_saliency(saliency, batch, m.saliency_threshold)
+        masks = object_masks(regions, batch["tags"], low, m.bg_class)
+        if params is not None:
+            if scored:  # (on their labelled pixels, as the written masks are scored)
+                raw_conf += confusion_matrix(masks, batch["mask"].masked_fill(masks == IGNORE, IGNORE),
+                                             ctx.num_classes)
+            masks = torch.stack([
+                crf_object_masks(data.source.read_image(data.samples[i].image), regions[k], batch["tags"][k],
+                                 m.mask_crf_prob, params, None if low is None else low[k], m.bg_class)
+                for k, i in enumerate(batch["index"].tolist())])
         counts += foreground_counts(masks, batch["mask"] if scored else None, m.bg_class)
         erased_px = regions.any(1)
         area += torch.tensor([erased_px.sum().item(), erased_px.numel()], dtype=torch.float64)
@@ -267,6 +325,12 @@ def run_erasing_step(ctx: Any, step: int, last: bool) -> dict:
                 rgb[erased_px[k].numpy()] = pixel
                 Image.fromarray(rgb).save(erased.root / "images" / f"{erased.stems[i]}.png")
     metrics = finish_masks(ctx, writer, counts.to(ctx.device))
+    if params is not None and scored:  # the regions' masks before the CRF, scored like run_refine's raw ones
+        raw = iou_from_confusion(ctx.all_reduce_sum(raw_conf.to(ctx.device)).cpu(), ctx.class_names)
+        metrics.update(raw_miou=raw["miou"], raw_acc=raw["acc"])
+        if ctx.main:
+            quality = json.loads((ctx.folder / "quality.json").read_text())
+            (ctx.folder / "quality.json").write_text(json.dumps({**quality, "raw": raw}, indent=1) + "\n")
     area = ctx.all_reduce_sum(area.to(ctx.device)).cpu()
     record.update(mined=mines, erased=float(area[0] / area[1]))
     if ctx.main:
@@ -282,8 +346,9 @@ def run_erasing_step(ctx: Any, step: int, last: bool) -> dict:
 
 
 def erasing_inputs(cfg: DictConfig, last: bool) -> dict:
-    """What an erasing step's product depends on besides its classifier and the step before."""
-    return {**cam_inputs(cfg, ERASE_KEYS), "last": last}
+    """What an erasing step's product depends on besides its classifier and the step before (the CRF's
+    settings only where the masks use it)."""
+    return {**cam_inputs(cfg, ERASE_KEYS + (CRF_KEYS if cfg.method.mask_crf else ())), "last": last}
 
 
 def erasing_stopped(products: dict[str, Path], step: int) -> str | None:
@@ -312,6 +377,9 @@ def erasing_stages(cfg: DictConfig) -> list[Stage]:
         raise ConfigError(f"method.saliency_dir {m.saliency_dir} does not exist or is not a folder")
     if m.saliency in DETECTORS:
         check_detectors(m.saliency)
+    if m.mask_crf and crf_missing():
+        raise ConfigError(f"method.mask_crf: {crf_missing()}; or set method.mask_crf=false (regions and "
+                          "saliency, the rest 255)")
     shared = OmegaConf.to_container(cfg.stages["classifier"]) if "classifier" in (cfg.stages or {}) else {}
     stages = [Stage("classifier", config=classifier_config, given=m.classifier_checkpoint)]
     for t in range(1, m.steps + 1):
