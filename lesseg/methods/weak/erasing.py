@@ -327,7 +327,8 @@ def run_erasing_step(ctx: Any, step: int, last: bool) -> dict:
     metrics = finish_masks(ctx, writer, counts.to(ctx.device))
     if params is not None and scored:  # the regions' masks before the CRF, scored like run_refine's raw ones
         raw = iou_from_confusion(ctx.all_reduce_sum(raw_conf.to(ctx.device)).cpu(), ctx.class_names)
-        metrics.update(raw_miou=raw["miou"], raw_acc=raw["acc"])
+        metrics.update(raw_miou=raw["miou"], raw_acc=raw["acc"], crf_miou=metrics["pseudo_miou"],
+                       crf_acc=metrics["pseudo_acc"])
         if ctx.main:
             quality = json.loads((ctx.folder / "quality.json").read_text())
             (ctx.folder / "quality.json").write_text(json.dumps({**quality, "raw": raw}, indent=1) + "\n")
