@@ -69,6 +69,22 @@ def test_pipeline_contract_every_stage_runs_and_a_rerun_skips_finished_stages(na
     assert [x.get("metrics") for x in again[:-1]] == measured and any(measured)
 
 
+def test_a_finished_stage_trains_again_when_its_schedule_changes_not_its_logging(tiny_cfg, fits):
+    # self_training: stage1 (a supervised teacher) then the student; stage 1's length makes its product
+    base = ["train.iters=2", "stages.stage1.train.iters=2"]
+    cfg = tiny_cfg(base, method={"name": "self_training"}, data=TWO_STREAMS)
+    first = METHODS.get("self_training").pipeline(cfg)[0].name
+    assert first == "stage1"
+    PipelineRun(cfg).run(until=first)
+    PipelineRun(tiny_cfg([*base, "stages.stage1.train.log_every=1", "stages.stage1.train.progress=false"],
+                         method={"name": "self_training"}, data=TWO_STREAMS)).run(until=first)
+    assert fits == [("stage1", None)]  # run-time settings: done before
+    longer = tiny_cfg([*base, "stages.stage1.train.iters=3"], method={"name": "self_training"}, data=TWO_STREAMS)
+    PipelineRun(longer).run(until=first)
+    assert fits == [("stage1", None), ("stage1", None)]  # trained again, from the start
+    assert ckpt.load(Path(longer.out) / first / "last.pt")["step"] == 3
+
+
 def test_an_interrupted_stage_resumes_to_the_same_result(tiny_cfg, tmp_path, monkeypatch):
     common = ["train.iters=4", "train.ckpt_every=1", "train.deterministic=true"]
     method = {"name": "self_training"}

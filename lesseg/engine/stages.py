@@ -5,7 +5,8 @@ leaves a product found by name: a training stage's ``last.pt``, a task stage's f
 folder format). A done marker (``done.json``) is written last, with the settings the product depends on and
 the identities of the products it used; ``<out>/stages.json`` shows every stage's state. A rerun skips a
 finished stage, resumes an interrupted training stage from its ``last.pt``, and runs again a stage whose
-settings changed or whose upstream products were remade (its folder is cleared first).
+settings changed (its schedule, ``train.iters``/``epochs``, included; only run-time settings such as the device
+or the logging are not compared) or whose upstream products were remade (its folder is cleared first).
 
 A stage whose ``skip`` says it is unnecessary given the earlier products (AE after its erasing stopped) is
 not run: ``stages.json`` marks it ``skipped`` (with the reason and ``same_as``, the stage whose product stands
@@ -50,12 +51,18 @@ PIPELINE = "pipeline.yaml"  # the run's config, as the pipeline ran it
 STAGE_TB = Path("tb") / "stages"
 
 
+# the schedule makes a training stage's product: a resume may change it (an interrupted stage goes on to the
+# new length), but a finished stage with another length trains again rather than passing for one
+SCHEDULE = ("train.iters", "train.epochs")
+
+
 def _inputs(stage: Stage, scfg: DictConfig) -> dict:
     """What a finished product depends on (JSON-normalised); run-time settings are left out."""
     if stage.inputs is not None:
         raw = stage.inputs(scfg)
     else:
-        raw = {k: v for k, v in flatten(OmegaConf.to_container(scfg)).items() if not k.startswith(RESUMABLE_PREFIXES)}
+        raw = {k: v for k, v in flatten(OmegaConf.to_container(scfg)).items()
+               if k in SCHEDULE or not k.startswith(RESUMABLE_PREFIXES)}
     return json.loads(json.dumps(raw, sort_keys=True, default=str))
 
 
