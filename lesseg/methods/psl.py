@@ -8,8 +8,9 @@ step erases (sets to the mean pixel) the pixels whose normalised CAM of a tagged
 and the next classifier trains on the erased images; from step 2 on, a step whose classifier no longer reaches
 a low loss (``stop_loss``) ends the erasing, and the later steps' stages are skipped (``stages.json``:
 ``skipped``; their classifiers do not train, their products are links to the stopping step's). The union of
-each class's regions makes the objects of the masks, low saliency their background, 255 the rest; each step's
-masks are scored (``erase{t}/quality.json``). Every step is a stage: a killed run resumes in the step it was
+each class's regions makes the objects of the masks, low saliency their background, 255 the rest (with
+``mask_crf``: the dense CRF over the image from the regions labels every pixel); each step's masks are scored
+(``erase{t}/quality.json``). Every step is a stage: a killed run resumes in the step it was
 in. ``stages.classifier.*`` applies to every step's classifier, ``stages.classifier{t}.*`` to one.
 
 ``ae``: the last stage trains a segmentation network with CE on the masks of the last step.
@@ -28,6 +29,8 @@ Departures and choices (the authors released no code, so none copies or departs 
 - ``psl_rampup`` and ``psl_threshold`` (ours, off by default as in the paper) ramp the online masks' weight up
   and keep only their confident pixels: a young network's own argmax teaches it background where the
   AE masks are uncertain (docs/benchmarks.md, "The segmentation network starts from the tag classifier");
+- ``mask_crf`` (ours, off by default): the erasing masks by the dense CRF; the paper's background cue is a deep
+  salient-object detector's maps, and the classical detectors available here are low inside flat objects;
 - evaluation scores the segmentation output alone; the paper also multiplies test outputs by the
   classification branch's scores (the evaluator sees ``logits`` only).
 """

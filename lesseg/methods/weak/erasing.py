@@ -6,7 +6,9 @@ image's tags (:mod:`.cam`), and takes as step t's region of class c the pixels w
 >= a threshold (0.5: methods.md). Erased pixels are set to the mean pixel (the dataset mean, so 0 once the
 image is normalised: the paper sets them to 0 in the network's input). The union of a class's regions over
 the accepted steps is its object region; pseudo-masks take the object regions, background from a saliency
-map (low saliency) where one is given, and 255 where the cues disagree or nothing is known.
+map (low saliency) where one is given, and 255 where the cues disagree or nothing is known. With ``mask_crf``
+(ours) the dense CRF over the image makes them instead, from a unary of the regions (and the saliency cue)
+(:func:`region_unary`, :func:`crf_object_masks`): every pixel labelled, the regions' edges moved to the image's.
 
 The paper's stopping rule: erasing goes on while the classifier trained on the erased images still reaches
 a low loss; once it cannot, most of the objects are gone and its CAMs would mine background, so its step adds
