@@ -83,6 +83,13 @@ def test_a_finished_stage_trains_again_when_its_schedule_changes_not_its_logging
     PipelineRun(longer).run(until=first)
     assert fits == [("stage1", None), ("stage1", None)]  # trained again, from the start
     assert ckpt.load(Path(longer.out) / first / "last.pt")["step"] == 3
+    # a marker written before the schedule counted (no train.iters in it) still stands for its stage
+    marker = Path(longer.out) / first / MARKER
+    done = json.loads(marker.read_text())
+    done["inputs"] = {k: v for k, v in done["inputs"].items() if k not in ("train.iters", "train.epochs")}
+    marker.write_text(json.dumps(done))
+    PipelineRun(longer).run(until=first)
+    assert len(fits) == 2
 
 
 def test_an_interrupted_stage_resumes_to_the_same_result(tiny_cfg, tmp_path, monkeypatch):

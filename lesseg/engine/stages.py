@@ -66,6 +66,15 @@ def _inputs(stage: Stage, scfg: DictConfig) -> dict:
     return json.loads(json.dumps(raw, sort_keys=True, default=str))
 
 
+def _comparable(inputs: dict, done: dict) -> dict:
+    """``inputs`` as a finished stage's marker can be compared with: without the schedule where the marker has
+    none (written before the schedule counted), so such a stage is not trained again for that alone."""
+    stored = done.get("inputs")
+    if isinstance(stored, dict) and not any(k in stored for k in SCHEDULE):
+        return {k: v for k, v in inputs.items() if k not in SCHEDULE}
+    return inputs
+
+
 def _read_marker(folder: Path) -> dict | None:
     try:
         return json.loads((folder / MARKER).read_text())
@@ -256,7 +265,8 @@ class PipelineRun:
             marker = {"stage": stage.name, "inputs": _inputs(stage, scfg), "upstream": dict(ids)}
             done = _read_marker(folder)
             if done is not None and k < last:
-                if {kk: done.get(kk) for kk in ("inputs", "upstream")} == {kk: marker[kk] for kk in ("inputs", "upstream")}:
+                if {kk: done.get(kk) for kk in ("inputs", "upstream")} == {"inputs": _comparable(marker["inputs"], done),
+                                                                           "upstream": marker["upstream"]}:
                     products[stage.name], ids[stage.name] = product, done["id"]
                     self.status[k]["metrics"] = done.get("metrics")  # what it measured when it ran
                     self._set(k, "done")
