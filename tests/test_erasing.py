@@ -36,6 +36,7 @@ from lesseg.methods.weak.erasing import (
     save_regions,
     tag_prior_loss,
 )
+from lesseg.metrics import confusion_matrix, iou_from_confusion
 
 needs_crf = pytest.mark.skipif(crf_missing() is not None, reason=str(crf_missing()))
 
@@ -321,8 +322,6 @@ def test_crf_masks_in_the_pipeline_label_every_pixel_and_keep_the_regions_masks_
         low = torch.from_numpy(saliency_map(original, "spectral_residual") / 255.0 < 0.2)
         expected = crf_object_masks(original, regions, tags, 0.7, CrfParams(bi_rgb=13.0), low)
         assert np.array_equal(masks[s.name], expected.numpy()), s.name
-        from lesseg.metrics import confusion_matrix
-
         true = torch.from_numpy(np.array(Image.open(s.mask)).astype(np.int64))
         before = object_masks(regions[None], tags[None], low[None])
         raw += confusion_matrix(before, true[None].masked_fill(before == 255, 255), 7)  # its labelled pixels
@@ -331,8 +330,6 @@ def test_crf_masks_in_the_pipeline_label_every_pixel_and_keep_the_regions_masks_
     quality = json.loads((out / "erase1" / "quality.json").read_text())
     assert status[1]["metrics"]["pseudo_miou"] == quality["miou"] and status[1]["metrics"]["pseudo_labelled"] == 1.0
     # the masks of the regions and saliency, before the CRF, are scored apart
-    from lesseg.metrics import iou_from_confusion
-
     assert status[1]["metrics"]["raw_miou"] == pytest.approx(iou_from_confusion(raw)["miou"])
     assert quality["raw"]["miou"] == status[1]["metrics"]["raw_miou"]
     assert status[1]["metrics"]["crf_miou"] == quality["miou"]  # (lesseg bench weak shows both)
