@@ -337,3 +337,22 @@ def test_crf_masks_in_the_pipeline_label_every_pixel_and_keep_the_regions_masks_
     on = erasing_inputs(cfg, last=True)["method"]
     off = erasing_inputs(ae_cfg(tiny_cfg, steps=1), last=True)["method"]
     assert on["crf_bi_rgb"] == 13.0 and on["mask_crf"] and "crf_bi_rgb" not in off and not off["mask_crf"]
+
+
+@needs_crf
+def test_a_stopped_step_reuses_the_crf_masks_of_the_step_before(tiny_cfg, monkeypatch):
+    from lesseg.methods.weak import erasing
+
+    cfg = ae_cfg(tiny_cfg, mask_crf=True, stop_loss=1e-4, steps=2)  # step 2 stops: its regions are step 1's
+    out = Path(cfg.out)
+    PipelineRun(cfg).run(until="erase1")
+    calls = []
+    monkeypatch.setattr(erasing, "crf_object_masks", lambda *a, **k: calls.append(1) or crf_object_masks(*a, **k))
+    PipelineRun(cfg).run(until="erase2")
+    assert json.loads((out / "erase2" / STATE).read_text())["mined"] is False
+    assert calls == []  # no CRF again on the same regions
+    assert masks_of(out / "erase2").keys() == masks_of(out / "erase1").keys()
+    assert all(np.array_equal(masks_of(out / "erase2")[n], m) for n, m in masks_of(out / "erase1").items())
+    status = json.loads((out / STATUS).read_text())
+    assert status[3]["metrics"]["pseudo_miou"] == status[1]["metrics"]["pseudo_miou"]
+    assert status[3]["metrics"]["raw_miou"] == status[1]["metrics"]["raw_miou"]

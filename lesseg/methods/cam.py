@@ -23,6 +23,7 @@ included: the CAM stage rebuilds the classifier from the model settings stored i
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -41,6 +42,7 @@ from ..data.saliency import SOURCES as SALIENCY_SOURCES
 from ..data.saliency import SaliencyMaps
 from ..data.writer import FolderWriter
 from ..errors import ConfigError
+from ..metrics import iou_from_confusion
 from ..models import Classifier, build_classifier, build_model
 from ..models.pretrained import eval_net_weights
 from ..safe_load import torch_load
@@ -241,6 +243,20 @@ def finish_masks(ctx: Any, writer: FolderWriter, counts: torch.Tensor) -> dict:
     return {"pseudo_miou": quality["miou"], "pseudo_acc": quality["acc"],
             "pseudo_fg_precision": fg["fg_precision"], "pseudo_fg_recall": fg["fg_recall"],
             "pseudo_labelled": fg["labelled"]}
+
+
+def add_raw_quality(ctx: Any, metrics: dict, raw_conf: torch.Tensor, crf: bool) -> dict:
+    """After :func:`finish_masks` of masks that a dense CRF refined: the masks before it, scored from
+    ``raw_conf`` (summed over the processes) as ``raw_miou``/``raw_acc`` and as ``raw`` in ``quality.json``;
+    with ``crf`` the written masks' numbers again as ``crf_miou``/``crf_acc``. Returns ``metrics``."""
+    raw = iou_from_confusion(ctx.all_reduce_sum(raw_conf.to(ctx.device)).cpu(), ctx.class_names)
+    metrics.update(raw_miou=raw["miou"], raw_acc=raw["acc"])
+    if crf:
+        metrics.update(crf_miou=metrics["pseudo_miou"], crf_acc=metrics["pseudo_acc"])
+    if ctx.main:
+        quality = json.loads((ctx.folder / "quality.json").read_text())
+        (ctx.folder / "quality.json").write_text(json.dumps({**quality, "raw": raw}, indent=1) + "\n")
+    return metrics
 
 
 def check_saliency(m: CamSettings | DictConfig) -> None:

@@ -38,7 +38,6 @@ Departures and choices (the authors released no code, so none copies or departs 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -54,10 +53,18 @@ from .. import config as config_mod
 from ..config import ranged
 from ..data.writer import FolderWriter
 from ..errors import ConfigError
-from ..metrics import confusion_matrix, iou_from_confusion
+from ..metrics import confusion_matrix
 from ..models import build_model, class_map
 from .base import METHODS, Method, RunInfo, Stage
-from .cam import CAM, CamSettings, cam_inputs, finish_masks, pseudo_train_config, tagged_images
+from .cam import (
+    CAM,
+    CamSettings,
+    add_raw_quality,
+    cam_inputs,
+    finish_masks,
+    pseudo_train_config,
+    tagged_images,
+)
 from .classifier import multilabel_loss
 from .common import IGNORE
 from .mean_teacher import sigmoid_rampup
@@ -214,13 +221,7 @@ def run_refine(ctx: Any) -> dict:
                      true=true[0] if scored else None)
     metrics = finish_masks(ctx, writer, counts.to(ctx.device))
     if scored:
-        raw = iou_from_confusion(ctx.all_reduce_sum(raw_conf.to(ctx.device)).cpu(), ctx.class_names)
-        metrics.update(raw_miou=raw["miou"], raw_acc=raw["acc"])
-        if m.crf:
-            metrics.update(crf_miou=metrics["pseudo_miou"], crf_acc=metrics["pseudo_acc"])
-        if ctx.main:
-            quality = json.loads((ctx.folder / "quality.json").read_text())
-            (ctx.folder / "quality.json").write_text(json.dumps({**quality, "raw": raw}, indent=1) + "\n")
+        add_raw_quality(ctx, metrics, raw_conf, m.crf)
     if ctx.main:
         write_tags(ctx.folder, writer.stems, data.samples)
     ctx.barrier()

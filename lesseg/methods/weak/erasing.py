@@ -49,10 +49,11 @@ from ... import config as config_mod
 from ...data.saliency import DETECTORS, SaliencyMaps, check_detectors
 from ...data.writer import FolderWriter
 from ...errors import ConfigError
-from ...metrics import confusion_matrix, iou_from_confusion
+from ...metrics import confusion_matrix
 from ..base import Stage
 from ..cam import (
     Throughput,
+    add_raw_quality,
     cam_inputs,
     check_saliency,
     classifier_config,
@@ -310,10 +311,14 @@ def run_erasing_step(ctx: Any, step: int, last: bool) -> dict:
             if scored:  # (on their labelled pixels, as the written masks are scored)
                 raw_conf += confusion_matrix(masks, batch["mask"].masked_fill(masks == IGNORE, IGNORE),
                                              ctx.num_classes)
-            masks = torch.stack([
-                crf_object_masks(data.source.read_image(data.samples[i].image), regions[k], batch["tags"][k],
-                                 m.mask_crf_prob, params, None if low is None else low[k], m.bg_class)
-                for k, i in enumerate(batch["index"].tolist())])
+            if mines:
+                masks = torch.stack([
+                    crf_object_masks(data.source.read_image(data.samples[i].image), regions[k], batch["tags"][k],
+                                     m.mask_crf_prob, params, None if low is None else low[k], m.bg_class)
+                    for k, i in enumerate(batch["index"].tolist())])
+            else:  # the regions did not grow: the step before's CRF masks of them, not the CRF again
+                masks = torch.stack([torch.from_numpy(np.array(Image.open(
+                    previous / "masks" / f"{writer.stems[i]}.png"))) for i in batch["index"].tolist()])
         counts += foreground_counts(masks, batch["mask"] if scored else None, m.bg_class)
         erased_px = regions.any(1)
         area += torch.tensor([erased_px.sum().item(), erased_px.numel()], dtype=torch.float64)
@@ -328,12 +333,7 @@ def run_erasing_step(ctx: Any, step: int, last: bool) -> dict:
                 Image.fromarray(rgb).save(erased.root / "images" / f"{erased.stems[i]}.png")
     metrics = finish_masks(ctx, writer, counts.to(ctx.device))
     if params is not None and scored:  # the regions' masks before the CRF, scored like run_refine's raw ones
-        raw = iou_from_confusion(ctx.all_reduce_sum(raw_conf.to(ctx.device)).cpu(), ctx.class_names)
-        metrics.update(raw_miou=raw["miou"], raw_acc=raw["acc"], crf_miou=metrics["pseudo_miou"],
-                       crf_acc=metrics["pseudo_acc"])
-        if ctx.main:
-            quality = json.loads((ctx.folder / "quality.json").read_text())
-            (ctx.folder / "quality.json").write_text(json.dumps({**quality, "raw": raw}, indent=1) + "\n")
+        add_raw_quality(ctx, metrics, raw_conf, crf=True)
     area = ctx.all_reduce_sum(area.to(ctx.device)).cpu()
     record.update(mined=mines, erased=float(area[0] / area[1]))
     if ctx.main:
