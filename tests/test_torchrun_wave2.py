@@ -87,8 +87,8 @@ CASES = {
     "u2pl_ael": ("shapes/u2pl_ael.yaml", [*SEMI, "train.iters=6", "train.eval_every=3", "method.sup_only_epochs=1",
                                           "method.contra_start_epochs=1", "method.num_queries=4",
                                           "method.num_negatives=4", "method.bank_size=32", "method.bank_size_bg=32"]),
-    # distribution alignment's running priors must be the same on both processes (they were per process)
-    "mean_teacher_align": ("shapes/mean_teacher.yaml", [*SEMI, "method.align=true"]),
+    # distribution alignment's running priors and shift must be the same on both processes (they were per process)
+    "mean_teacher_align": ("shapes/mean_teacher.yaml", [*SEMI, "method.align=hard"]),
     "fixmatch": ("shapes/fixmatch.yaml", [*SEMI, "method.conf_thresh=0.0"]),
     "unimatch": ("shapes/unimatch.yaml", [*SEMI, "method.conf_thresh=0.0"]),
     # two erasing steps, both mining (erased images written for the second classifier)

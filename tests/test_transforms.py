@@ -165,6 +165,8 @@ def test_copy_paste_pastes_one_allowed_class_of_another_image_with_its_pixels():
         assert torch.allclose(img * 255, mask.float() * 60, atol=0.5)  # image and mask pasted together
         new = set(mask.unique().tolist()) - {3}
         assert new <= {1, 2} and len(new) <= 1, new  # one class, never the excluded background
+        # the map of pasted pixels (distribution alignment's prior leaves them out); "a" pasted on itself: all
+        assert torch.equal(item["pasted"], mask != 3) or (not new and bool(item["pasted"].all()))
         for c in new:  # the whole 16x16 block of that class, where image "b" has it
             assert (mask == c).sum() == 256 and bool((mask[:16, 16:] == c).all() or (mask[16:, 16:] == c).all())
             assert item["tags"].tolist() == [0, 1 if c == 1 else 0, 1 if c == 2 else 0, 1]
@@ -174,6 +176,7 @@ def test_copy_paste_pastes_one_allowed_class_of_another_image_with_its_pixels():
     assert sum(pasted.values()) >= 10  # "a" draws "b" about half the time (itself: nothing to paste)
     for seed in range(10):  # p = 0: never; background allowed: class 0 can be pasted too
         assert torch.equal(pasting(p=0.0)[(0, seed)]["mask"], torch.full((32, 32), 3))
+        assert "pasted" not in pasting(p=0.0)[(0, seed)]
     assert any((pasting(exclude=())[(0, s)]["mask"] == 0).any() for s in range(40))
 
 

@@ -114,11 +114,12 @@ class SegDataset(Dataset):
         img = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
         return img, tv_tensors.Mask(torch.from_numpy(np.stack(list(planes.values())))), list(planes)
 
-    def paste(self, img: tv_tensors.Image, m: tv_tensors.Mask) -> tuple[tv_tensors.Image, tv_tensors.Mask, int | None]:
+    def paste(self, img: tv_tensors.Image,
+              m: tv_tensors.Mask) -> tuple[tv_tensors.Image, tv_tensors.Mask, int | None, torch.Tensor | None]:
         """Copy-paste: a random image of the stream through its own geometry, and every pixel of one of its
         classes (drawn uniformly among those it shows, ``paste_exclude`` and ignore left out) pasted on
-        ``img`` and each plane. Returns the pasted class (None: the drawn image shows none). Draws from
-        torch's global generator (the caller seeds it). Two ``torch.where`` after the stream's own torchvision
+        ``img`` and each plane. Returns the pasted class and the H,W map of pasted pixels (None, None: the drawn
+        image shows none). Draws from torch's global generator (the caller seeds it). Two ``torch.where`` after the stream's own torchvision
         geometry: albumentations' CopyAndPaste is instance-level (crop, shrink, place) and not torchvision's."""
         j = int(torch.randint(len(self), ()))
         seed = int(torch.randint(2**62, ()))
@@ -128,27 +129,29 @@ class SegDataset(Dataset):
             d_img, d_m = self.geometry(d_img, d_m)
         shown = [c for c in d_m[0].unique().tolist() if c != IGNORE and c not in self.paste_exclude]
         if not shown:
-            return img, m, None
+            return img, m, None, None
         c = shown[int(torch.randint(len(shown), ()))]
         where = d_m[0] == c
         return (tv_tensors.wrap(torch.where(where, d_img, img), like=img),
-                tv_tensors.wrap(torch.where(where, d_m, m), like=m), c)
+                tv_tensors.wrap(torch.where(where, d_m, m), like=m), c, where.as_subclass(torch.Tensor))
 
     def __getitem__(self, key) -> dict:
         i, seed = key if isinstance(key, tuple) else (key, None)
         img, m, names = self.planes(i)
         item: dict = {"index": i, "name": self.samples[i].name}
-        pasted = None
+        pasted = where_pasted = None
         if self.train:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 img, m = self.geometry(img, m)
                 if self.copy_paste and float(torch.rand(())) < self.copy_paste:
-                    img, m, pasted = self.paste(img, m)
+                    img, m, pasted, where_pasted = self.paste(img, m)
                 if self.photometric is not None:  # image_strong, then image_strong2, ...: independent draws
                     for v in range(self.strong_views):
                         item["image_strong" + (str(v + 1) if v else "")] = self.norm(self.photometric(img))
         item["image"] = self.norm(img)
+        if self.train and self.copy_paste:  # where pixels were pasted (PriorAlignment leaves them out)
+            item["pasted"] = torch.zeros(m.shape[-2:], dtype=torch.bool) if where_pasted is None else where_pasted
         m = m.as_subclass(torch.Tensor).long()
         for k, name in enumerate(names):
             if name == "_pad":

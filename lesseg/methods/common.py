@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
+from ..errors import ConfigError
 from ..metrics import confusion_matrix
 from ..models import batchnorm_groups, class_map
 
@@ -56,29 +57,52 @@ def hard_labels(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 class PriorAlignment(nn.Module):
-    """Distribution alignment of a teacher's predictions on unlabeled pixels: ``log p' = log p + log pi_lab -
-    log pi_pred`` (renormalised by the softmax), where ``pi_lab`` is the running class frequency of the labeled
-    masks and ``pi_pred`` the running mean of the teacher's (unaligned) probabilities on valid unlabeled
-    pixels. ReMixMatch's distribution alignment; in segmentation it counters the pseudo-labels' drift toward
-    the dominant class (background), which a few labeled images and a young teacher start and self-training
-    then confirms (the bias DARS, He et al. 2021, re-distributes). Running means with the EMA warm-up of
-    :func:`ema_update` (``m = min(1 - 1/(n+1), momentum)``) of the counts summed over processes (under DDP
-    every process aligns with the same priors); saved with the method (exact resume)."""
+    """Alignment of a teacher's predictions on unlabeled pixels to the class frequencies of the labeled masks,
+    against the pseudo-labels' drift toward the dominant class (background), which a few labeled images and a
+    young network start and self-training then confirms (the bias DARS, He et al. 2021, re-distributes).
 
-    def __init__(self, num_classes: int, momentum: float = 0.99) -> None:
+    ``pi_lab`` is the running class frequency of the labeled masks (pixels that copy-paste pasted left out when
+    the batch says where: their classes are drawn uniformly, not by frequency). Two modes, both returning
+    shifted logits ``log p + shift`` (a per-class offset; the softmax renormalises):
+
+    - ``"mean"``: ReMixMatch's distribution alignment, ``shift = log pi_lab - log pi_pred`` with ``pi_pred``
+      the running mean of the teacher's (unaligned) probabilities on valid unlabeled pixels.
+    - ``"hard"``: the shift under which the *argmax* of the batch's valid unlabeled pixels is distributed as
+      ``pi_lab`` (ours). Found by damped fixed-point steps ``shift += (log pi_lab - log share(shift)) / 2``
+      (each clipped to +-1, ``iters`` of them, from the running shift) on at most ``max_pixels`` pixels per
+      process (an even stride), then averaged into the running shift with an EMA of ``shift_momentum``. The
+      mean probability is not where the bias lies: a pixel whose probability is spread over six object classes
+      stays background under the argmax; matching the argmax's shares moves exactly those pixels.
+
+    Running means use the EMA warm-up of :func:`ema_update` (``m = min(1 - 1/(n+1), momentum)``); under DDP
+    the counts of every iteration are summed over processes, so every process aligns with the same shift.
+    Saved with the method (exact resume)."""
+
+    MODES = ("mean", "hard")
+
+    def __init__(self, num_classes: int, mode: str = "mean", momentum: float = 0.99, *, shift_momentum: float = 0.9,
+                 iters: int = 20, max_pixels: int = 65536, max_shift: float = 4.0) -> None:
         super().__init__()
-        self.momentum = momentum
+        if mode not in self.MODES:
+            raise ValueError(f"alignment mode must be one of {self.MODES}, got {mode!r}")
+        self.mode, self.momentum, self.shift_momentum = mode, momentum, shift_momentum
+        self.iters, self.max_pixels, self.max_shift = iters, max_pixels, max_shift
         self.register_buffer("labeled", torch.full((num_classes,), 1.0 / num_classes))
         self.register_buffer("predicted", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("shift", torch.zeros(num_classes))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def update(self, masks: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor) -> None:
+    def update(self, masks: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor,
+               pasted: torch.Tensor | None = None) -> None:
         """``masks`` B,H,W labeled class ids (255 ignored); ``probs`` B,C,H,W teacher probabilities on the
-        unlabeled images, ``valid`` their B,H,W valid pixels."""
+        unlabeled images, ``valid`` their B,H,W valid pixels; ``pasted`` B,H,W: the labeled pixels copy-paste
+        pasted (not counted in ``pi_lab``), or None."""
         c = self.labeled.numel()
-        known = masks[masks != IGNORE]
-        lab = torch.bincount(known, minlength=c)[:c].float()
+        counted = masks != IGNORE
+        if pasted is not None:
+            counted &= ~pasted
+        lab = torch.bincount(masks[counted], minlength=c)[:c].float()
         pred = (probs.float() * valid[:, None]).sum((0, 2, 3))
         both = dist.all_reduce_sum(torch.cat([lab, pred]))  # every process aligns with the same priors
         lab, pred = both[:c], both[c:]
@@ -87,12 +111,44 @@ class PriorAlignment(nn.Module):
             total = counts.sum()
             moved = running * m + counts / total.clamp_min(1e-12) * (1 - m)
             running.copy_(torch.where(total > 0, moved, running))  # no host sync on the training step
+        if self.mode == "mean":
+            self.shift.copy_(self.labeled.clamp_min(1e-6).log() - self.predicted.clamp_min(1e-6).log())
+        else:
+            solved = self.solve(probs, valid)
+            m = min(1.0 - 1.0 / (int(self.updates) + 1), self.shift_momentum)
+            self.shift.copy_(self.shift * m + solved * (1 - m))
         self.updates += 1
 
+    def solve(self, probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The shift (C,) under which the argmax of the valid pixels of ``probs`` (summed over processes) is
+        distributed as ``pi_lab``; mean 0, within +-``max_shift``."""
+        c = self.labeled.numel()
+        logp = probs.float().clamp_min(1e-12).log().movedim(1, -1)[valid]  # P,C
+        logp = logp[:: -(-logp.shape[0] // self.max_pixels) or 1]  # an even stride: at most max_pixels
+        target = self.labeled.clamp_min(1e-4).log()
+        shift = self.shift.clone()
+        for _ in range(self.iters):
+            counts = dist.all_reduce_sum(torch.bincount((logp + shift).argmax(1), minlength=c)[:c].float())
+            share = counts / counts.sum().clamp_min(1.0)
+            shift = shift + 0.5 * (target - share.clamp_min(1e-4).log()).clamp(-1.0, 1.0)
+            shift = (shift - shift.mean()).clamp(-self.max_shift, self.max_shift)
+        return shift
+
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        """Aligned logits (B,C,H,W): their softmax is ``p * pi_lab / pi_pred``, renormalised."""
-        shift = self.labeled.clamp_min(1e-6).log() - self.predicted.clamp_min(1e-6).log()
-        return logits.float() + shift.view(1, -1, 1, 1)
+        """Aligned logits (B,C,H,W): ``logits + shift`` (in the mean mode the softmax is ``p * pi_lab / pi_pred``,
+        renormalised)."""
+        return logits.float() + self.shift.view(1, -1, 1, 1)
+
+
+ALIGN_MODES = ("none", "mean", "hard")
+
+
+def make_alignment(mode: str, num_classes: int) -> PriorAlignment | None:
+    """``method.align``: ``"none"`` (no alignment: None), ``"mean"`` or ``"hard"`` (:class:`PriorAlignment`)."""
+    if mode not in ALIGN_MODES:
+        raise ConfigError(f"method.align must be one of {', '.join(ALIGN_MODES)}, got {mode!r}"
+                          + (" (true was the mean alignment: mean)" if str(mode).lower() == "true" else ""))
+    return None if mode == "none" else PriorAlignment(num_classes, mode)
 
 
 def make_teacher(student: nn.Module) -> nn.Module:

@@ -25,6 +25,7 @@ from .common import (
     ce_loss,
     forward_groups,
     hard_labels,
+    make_alignment,
     pseudo_label_quality,
     split_outputs,
 )
@@ -40,6 +41,9 @@ class CPSConfig(SupervisedConfig, ViewStatsConfig):
     cutmix: bool = False  # cross term on CutMix-ed unlabeled images (pseudo-labels mixed with the box mask)
     # sigmoid ramp-up of the cross term over this share of the run (ours; the paper has none); 0: full from step 0
     rampup: float = ranged(0.0, "[0, 1]")
+    # each network's unlabeled predictions aligned to the labeled class frequencies before its pseudo-labels are
+    # taken (common.PriorAlignment; ours): none | mean | hard
+    align: str = "none"
 
 
 def cps_loss(
@@ -70,6 +74,8 @@ class CPS(Method):
             torch.manual_seed((torch.initial_seed() + 1) % 2**63)
             self.net2 = build_model(model_cfg, info.num_classes)
         self.rampup_steps = round(cfg.rampup * info.max_iters)
+        self.align1 = make_alignment(cfg.align, info.num_classes)
+        self.align2 = make_alignment(cfg.align, info.num_classes)
 
     def phases(self) -> list[tuple[str, int, int]]:
         n = min(self.rampup_steps, self.info.max_iters)
@@ -82,14 +88,28 @@ class CPS(Method):
         return self.net1
 
     @torch.no_grad()
-    def mixed_pseudo_labels(self, unl: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Mixed images and each network's pseudo-labels of the mixed images, from its predictions on the
-        source images mixed with the box mask; the mixed valid map; net1's pseudo-labels before mixing."""
+    def aligned(self, logits1: torch.Tensor, logits2: torch.Tensor, lab: dict[str, torch.Tensor],
+                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each network's unlabeled logits aligned by its own :class:`PriorAlignment` (unchanged without)."""
+        if self.align1 is None:
+            return logits1, logits2
+        out = []
+        for a, logits in ((self.align1, logits1), (self.align2, logits2)):
+            a.update(lab["mask"], logits.float().softmax(1), valid, lab.get("pasted"))
+            out.append(a(logits))
+        return out[0], out[1]
+
+    @torch.no_grad()
+    def mixed_pseudo_labels(self, unl: dict[str, torch.Tensor],
+                            lab: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Mixed images and each network's pseudo-labels of the mixed images, from its (aligned) predictions
+        on the source images mixed with the box mask; the mixed valid map; net1's pseudo-labels before
+        mixing."""
         x = unl["image"]  # B,3,H,W
         b, _, h, w = x.shape
         m = box_mask_cps(b, h, w, x.device)  # B,1,H,W
-        p1 = self.net1(x)["logits"].float().softmax(1)
-        p2 = self.net2(x)["logits"].float().softmax(1)
+        logits1, logits2 = self.aligned(self.net1(x)["logits"], self.net2(x)["logits"], lab, unl["valid"])
+        p1, p2 = logits1.float().softmax(1), logits2.float().softmax(1)
         mixed = mix_batch({"image": x, "p1": p1, "p2": p2, "valid": unl["valid"]}, m)
         valid = mixed["valid"]
         y1, y2 = hard_labels(mixed["p1"], valid), hard_labels(mixed["p2"], valid)
@@ -99,7 +119,7 @@ class CPS(Method):
         lab, unl = batch["labeled"], batch["unlabeled"]
         n = lab["image"].shape[0]
         if self.cfg.cutmix:
-            x_u, y1_u, y2_u, valid_u, raw1 = self.mixed_pseudo_labels(unl)
+            x_u, y1_u, y2_u, valid_u, raw1 = self.mixed_pseudo_labels(unl, lab)
         else:
             x_u, valid_u = unl["image"], unl["valid"]
         x = torch.cat([lab["image"], x_u])  # N+B,3,H,W: one forward per network and step
@@ -111,7 +131,9 @@ class CPS(Method):
             loss_cps = cps_loss(out1_u["logits"], out2_u["logits"], y1_u, y2_u)
         else:
             valid = torch.cat([lab["mask"] != IGNORE, valid_u])  # N+B,H,W
-            y1, y2 = hard_labels(out1["logits"], valid), hard_labels(out2["logits"], valid)
+            a1, a2 = self.aligned(out1["logits"][n:].detach(), out2["logits"][n:].detach(), lab, valid_u)
+            y1 = hard_labels(torch.cat([out1["logits"][:n].detach().float(), a1]), valid)
+            y2 = hard_labels(torch.cat([out2["logits"][:n].detach().float(), a2]), valid)
             loss_cps = cps_loss(out1["logits"], out2["logits"], y1, y2)
             y1_u, y2_u = y1[n:], y2[n:]
             raw1 = y1_u

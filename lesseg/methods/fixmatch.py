@@ -44,10 +44,10 @@ from ..models import build_model
 from .base import METHODS, Method, RunInfo
 from .common import (
     IGNORE,
-    PriorAlignment,
     ViewStatsConfig,
     ce_loss,
     forward_groups,
+    make_alignment,
     pseudo_label_quality,
     split_outputs,
 )
@@ -63,7 +63,9 @@ class FixMatchConfig(SupervisedConfig, ViewStatsConfig):
     box_area: list[float] = ranged([0.02, 0.4], "[0, 1]")  # box area ~ U(lo, hi) x crop area
     box_ratio: list[float] = ranged([0.3, 1 / 0.3], "(0, inf)")  # aspect ratio ~ U(lo, hi)
     strong_weight: float = ranged(1.0, "[0, inf)")  # weight of each strong view's term (inside the / 2)
-    align: bool = False  # distribution alignment of the weak-view predictions (common.PriorAlignment)
+    # alignment of the unlabeled predictions to the labeled class frequencies (common.PriorAlignment): none |
+    # mean (ReMixMatch's) | hard (their argmax's shares)
+    align: str = "none"
     # labeled, weak and strong views normalised apart (common.ViewStatsConfig). 300 steps from ImageNet, 1/16,
     # seed 0, shapes / fashion: UniMatch 36.2 / 18.4 against 27.9 / 16.1 with the whole batch's statistics,
     # FixMatch 32.7 / 17.3 against 29.3 / 17.9 (SupOnly 32.4 / 18.3); bench semi's 1,500 steps, 2 seeds: FixMatch
@@ -138,7 +140,7 @@ class FixMatch(Method):
     def __init__(self, cfg: FixMatchConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)
         self.net = build_model(model_cfg, info.num_classes)
-        self.align = PriorAlignment(info.num_classes) if cfg.align else None
+        self.align = make_alignment(cfg.align, info.num_classes)
 
     def strong_images(self, unl: dict[str, Tensor]) -> list[Tensor]:
         """The photometric strong views, one per strong term (``image_strong2`` for the second when given)."""
@@ -166,7 +168,7 @@ class FixMatch(Method):
         with torch.no_grad():
             logits_w = logits_u[:n_u].detach().float()  # train-mode pass (see top)
             if self.align is not None:  # pseudo-labels and confidences from the aligned probabilities
-                self.align.update(lab["mask"], logits_w.softmax(1), valid)
+                self.align.update(lab["mask"], logits_w.softmax(1), valid, lab.get("pasted"))
                 logits_w = self.align(logits_w)
             conf, pseudo = logits_w.softmax(1).max(1)
         loss_sup = sup_loss(out_l, lab["mask"], c)

@@ -21,7 +21,6 @@ from ..models import build_model
 from .base import METHODS, Method, RunInfo
 from .common import (
     IGNORE,
-    PriorAlignment,
     ViewStatsConfig,
     batchnorm_train,
     ce_loss,
@@ -30,6 +29,7 @@ from .common import (
     ema_update,
     forward_groups,
     hard_labels,
+    make_alignment,
     make_teacher,
     pseudo_label_quality,
     run_relative_decay,
@@ -52,7 +52,9 @@ class MeanTeacherConfig(SupervisedConfig, ViewStatsConfig):
     # at 1,500, methods.md's 0.999 from 15,000 steps on)
     ema_decay: float | None = ranged(None, "[0, 1]")
     eval_teacher: bool = True  # evaluate (and export) the EMA teacher rather than the student
-    align: bool = False  # distribution alignment of the teacher's unlabeled predictions (common.PriorAlignment)
+    # alignment of the unlabeled predictions to the labeled class frequencies (common.PriorAlignment): none |
+    # mean (ReMixMatch's) | hard (their argmax's shares)
+    align: str = "none"
     # labeled images normalised apart from the strong views (common.ViewStatsConfig). Mean Teacher, 1/16, 2 seeds:
     # 300 steps from ImageNet 28.3 against 24.3 with the joint pass on shapes, 17.1 against 16.8 on fashion;
     # bench semi (1,500 steps) 55.6 against 52.1. CutMix-Seg, seed 0: -0.6 / +2.5 (docs/benchmarks.md)
@@ -100,7 +102,7 @@ class MeanTeacher(Method):
         self.teacher = make_teacher(self.net)
         self.rampup_steps = round(0.1 * info.max_iters) if cfg.rampup_steps is None else cfg.rampup_steps
         self.ema_decay = run_relative_decay(cfg.ema_decay, info.max_iters)
-        self.align = PriorAlignment(info.num_classes) if cfg.align else None
+        self.align = make_alignment(cfg.align, info.num_classes)
 
     def eval_net(self) -> nn.Module:
         return self.teacher if self.cfg.eval_teacher else self.net
@@ -141,7 +143,7 @@ class MeanTeacher(Method):
         lab, unl = batch["labeled"], batch["unlabeled"]
         probs = self.teacher_probs(unl["image"])
         if self.align is not None:
-            self.align.update(lab["mask"], probs, unl["valid"])
+            self.align.update(lab["mask"], probs, unl["valid"], lab.get("pasted"))
             probs = self.align(probs.clamp_min(1e-12).log()).softmax(1)
         x_u, target_probs, valid = self.unlabeled_views(unl, probs)
         n_l = lab["image"].shape[0]
