@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lesseg.methods.common import PriorAlignment
+from lesseg.methods.common import PriorAlignment, class_counts
 
 
 def test_alignment_moves_the_teacher_to_the_labeled_class_frequencies():
@@ -120,3 +120,11 @@ def test_hard_alignment_trains_and_checkpoints_its_shift(name, tiny_cfg):
     for a in aligns:
         assert int(a.updates) == 3 and a.shift.abs().sum() > 0
     assert ("align1.shift" if name == "cps" else "align.shift") in trainer.state()["method"]
+
+
+def test_class_counts_by_comparison_and_by_bincount_agree():
+    label = torch.tensor([0, 2, 2, 1, 2, 0])
+    weight = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.5])  # the third pixel invalid
+    classes = torch.arange(4)
+    for by_comparison in (True, False):
+        assert class_counts(label, weight, classes, by_comparison).tolist() == [1.5, 1.0, 2.0, 0.0]
