@@ -116,7 +116,8 @@ class PriorAlignment(nn.Module):
         pred = (probs.float() * valid[:, None]).sum((0, 2, 3))
         both = dist.all_reduce_sum(torch.cat([lab, pred]))  # every process aligns with the same priors
         lab, pred = both[:c], both[c:]
-        m = min(1.0 - 1.0 / (int(self.updates) + 1), self.momentum)
+        warm = 1.0 - 1.0 / (int(self.updates) + 1)  # the EMA warm-up (one read of the counter a step)
+        m = min(warm, self.momentum)
         for running, counts in ((self.labeled, lab), (self.predicted, pred)):  # a batch without any: unchanged
             total = counts.sum()
             moved = running * m + counts / total.clamp_min(1e-12) * (1 - m)
@@ -125,7 +126,7 @@ class PriorAlignment(nn.Module):
             self.shift.copy_(self.labeled.clamp_min(1e-6).log() - self.predicted.clamp_min(1e-6).log())
         else:
             solved = self.solve(probs, valid)
-            m = min(1.0 - 1.0 / (int(self.updates) + 1), self.shift_momentum)
+            m = min(warm, self.shift_momentum)
             self.shift.copy_(self.shift * m + solved * (1 - m))
         self.updates += 1
 
