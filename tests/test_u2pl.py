@@ -199,6 +199,24 @@ def test_memory_bank_samples_only_filled_part_and_round_trips():
     assert torch.equal(other.ptr, bank.ptr)
 
 
+def test_memory_bank_sample_reuses_its_block_and_a_stale_one_cannot_backpropagate():
+    """sample() writes into one tensor kept between calls (a fresh 46 MB block each step was most of the
+    gather's time on the CPU): the second call overwrites the first's result, and a backward through a
+    result overwritten before it errors instead of using the new negatives."""
+    torch.manual_seed(0)
+    bank = MemoryBank([8, 8], dim=4, dtype=torch.float32)
+    bank.push(F.normalize(torch.randn(6, 4), dim=1), torch.ones(6, 2, dtype=torch.bool))
+    first, _ = bank.sample(5)
+    kept = first.clone()
+    anchor = torch.randn(2, 4, requires_grad=True)
+    sim = torch.einsum("cd,cnd->cn", anchor, first)
+    second, _ = bank.sample(5)
+    assert second.data_ptr() == first.data_ptr() and not torch.equal(second, kept)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        sim.sum().backward()
+    assert bank.sample(7)[0].shape == (2, 7, 4)  # another size gets a block of its own
+
+
 def test_memory_bank_per_row_bound_writes_the_same_bank():
     # the bounded write (per_row x P rows) must leave exactly the bank of the full C x P write, through
     # overflow (more candidates than a queue holds) and wrap-around

@@ -217,7 +217,7 @@ class U2PLAEL(U2PL):
         pseudo = pseudo.masked_fill(q < self.cfg.conf_thresh, IGNORE)
         weight = q.pow(self.cfg.gamma)
         if rates is not None:  # keep pixel i with probability s of its student class
-            weight = weight * (torch.rand_like(q) < rates[logits_s.detach().argmax(1)])
+            weight = weight * (torch.rand_like(q) < rates[class_map(logits_s.detach())])
         return equalized_ce(logits_s, pseudo, weight)
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], step: int) -> dict[str, Tensor]:

@@ -54,6 +54,7 @@ from ..data.loader import SegDataset
 from ..data.saliency import SaliencyMaps
 from ..data.writer import FolderWriter
 from ..errors import ConfigError
+from ..models import class_map
 from .base import METHODS, Stage
 from .cam import (
     CAM,
@@ -120,7 +121,7 @@ def tag_filtered_masks(probs: Tensor, tags: Tensor, bg_class: int = 0) -> Tensor
     probs B,C,H,W ; tags B,C multi-hot -> B,H,W uint8"""
     allowed = (tags > 0).clone()
     allowed[:, bg_class] = True
-    return probs.float().masked_fill(~allowed[:, :, None, None], -1.0).argmax(1).to(torch.uint8)
+    return class_map(probs.float().masked_fill(~allowed[:, :, None, None], -1.0)).to(torch.uint8)
 
 
 def write_mask_dataset(ctx: Any, data: SegDataset, indices: list[int], mask_of: Callable[[dict], Tensor],

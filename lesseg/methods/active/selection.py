@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...models import class_map
+
 
 # -- scores --------------------------------------------------------------------------------------------
 def pixel_entropy(logits: Tensor) -> Tensor:
@@ -108,7 +110,7 @@ def region_scores(logits: Tensor, k: int = 1, log_norm: float | None = None) -> 
     (ln C by default). C,H,W logits -> (A, P, U), each H,W float32."""
     c = logits.shape[0]
     norm = math.log(c) if log_norm is None else log_norm
-    impurity = region_impurity(logits.argmax(0), c, k) / norm
+    impurity = region_impurity(class_map(logits[None])[0], c, k) / norm
     uncertainty = _window_mean(pixel_entropy(logits).unsqueeze(0), k)[0] / norm
     return impurity * uncertainty, impurity, uncertainty
 
@@ -117,7 +119,7 @@ def pixel_scores(logits: Tensor, k: int = 32, log_norm: float | None = None) -> 
     """RIPU's PA score: the pixel entropy times the impurity of its (2k+1)^2 window, both / ``log_norm``."""
     c = logits.shape[0]
     norm = math.log(c) if log_norm is None else log_norm
-    return (pixel_entropy(logits) / norm) * (region_impurity(logits.argmax(0), c, k) / norm)
+    return (pixel_entropy(logits) / norm) * (region_impurity(class_map(logits[None])[0], c, k) / norm)
 
 
 def baseline_scores(kind: str, logits: Tensor, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
