@@ -247,3 +247,41 @@ def test_stage2_scores_the_pseudo_masks_against_true_masks(tiny_cfg):
     marker = json.loads((pseudo / "done.json").read_text())  # the stage's product quality, recorded
     assert marker["metrics"] == {"pseudo_miou": quality["miou"], "pseudo_acc": quality["acc"]}
     assert quality["acc"] == pytest.approx(iou_from_confusion(conf)["acc"])
+
+
+def test_aligned_pseudo_masks_take_the_labeled_class_shares(tmp_path):
+    """method.align=hard (DARS's offline re-distribution): the written pseudo-masks' class shares move to the
+    labeled masks' (background 0.61, square 0.14, bar 0.25 here) from the stage-1 network's own argmax, which
+    after a short stage 1 is far from them; the masks are the argmax of the shifted probabilities. An unknown
+    mode is one config error."""
+    from lesseg.errors import ConfigError
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    make_folder_dataset(data)
+    target = np.array([1024 - 144 - 256, 144, 256]) / 1024
+    d = run_config(data, out, 0.0)
+    prepare(config_mod.from_dict(d))
+    plain = np.stack(list(read_masks(out / "pseudo").values()))
+    d["method"]["align"] = "hard"
+    cfg = config_mod.from_dict(d)
+    prepare(cfg)  # the pseudo stage's inputs changed: it runs again with the same stage-1 network
+    aligned = np.stack(list(read_masks(out / "pseudo").values()))
+    share = lambda m: np.bincount(m.ravel(), minlength=C)[:C] / m.size
+    assert np.abs(share(plain) - target).sum() > 0.3  # the unaligned argmax is far from the labeled shares
+    assert np.abs(share(aligned) - target).sum() < 0.1
+    probs = torch.cat(stage1_probs(cfg, out))  # 4,C,H,W
+    logp = probs.clamp_min(1e-12).log()
+    # the written class of every pixel is one whose shifted log-probability is the largest: some offset per
+    # class explains all of them (the masks are an argmax of logp + s), checked by the pairwise margins
+    m = torch.from_numpy(aligned).long()
+    for a in range(C):
+        for b in range(C):
+            if a == b or not ((m == a).any() and (m == b).any()):
+                continue
+            # pixels labeled a need logp_a + s_a >= logp_b + s_b: s_b - s_a <= min over them of (logp_a - logp_b)
+            upper = (logp[:, a] - logp[:, b])[m == a].min()
+            lower = -(logp[:, b] - logp[:, a])[m == b].min()  # pixels labeled b: s_b - s_a >= logp_a - logp_b
+            assert lower <= upper + 1e-5
+    d["method"]["align"] = "sharp"
+    with pytest.raises(ConfigError, match="method.align must be one of none, mean, hard"):
+        prepare(config_mod.from_dict(d))

@@ -66,6 +66,27 @@ def class_counts(label: torch.Tensor, weight: torch.Tensor, classes: torch.Tenso
     return torch.bincount(label, weights=weight.float(), minlength=classes.numel())[: classes.numel()].float()
 
 
+def argmax_shift(logp: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, start: torch.Tensor,
+                 iters: int, max_shift: float = 4.0, decay: float = 1.0) -> torch.Tensor:
+    """The per-class offset under which the argmax of ``logp + shift`` over the pixels (weighted by ``weight``,
+    counts summed over processes) has the class shares ``target``: damped fixed-point steps
+    ``shift += r^k (log target - log share(shift)) / 2`` (step ``k``, ``r`` = ``decay``), each clipped to
+    +-``r^k``, from ``start``, the mean kept at 0 and the offset within +-``max_shift``. With ``decay`` 1 (the
+    online alignment, whose running average smooths the batches' offsets) the steps keep their size; an
+    offline solve shrinks them so the offset settles where the classes' log-probability gaps are narrow.
+    logp P,C ; weight P ; target, start C -> C"""
+    classes = torch.arange(logp.shape[1], device=logp.device)
+    goal = target.clamp_min(1e-4).log()
+    shift, size = start, 1.0
+    for _ in range(iters):
+        counts = dist.all_reduce_sum(class_counts((logp + shift).argmax(1), weight, classes))
+        share = counts / counts.sum().clamp_min(1.0)
+        shift = shift + 0.5 * (goal - share.clamp_min(1e-4).log()).clamp(-size, size)
+        shift = (shift - shift.mean()).clamp(-max_shift, max_shift)
+        size *= decay
+    return shift
+
+
 class PriorAlignment(nn.Module):
     """Alignment of a teacher's predictions on unlabeled pixels to the class frequencies of the labeled masks,
     against the pseudo-labels' drift toward the dominant class (background), which a few labeled images and a
@@ -138,16 +159,8 @@ class PriorAlignment(nn.Module):
         flat = probs.movedim(1, -1).reshape(-1, c)  # P,C
         stride = max(1, -(-flat.shape[0] // self.max_pixels))
         logp = flat[::stride].float().clamp_min(1e-12).log()
-        weight = valid.reshape(-1)[::stride, None].float()
-        classes = torch.arange(c, device=logp.device)
-        target = self.labeled.clamp_min(1e-4).log()
-        shift = self.shift.clone()
-        for _ in range(self.iters):
-            counts = dist.all_reduce_sum(class_counts((logp + shift).argmax(1), weight[:, 0], classes))
-            share = counts / counts.sum().clamp_min(1.0)
-            shift = shift + 0.5 * (target - share.clamp_min(1e-4).log()).clamp(-1.0, 1.0)
-            shift = (shift - shift.mean()).clamp(-self.max_shift, self.max_shift)
-        return shift
+        weight = valid.reshape(-1)[::stride].float()
+        return argmax_shift(logp, weight, self.labeled, self.shift.clone(), self.iters, self.max_shift)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         """Aligned logits (B,C,H,W): ``logits + shift`` (in the mean mode the softmax is ``p * pi_lab / pi_pred``,

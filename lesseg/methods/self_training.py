@@ -6,6 +6,13 @@ folder format to ``<out>/pseudo`` (pixels below ``threshold`` confidence become 
 a fresh network with CE on the streams ``labeled`` and ``pseudo`` (that dataset) in ``<out>``. The engine
 skips finished stages and resumes an interrupted one; ``method.stage1_checkpoint`` replaces stage 1 by a
 network trained before (the supervised baseline one has anyway).
+
+``align`` (``none`` by default, the paper's): the pseudo-masks' class shares aligned to the labeled masks'
+before they are written, DARS's re-distribution (He et al., ICCV 2021) in its own offline setting: a first
+pass over the unlabeled images keeps an even sample of each one's class log-probabilities (2^20 pixels in
+all), solves the per-class offset on them (``hard``: :func:`common.argmax_shift`, the argmax's shares; ``mean``:
+ReMixMatch's ``log pi_lab - log mean p``), and the second pass writes the argmax (and applies ``threshold``)
+of the shifted probabilities. The labeled shares count the pixels of the labeled stream's masks.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from ..data.writer import FolderWriter
 from ..errors import ConfigError
 from ..models import build_model
 from .base import METHODS, Method, RunInfo, Stage
-from .common import IGNORE, split_outputs
+from .common import ALIGN_MODES, IGNORE, argmax_shift, split_outputs
 from .supervised import SupervisedConfig, sup_loss
 
 
@@ -36,6 +43,8 @@ class SelfTrainingConfig(SupervisedConfig):
     # stage 1 done elsewhere: a lesseg checkpoint (say, your SupOnly run's last.pt) whose evaluated network,
     # same model.* and classes, writes the pseudo-masks; stage 1 is then not trained
     stage1_checkpoint: str | None = None
+    # none | mean | hard: the pseudo-masks' class shares aligned to the labeled masks' (module docstring)
+    align: str = "none"
 
 
 def pseudo_mask(probs: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -57,16 +66,54 @@ def write_pseudo_dataset(ctx: Any) -> dict:
         writer.clear()  # leftovers of an interrupted stage
     ctx.barrier()
     net = ctx.network("stage1")
+    shift = None if cfg.method.align == "none" else alignment_shift(ctx, net, cfg.method.align, len(data))
     for item in tqdm(ctx.loader("unlabeled", masks=scored), desc="pseudo-labels", disable=not ctx.progress,
                      leave=False):
         i = int(item["index"])
-        mask = pseudo_mask(ctx.predict(net, item["image"]), cfg.method.threshold)[0].cpu()  # H,W
+        probs = ctx.predict(net, item["image"])
+        if shift is not None:
+            probs = (probs.clamp_min(1e-12).log() + shift.view(1, -1, 1, 1)).softmax(1)
+        mask = pseudo_mask(probs, cfg.method.threshold)[0].cpu()  # H,W
         writer.write(i, data.samples[i].image, mask.numpy(), data.source.read_image,
                      true=item["mask"][0] if scored else None)
     quality = writer.quality(ctx.all_reduce_sum)  # also the processes' meeting point before the files are listed
     if ctx.main:
         writer.finish(quality)
     return {} if quality is None else {"pseudo_miou": quality["miou"], "pseudo_acc": quality["acc"]}
+
+
+SAMPLED_PIXELS = 2**20  # the class log-probabilities kept for the offline alignment, over every image
+OFFLINE_ITERS, OFFLINE_DECAY = 200, 0.97  # the offline solve's steps: from +-0.5 down to +-0.001
+
+
+@torch.no_grad()
+def alignment_shift(ctx: Any, net: torch.nn.Module, mode: str, n_images: int) -> torch.Tensor:
+    """The per-class offset (C,) that aligns the stage-1 network's predictions on the unlabeled stream to the
+    class shares of the labeled stream's masks (``mode``: ``hard`` or ``mean``; module docstring). Counts
+    and samples are summed over processes, which share the images."""
+    c = len(ctx.class_names)
+    labeled = torch.zeros(c, dtype=torch.float64)
+    for item in tqdm(ctx.loader("labeled", masks=True), desc="labeled class shares", disable=not ctx.progress,
+                     leave=False):
+        m = item["mask"].reshape(-1).long()
+        labeled += torch.bincount(m[m != IGNORE], minlength=c)[:c].double()
+    labeled = ctx.all_reduce_sum(labeled.to(ctx.device)).float()
+    target = labeled / labeled.sum().clamp_min(1.0)
+    per_image = max(16, SAMPLED_PIXELS // max(n_images, 1))
+    logps, mean = [], torch.zeros(c, device=ctx.device)
+    for item in tqdm(ctx.loader("unlabeled"), desc="alignment (pass 1 of 2)", disable=not ctx.progress,
+                     leave=False):
+        probs = ctx.predict(net, item["image"])[0]  # C,H,W
+        mean += probs.sum((1, 2))
+        flat = probs.reshape(c, -1)
+        stride = max(1, -(-flat.shape[1] // per_image))
+        logps.append(flat[:, ::stride].t().clamp_min(1e-12).log())
+    if mode == "mean":
+        mean = ctx.all_reduce_sum(mean)
+        return target.clamp_min(1e-6).log() - (mean / mean.sum().clamp_min(1e-12)).clamp_min(1e-6).log()
+    logp = torch.cat(logps) if logps else torch.zeros(0, c, device=ctx.device)
+    return argmax_shift(logp, torch.ones(logp.shape[0], device=logp.device), target, torch.zeros_like(target),
+                        iters=OFFLINE_ITERS, decay=OFFLINE_DECAY)
 
 
 def stage1_config(cfg: DictConfig, products: dict[str, Path]) -> DictConfig:
@@ -95,10 +142,14 @@ def stage3_config(cfg: DictConfig, products: dict[str, Path]) -> DictConfig:
 
 
 def pseudo_inputs(cfg: DictConfig) -> dict:
-    """What the pseudo-masks depend on (besides the stage-1 network): the images, threshold and prediction."""
-    return {"unlabeled": OmegaConf.to_container(cfg.data.streams.unlabeled), "threshold": cfg.method.threshold,
-            "eval": OmegaConf.to_container(cfg.eval), "data": {k: OmegaConf.to_container(cfg.data)[k]
-                                                                for k in ("dataset", "root", "options", "mean", "std")}}
+    """What the pseudo-masks depend on (besides the stage-1 network): the images, threshold and prediction, and
+    with an alignment the labeled stream whose masks give its target."""
+    inputs = {"unlabeled": OmegaConf.to_container(cfg.data.streams.unlabeled), "threshold": cfg.method.threshold,
+              "eval": OmegaConf.to_container(cfg.eval), "data": {k: OmegaConf.to_container(cfg.data)[k]
+                                                                  for k in ("dataset", "root", "options", "mean", "std")}}
+    if cfg.method.align != "none":  # the aligned masks also depend on the labeled masks (unaligned runs keep their inputs)
+        inputs |= {"align": cfg.method.align, "labeled": OmegaConf.to_container(cfg.data.streams.labeled)}
+    return inputs
 
 
 @METHODS.register("self_training")
@@ -120,6 +171,8 @@ class SelfTraining(Method):
                 f"self_training needs data streams 'labeled' and 'unlabeled' (the images to "
                 f"pseudo-label); data.streams defines {list(cfg.data.streams)}"
             )
+        if cfg.method.align not in ALIGN_MODES:
+            raise ConfigError(f"method.align must be one of {', '.join(ALIGN_MODES)}, got {cfg.method.align!r}")
         given = cfg.method.stage1_checkpoint
         return [Stage("stage1", config=stage1_config, given=given),
                 Stage("pseudo", run=write_pseudo_dataset, inputs=pseudo_inputs),
