@@ -75,7 +75,7 @@ def make_folder_dataset(root: Path) -> None:
 def run_config(data: Path, out: Path, threshold: float) -> dict:
     stream = {"batch_size": 2}
     return {
-        "method": {"name": "self_training", "threshold": threshold},
+        "method": {"name": "self_training", "threshold": threshold, "align": "none"},
         "data": {
             "dataset": "folder",
             "root": str(data),
@@ -250,7 +250,7 @@ def test_stage2_scores_the_pseudo_masks_against_true_masks(tiny_cfg):
 
 
 def test_aligned_pseudo_masks_take_the_labeled_class_shares(tmp_path):
-    """method.align=hard (DARS's offline re-distribution): the written pseudo-masks' class shares move to the
+    """method.align=hard (the default; DARS's offline re-distribution): the written pseudo-masks' class shares move to the
     labeled masks' (background 0.61, square 0.14, bar 0.25 here) from the stage-1 network's own argmax, which
     after a short stage 1 is far from them; the masks are the argmax of the shifted probabilities. An unknown
     mode is one config error."""
@@ -259,10 +259,10 @@ def test_aligned_pseudo_masks_take_the_labeled_class_shares(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
     make_folder_dataset(data)
     target = np.array([1024 - 144 - 256, 144, 256]) / 1024
-    d = run_config(data, out, 0.0)
+    d = run_config(data, out, 0.0)  # align: none
     prepare(config_mod.from_dict(d))
     plain = np.stack(list(read_masks(out / "pseudo").values()))
-    d["method"]["align"] = "hard"
+    del d["method"]["align"]  # the default: hard
     cfg = config_mod.from_dict(d)
     prepare(cfg)  # the pseudo stage's inputs changed: it runs again with the same stage-1 network
     aligned = np.stack(list(read_masks(out / "pseudo").values()))
