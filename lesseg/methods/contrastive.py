@@ -194,7 +194,6 @@ def contrastive_loss(
         prob_t, labels, unreliable, n_labeled, delta_p, low_rank, high_rank
     )
     with torch.autocast(rep_s.device.type, enabled=False):  # float32 even under autocast
-        feats_s = rep_s.permute(0, 2, 3, 1).reshape(-1, d).float()  # P,D
         feats_t = rep_t.detach().permute(0, 2, 3, 1).reshape(-1, d).float()  # P,D
         members = _by_class(members).float()  # C,P
         protos = members @ feats_t / members.sum(1, keepdim=True).clamp_min(1)  # C,D
@@ -206,7 +205,11 @@ def contrastive_loss(
         idx, n_anchors = sample_masked(_by_class(anchors), num_queries)  # C,Q
         neg, filled = bank.sample(num_queries * num_negatives)  # C,Q*N,D
         neg = neg.view(neg.shape[0], num_queries, num_negatives, d)
-        return info_nce(feats_s[idx], protos, neg, (n_anchors > 0) & filled, temperature)
+        # the anchors' student features gathered from B,D,h*w directly: no P,D copy of the whole map (nor its
+        # backward), of which the C x Q anchors are a few percent
+        hw = rep_s.shape[2] * rep_s.shape[3]
+        anchors_s = rep_s.flatten(2)[idx // hw, :, idx % hw].float()  # C,Q,D
+        return info_nce(anchors_s, protos, neg, (n_anchors > 0) & filled, temperature)
 
 
 def _by_class(m: Tensor) -> Tensor:
