@@ -128,3 +128,19 @@ def test_class_counts_by_comparison_and_by_bincount_agree():
     classes = torch.arange(4)
     for by_comparison in (True, False):
         assert class_counts(label, weight, classes, by_comparison).tolist() == [1.5, 1.0, 2.0, 0.0]
+
+
+@pytest.mark.parametrize("mode", ["mean", "hard"])
+def test_a_state_saved_before_the_shift_was_a_buffer_loads(mode):
+    """Checkpoints of `align: true` runs (the mean mode) hold the running frequencies but no shift: loading one
+    derives the mean mode's shift from them (the hard mode starts from 0), inside a strict load of a method."""
+    torch.manual_seed(0)
+    a = PriorAlignment(3, mode)
+    probs = torch.tensor([0.7, 0.2, 0.1]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    a.update(torch.randint(0, 3, (2, 4, 4)), probs, torch.ones(2, 4, 4, dtype=torch.bool))
+    old = {k: v for k, v in torch.nn.Sequential(a).state_dict().items() if not k.endswith("shift")}
+    b = torch.nn.Sequential(PriorAlignment(3, mode))
+    b.load_state_dict(old)  # strict
+    want = a.labeled.log() - a.predicted.log() if mode == "mean" else torch.zeros(3)
+    assert torch.allclose(b[0].shift, want) and torch.equal(b[0].labeled, a.labeled)
+    assert mode == "hard" or not torch.allclose(want, torch.zeros(3))

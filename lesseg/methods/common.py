@@ -162,6 +162,17 @@ class PriorAlignment(nn.Module):
         weight = valid.reshape(-1)[::stride].float()
         return argmax_shift(logp, weight, self.labeled, self.shift.clone(), self.iters, self.max_shift)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A checkpoint saved before the shift was a buffer (``align: true``, the mean mode) resumes: its shift
+        is what the mean mode derives from the running frequencies it has (the hard mode starts from 0)."""
+        if prefix + "shift" not in state_dict and prefix + "labeled" in state_dict:
+            lab, pred = state_dict[prefix + "labeled"], state_dict.get(prefix + "predicted", self.predicted)
+            state_dict[prefix + "shift"] = (
+                lab.clamp_min(1e-6).log() - pred.clamp_min(1e-6).log() if self.mode == "mean"
+                else torch.zeros_like(lab)
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         """Aligned logits (B,C,H,W): ``logits + shift`` (in the mean mode the softmax is ``p * pi_lab / pi_pred``,
         renormalised)."""
