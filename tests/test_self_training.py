@@ -285,3 +285,21 @@ def test_aligned_pseudo_masks_take_the_labeled_class_shares(tmp_path):
     d["method"]["align"] = "sharp"
     with pytest.raises(ConfigError, match="method.align must be one of none, mean, hard"):
         prepare(config_mod.from_dict(d))
+
+
+def test_mean_alignment_divides_by_the_predicted_class_frequencies(tmp_path):
+    """method.align=mean (ReMixMatch's, offline): the written class of a pixel is the argmax of
+    p * pi_lab / mean(p), pi_lab from the labeled masks and mean(p) over every unlabeled pixel."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    make_folder_dataset(data)
+    d = run_config(data, out, 0.0)
+    d["method"]["align"] = "mean"
+    cfg = config_mod.from_dict(d)
+    prepare(cfg)
+    written = torch.from_numpy(np.stack(list(read_masks(out / "pseudo").values()))).long()
+    probs = torch.cat(stage1_probs(cfg, out))  # 4,C,H,W
+    target = torch.tensor([1024 - 144 - 256, 144, 256]) / 1024
+    mean = probs.sum((0, 2, 3)) / probs.sum()
+    want = (probs.log() + (target.log() - mean.log()).view(1, -1, 1, 1)).argmax(1)
+    assert (want != probs.argmax(1)).float().mean() > 0.05  # the shift moves pixels here
+    assert (written == want).float().mean() > 0.999
