@@ -66,6 +66,12 @@ def class_counts(label: torch.Tensor, weight: torch.Tensor, classes: torch.Tenso
     return torch.bincount(label, weights=weight.float(), minlength=classes.numel())[: classes.numel()].float()
 
 
+def mean_shift(labeled: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """ReMixMatch's distribution alignment as a logit offset: ``log pi_lab - log pi_pred`` (class frequencies,
+    each floored at 1e-6). C ; C -> C"""
+    return labeled.clamp_min(1e-6).log() - predicted.clamp_min(1e-6).log()
+
+
 def argmax_shift(logp: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, start: torch.Tensor,
                  iters: int, max_shift: float = 4.0, decay: float = 1.0) -> torch.Tensor:
     """The per-class offset under which the argmax of ``logp + shift`` over the pixels (weighted by ``weight``,
@@ -144,7 +150,7 @@ class PriorAlignment(nn.Module):
             moved = running * m + counts / total.clamp_min(1e-12) * (1 - m)
             running.copy_(torch.where(total > 0, moved, running))  # no host sync on the training step
         if self.mode == "mean":
-            self.shift.copy_(self.labeled.clamp_min(1e-6).log() - self.predicted.clamp_min(1e-6).log())
+            self.shift.copy_(mean_shift(self.labeled, self.predicted))
         else:
             solved = self.solve(probs, valid)
             m = min(warm, self.shift_momentum)
@@ -167,10 +173,7 @@ class PriorAlignment(nn.Module):
         is what the mean mode derives from the running frequencies it has (the hard mode starts from 0)."""
         if prefix + "shift" not in state_dict and prefix + "labeled" in state_dict:
             lab, pred = state_dict[prefix + "labeled"], state_dict.get(prefix + "predicted", self.predicted)
-            state_dict[prefix + "shift"] = (
-                lab.clamp_min(1e-6).log() - pred.clamp_min(1e-6).log() if self.mode == "mean"
-                else torch.zeros_like(lab)
-            )
+            state_dict[prefix + "shift"] = mean_shift(lab, pred) if self.mode == "mean" else torch.zeros_like(lab)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:

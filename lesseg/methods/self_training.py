@@ -31,7 +31,7 @@ from ..data.writer import FolderWriter
 from ..errors import ConfigError
 from ..models import build_model
 from .base import METHODS, Method, RunInfo, Stage
-from .common import ALIGN_MODES, IGNORE, argmax_shift, split_outputs
+from .common import ALIGN_MODES, IGNORE, argmax_shift, mean_shift, split_outputs
 from .supervised import SupervisedConfig, sup_loss
 
 
@@ -107,13 +107,15 @@ def alignment_shift(ctx: Any, net: torch.nn.Module, mode: str, n_images: int) ->
     for item in tqdm(ctx.loader("unlabeled"), desc="alignment (pass 1 of 2)", disable=not ctx.progress,
                      leave=False):
         probs = ctx.predict(net, item["image"])[0]  # C,H,W
-        mean += probs.sum((1, 2))
+        if mode == "mean":  # the mean probability only
+            mean += probs.sum((1, 2))
+            continue
         flat = probs.reshape(c, -1)
         stride = max(1, -(-flat.shape[1] // per_image))
         logps.append(flat[:, ::stride].t().clamp_min(1e-12).log())
     if mode == "mean":
         mean = ctx.all_reduce_sum(mean)
-        return target.clamp_min(1e-6).log() - (mean / mean.sum().clamp_min(1e-12)).clamp_min(1e-6).log()
+        return mean_shift(target, mean / mean.sum().clamp_min(1e-12))
     logp = torch.cat(logps) if logps else torch.zeros(0, c, device=ctx.device)
     return argmax_shift(logp, torch.ones(logp.shape[0], device=logp.device), target, torch.zeros_like(target),
                         iters=OFFLINE_ITERS, decay=OFFLINE_DECAY)
