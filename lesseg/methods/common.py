@@ -139,12 +139,13 @@ class PriorAlignment(nn.Module):
         counted = masks != IGNORE
         if pasted is not None:
             counted &= ~pasted
-        lab = torch.bincount(masks[counted], minlength=c)[:c].float()
+        classes = torch.arange(c, device=masks.device)
+        lab = class_counts(masks.masked_fill(~counted, 0).reshape(-1).long(), counted.reshape(-1), classes)
         pred = (probs.float() * valid[:, None]).sum((0, 2, 3))
         both = dist.all_reduce_sum(torch.cat([lab, pred]))  # every process aligns with the same priors
         lab, pred = both[:c], both[c:]
-        warm = 1.0 - 1.0 / (int(self.updates) + 1)  # the EMA warm-up (one read of the counter a step)
-        m = min(warm, self.momentum)
+        warm = 1.0 - 1.0 / (self.updates + 1)  # the EMA warm-up, on the device: no read of the counter
+        m = warm.clamp_max(self.momentum)
         for running, counts in ((self.labeled, lab), (self.predicted, pred)):  # a batch without any: unchanged
             total = counts.sum()
             moved = running * m + counts / total.clamp_min(1e-12) * (1 - m)
@@ -153,7 +154,7 @@ class PriorAlignment(nn.Module):
             self.shift.copy_(mean_shift(self.labeled, self.predicted))
         else:
             solved = self.solve(probs, valid)
-            m = min(warm, self.shift_momentum)
+            m = warm.clamp_max(self.shift_momentum)
             self.shift.copy_(self.shift * m + solved * (1 - m))
         self.updates += 1
 
