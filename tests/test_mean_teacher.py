@@ -13,6 +13,7 @@ from lesseg.methods.cutmix_seg import CutMixSeg, CutMixSegConfig
 from lesseg.methods.mean_teacher import (
     MeanTeacher,
     confident_ce,
+    confident_share,
     consistency_mse,
     sigmoid_rampup,
 )
@@ -75,6 +76,22 @@ def test_confident_ce_hand_values():
     assert confident_ce(logits, target, valid, 0.0).item() == pytest.approx(math.log(2))
 
 
+def test_mse_conf_scales_the_mse_by_the_share_of_confident_valid_pixels():
+    """French et al.'s default weighting (conf_thresh 0.97 without conf_per_pixel): every valid pixel keeps its
+    squared distance, the whole term is multiplied by the batch's share of confident valid pixels."""
+    target = torch.tensor([[0.99, 0.6, 0.02, 0.99], [0.01, 0.4, 0.98, 0.01]]).reshape(1, 2, 1, 4)
+    valid = torch.tensor([[[True, True, True, False]]])  # the invalid pixel is confident: it must not count
+    assert confident_share(target, valid, 0.97).item() == pytest.approx(2 / 3)
+    assert confident_share(target, torch.zeros_like(valid), 0.97).item() == 0.0
+    logits = torch.zeros(1, 2, 1, 4, requires_grad=True)
+    m = build(MeanTeacher, consistency="mse_conf", conf_thresh=0.97)
+    got = m.consistency_loss(logits, target, valid)
+    assert got.item() == pytest.approx(consistency_mse(logits, target, valid).item() * 2 / 3)
+    got.backward()  # the share is a constant: the gradient is the mse's, scaled
+    (ref,) = torch.autograd.grad(consistency_mse(logits, target, valid), logits)
+    assert torch.allclose(logits.grad, ref * 2 / 3)
+
+
 @pytest.mark.parametrize("loss_fn", [consistency_mse, lambda lg, t, v: confident_ce(lg, t, v, 0.5)])
 def test_consistency_ignores_invalid_pixels(loss_fn):
     g = torch.Generator().manual_seed(1)
@@ -101,13 +118,16 @@ def build(cls: type[Method], **cfg) -> Method:
         (MeanTeacher, {"consistency": "ce", "conf_thresh": 0.0}),
         (CutMixSeg, {}),
         (CutMixSeg, {"consistency": "ce", "conf_thresh": 0.0}),
+        (CutMixSeg, {"consistency": "mse_conf", "conf_thresh": 0.0}),  # every pixel confident: a weight of 1
     ],
 )
 def test_step_grads_and_teacher(cls, cfg):
     method = build(cls, **cfg).train()
     assert not method.teacher.training and method.net.training  # teacher predicts in eval mode
     out = method.training_step(make_batch(strong=cls.strong_streams != ()), step=0)
-    assert set(out) == {"loss", "loss_sup", "loss_cons"}
+    thresholded = method.cfg.consistency != "mse"  # these log the share of confident pixels they count
+    assert set(out) == {"loss", "loss_sup", "loss_cons"} | ({"conf_rate"} if thresholded else set())
+    assert not thresholded or out["conf_rate"].item() == 1.0
     assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
     assert list(method.trainable_nets()) == ["net"]
     assert reaches(method, out["loss_sup"]) == {"net": True}

@@ -37,7 +37,7 @@ from .common import (
 )  # fmt: skip
 from .supervised import SupervisedConfig, sup_loss
 
-CONSISTENCY = ("mse", "ce")
+CONSISTENCY = ("mse", "ce", "mse_conf")
 
 
 @dataclass
@@ -45,8 +45,11 @@ class MeanTeacherConfig(SupervisedConfig, ViewStatsConfig):
     name: str = "mean_teacher"
     cons_weight: float = ranged(1.0, "[0, inf)")  # weight of loss_cons at the end of the ramp-up
     rampup_steps: int | None = ranged(None, "[0, inf)")  # sigmoid ramp-up length; None: 10% of the run; 0: no ramp-up
-    consistency: str = "mse"  # mse: squared distance of softmax vectors | ce: confidence-masked CE
-    conf_thresh: float = ranged(0.97, "[0, 1]")  # consistency=ce: teacher confidence needed for a pixel to count
+    # mse: squared distance of softmax vectors | ce: confidence-masked CE | mse_conf: the mse scaled by the share
+    # of valid pixels whose teacher confidence is >= conf_thresh (French et al.'s code: conf_thresh 0.97 without
+    # conf_per_pixel, the default of all their experiments; the weight grows as the teacher grows sure)
+    consistency: str = "mse"
+    conf_thresh: float = ranged(0.97, "[0, 1]")  # consistency=ce|mse_conf: the teacher confidence that counts
     teacher_bn: str = "student"  # labeling with the running statistics (the student's) or "weak" (batch ones)
     # d_max of the EMA teacher; None: relative to the run (common.run_relative_decay: 0.95 at 300 steps, 0.99
     # at 1,500, methods.md's 0.999 from 15,000 steps on)
@@ -75,6 +78,13 @@ def consistency_mse(logits: torch.Tensor, target_probs: torch.Tensor, valid: tor
     sq = (logits.float().softmax(1) - target_probs.float()).pow(2).sum(1)  # B,H,W
     v = valid.float()
     return (sq * v).sum() / v.sum().clamp_min(1.0)
+
+
+def confident_share(target_probs: torch.Tensor, valid: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Share of the valid pixels whose target confidence (max probability) is >= ``threshold``; 0 when none is
+    valid. B,C,H,W ; B,H,W bool -> 0-dim (no gradient: the targets are the teacher's)."""
+    conf = (target_probs.detach().float().max(1).values >= threshold) & valid
+    return conf.float().sum() / valid.float().sum().clamp_min(1.0)
 
 
 def confident_ce(
@@ -137,7 +147,10 @@ class MeanTeacher(Method):
     ) -> torch.Tensor:
         if self.cfg.consistency == "ce":
             return confident_ce(logits, target_probs, valid, self.cfg.conf_thresh)
-        return consistency_mse(logits, target_probs, valid)
+        loss = consistency_mse(logits, target_probs, valid)
+        if self.cfg.consistency == "mse_conf":
+            loss = loss * confident_share(target_probs, valid, self.cfg.conf_thresh)
+        return loss
 
     def training_step(self, batch, step):
         lab, unl = batch["labeled"], batch["unlabeled"]
@@ -154,6 +167,8 @@ class MeanTeacher(Method):
         weight = self.cfg.cons_weight * sigmoid_rampup(step, self.rampup_steps)
         loss = loss_sup + weight * loss_cons
         quality = pseudo_label_quality(hard_labels(probs, unl["valid"]), unl, self.info.num_classes)
+        if self.cfg.consistency != "mse":  # the share of the pixels the thresholded terms count
+            quality["conf_rate"] = confident_share(target_probs, valid, self.cfg.conf_thresh)
         return {"loss": loss, "loss_sup": loss_sup, "loss_cons": loss_cons, **quality}
 
     @torch.no_grad()
