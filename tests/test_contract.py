@@ -54,6 +54,7 @@ def method_defaults(name: str) -> dict:
         "fixmatch": {"conf_thresh": 0.0},  # every pixel confident
         "unimatch": {"conf_thresh": 0.0},
         "vat": {"conf_thresh": 0.0},  # every pixel in the consistency term
+        "cutmix_seg": {"conf_thresh": 0.0},  # the whole batch confident: the consistency at full weight
         "advsemseg": {"semi_start": 0.0, "semi_thresh": 0.0},  # loss_semi from step 0, every pixel trusted
     }.get(name, {})
 

@@ -76,6 +76,15 @@ def test_confident_ce_hand_values():
     assert confident_ce(logits, target, valid, 0.0).item() == pytest.approx(math.log(2))
 
 
+def test_cutmix_seg_defaults_are_the_authors_weighting():
+    """French et al.'s code: squared error scaled by the share of confident pixels (0.97), no ramp-up."""
+    m = build(CutMixSeg)
+    assert (m.cfg.consistency, m.cfg.conf_thresh, m.rampup_steps) == ("mse_conf", 0.97, 0)
+    assert not any("ramp-up" in p[0] for p in m.phases())
+    out = m.train().training_step(make_batch(strong=False), step=0)
+    assert 0.0 <= out["conf_rate"].item() <= 1.0 and torch.isfinite(out["loss_cons"])
+
+
 def test_mse_conf_scales_the_mse_by_the_share_of_confident_valid_pixels():
     """French et al.'s default weighting (conf_thresh 0.97 without conf_per_pixel): every valid pixel keeps its
     squared distance, the whole term is multiplied by the batch's share of confident valid pixels."""
@@ -116,7 +125,7 @@ def build(cls: type[Method], **cfg) -> Method:
     [
         (MeanTeacher, {}),
         (MeanTeacher, {"consistency": "ce", "conf_thresh": 0.0}),
-        (CutMixSeg, {}),
+        (CutMixSeg, {"consistency": "mse"}),
         (CutMixSeg, {"consistency": "ce", "conf_thresh": 0.0}),
         (CutMixSeg, {"consistency": "mse_conf", "conf_thresh": 0.0}),  # every pixel confident: a weight of 1
     ],
