@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ranged
-
 from .base import METHODS
 from .mean_teacher import MeanTeacher, MeanTeacherConfig
 from .mixing import box_mask_cps, mix_batch
