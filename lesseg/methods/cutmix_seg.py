@@ -4,7 +4,9 @@ The teacher predicts the unlabeled batch on its weak view; its probabilities, th
 are mixed with the CPS box mask (image i takes the boxes from image i+1); the student predicts the mixed
 images and is pulled towards the mixed teacher output. Mixing teacher probabilities of the two sources is
 the same as running the teacher on each source, so one teacher forward suffices. The student sees the mixed
-weak views (the paper adds no photometric perturbation on top of the mixing).
+weak views (the paper adds no photometric perturbation on top of the mixing). The consistency is the
+authors' code's: the squared distance of the softmax vectors on every valid pixel, scaled by the batch's
+share of pixels whose teacher confidence is >= 0.97, with no ramp-up (``consistency: mse_conf``).
 """
 
 from __future__ import annotations
