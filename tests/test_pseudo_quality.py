@@ -47,8 +47,9 @@ def _teacher_labels(method, batch):
             logits = method.teacher_probs(unl["image"])
         else:
             logits = method.teacher(unl["image"])["logits"]
-        if getattr(method, "align", None) is not None:  # U2PL's default: its pseudo-labels are the aligned ones
-            logits = method.align(logits)
+        align = getattr(method, "align1", getattr(method, "align", None))  # CPS: net1's own alignment
+        if align is not None:  # U2PL's and CPS's default: their pseudo-labels are the aligned ones
+            logits = align(logits)
     return logits.max(1).indices.masked_fill(~unl["valid"], 255)
 
 
@@ -67,10 +68,11 @@ def test_methods_score_their_own_pseudo_labels(name, over):
             if module_name.endswith("classifier"):
                 module.weight.normal_(0, 10.0)
     batch = make_batch(type(method))
-    if getattr(method, "align", None) is not None:  # a fixed, non-zero class offset (the running one frozen)
-        method.align.shift_momentum = 1.0
-        method.align.updates.fill_(10**9)
-        method.align.shift.copy_(torch.linspace(-0.05, 0.05, C))  # small: the labels still vary over pixels
+    for a in (getattr(method, k, None) for k in ("align", "align1", "align2")):
+        if a is not None:  # a fixed, non-zero class offset (the running one frozen)
+            a.shift_momentum = 1.0
+            a.updates.fill_(10**9)
+            a.shift.copy_(torch.linspace(-0.05, 0.05, C))  # small: the labels still vary over pixels
     if hasattr(method, "teacher_probs"):  # its small teacher labels noise images with one class
         probs = torch.randn(batch["unlabeled"]["image"].shape[0], C, 32, 32).softmax(1)
         method.teacher_probs = lambda image: probs
