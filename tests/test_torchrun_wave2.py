@@ -89,6 +89,8 @@ CASES = {
                                           "method.num_negatives=4", "method.bank_size=32", "method.bank_size_bg=32"]),
     # distribution alignment's running priors and shift must be the same on both processes (they were per process)
     "mean_teacher_align": ("shapes/mean_teacher.yaml", [*SEMI, "method.align=hard"]),
+    # CPS's default alignment: each network's running shift the same on both processes
+    "cps": ("shapes/cps.yaml", SEMI),
     "fixmatch": ("shapes/fixmatch.yaml", [*SEMI, "method.conf_thresh=0.0"]),
     "unimatch": ("shapes/unimatch.yaml", [*SEMI, "method.conf_thresh=0.0"]),
     # two erasing steps, both mining (erased images written for the second classifier)
