@@ -143,13 +143,15 @@ class MeanTeacher(Method):
         return unl["image_strong"], probs, unl["valid"]
 
     def consistency_loss(
-        self, logits: torch.Tensor, target_probs: torch.Tensor, valid: torch.Tensor
+        self, logits: torch.Tensor, target_probs: torch.Tensor, valid: torch.Tensor,
+        share: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The configured consistency; ``share``: :func:`confident_share` of the targets when already taken."""
         if self.cfg.consistency == "ce":
             return confident_ce(logits, target_probs, valid, self.cfg.conf_thresh)
         loss = consistency_mse(logits, target_probs, valid)
         if self.cfg.consistency == "mse_conf":
-            loss = loss * confident_share(target_probs, valid, self.cfg.conf_thresh)
+            loss = loss * (confident_share(target_probs, valid, self.cfg.conf_thresh) if share is None else share)
         return loss
 
     def training_step(self, batch, step):
@@ -163,12 +165,14 @@ class MeanTeacher(Method):
         out = forward_groups(self.net, torch.cat([lab["image"], x_u]), [n_l, x_u.shape[0]], self.cfg.split_bn)
         out_l, out_u = split_outputs(out, n_l)
         loss_sup = sup_loss(out_l, lab["mask"], self.cfg)
-        loss_cons = self.consistency_loss(out_u["logits"], target_probs, valid)
+        # the share of the pixels the thresholded terms count: logged, and mse_conf's factor (taken once)
+        share = None if self.cfg.consistency == "mse" else confident_share(target_probs, valid, self.cfg.conf_thresh)
+        loss_cons = self.consistency_loss(out_u["logits"], target_probs, valid, share)
         weight = self.cfg.cons_weight * sigmoid_rampup(step, self.rampup_steps)
         loss = loss_sup + weight * loss_cons
         quality = pseudo_label_quality(hard_labels(probs, unl["valid"]), unl, self.info.num_classes)
-        if self.cfg.consistency != "mse":  # the share of the pixels the thresholded terms count
-            quality["conf_rate"] = confident_share(target_probs, valid, self.cfg.conf_thresh)
+        if share is not None:
+            quality["conf_rate"] = share
         return {"loss": loss, "loss_sup": loss_sup, "loss_cons": loss_cons, **quality}
 
     @torch.no_grad()
