@@ -105,3 +105,35 @@ def test_cross_term_ramp_up_over_a_share_of_the_run(step, factor):
     expected = out["loss_sup"] + 1.5 * factor * out["loss_cps"]
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert build().phases() == []  # the paper's: no ramp-up
+
+
+@pytest.mark.parametrize("mixing", ["cutmix", "classmix"])
+def test_mixed_step_with_either_mask(mixing):
+    method = build(cutmix=True, mixing=mixing).train()
+    out = method.training_step(make_batch(strong=False), step=0)
+    assert all(torch.isfinite(v) for v in out.values())
+    assert reaches(method, out["loss_cps"]) == {"net1": True, "net2": True}
+
+
+def test_classmix_pastes_whole_classes_of_the_two_networks_mean_prediction():
+    method = build(cutmix=True, mixing="classmix", align="none").eval()  # eval: no dropout, fixed statistics
+    batch = make_batch(b=4, strong=False)
+    unl = batch["unlabeled"]
+    x_mix, y1, y2, valid, _ = method.mixed_pseudo_labels(unl, batch["labeled"])
+    with torch.no_grad():
+        p1, p2 = (net(unl["image"])["logits"].softmax(1) for net in (method.net1, method.net2))
+    classes = (p1 + p2).argmax(1).roll(-1, 0)  # the partner's
+    taken = (x_mix == unl["image"].roll(-1, 0)).all(1) & (x_mix != unl["image"]).any(1)
+    for i in range(4):
+        whole = torch.isin(classes[i], classes[i][taken[i]].unique()) & unl["valid"].roll(-1, 0)[i]
+        assert taken[i].any() and torch.equal(taken[i], whole)
+    # each network's pseudo-labels of the pasted pixels are its own prediction on the partner
+    assert torch.equal(y1[taken], p1.argmax(1).roll(-1, 0)[taken])
+    assert torch.equal(y2[taken], p2.argmax(1).roll(-1, 0)[taken]) and valid[taken].all()
+
+
+def test_unknown_mixing_is_a_config_error():
+    from lesseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mixing"):
+        build(mixing="box")

@@ -232,3 +232,33 @@ def test_methods_are_registered():
     from lesseg.methods.base import METHODS
 
     assert METHODS.get("mean_teacher") is MeanTeacher and METHODS.get("cutmix_seg") is CutMixSeg
+
+
+def test_cutmix_seg_classmix_pastes_whole_classes_of_the_teacher_prediction():
+    """mixing=classmix: image i takes from its partner exactly the pixels of some of the classes the teacher
+    predicts there (whole classes, never a box through an object); images, probabilities and valid maps are
+    mixed with that one mask."""
+    method = build(CutMixSeg, mixing="classmix")
+    g = torch.Generator().manual_seed(3)
+    b, size = 4, 12
+    probs = torch.rand(b, C, size, size, generator=g).softmax(1)
+    valid = torch.ones(b, size, size, dtype=torch.bool)
+    valid[:, :, -2:] = False
+    unl = {"image": torch.randn(b, 3, size, size, generator=g), "valid": valid}
+    x, p, v = method.unlabeled_views(unl, probs)
+    taken = (x == unl["image"].roll(-1, 0)).all(1) & (x != unl["image"]).any(1)  # B,H,W: from the partner
+    classes = probs.argmax(1).roll(-1, 0)
+    for i in range(b):
+        picked = classes[i][taken[i]].unique()
+        assert 1 <= len(picked) < len(classes[i][valid.roll(-1, 0)[i]].unique())  # some, not all classes
+        whole = torch.isin(classes[i], picked) & valid.roll(-1, 0)[i]
+        assert torch.equal(taken[i], whole)  # every pixel of a picked class, and only those
+        assert torch.equal(p[i][:, whole], probs.roll(-1, 0)[i][:, whole])
+        assert torch.equal(p[i][:, ~whole], probs[i][:, ~whole]) and torch.equal(v[i][~whole], valid[i][~whole])
+
+
+def test_unknown_mixing_is_a_config_error():
+    from lesseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mixing"):
+        build(CutMixSeg, mixing="box")

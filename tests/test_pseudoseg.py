@@ -236,3 +236,14 @@ def test_tiny_training_logs_the_quality_of_the_fused_label_and_of_each_source(ti
     for e in train:
         assert all(0.0 <= e[k] <= 1.0 for k in ("pl_acc", "dec_acc", "sgc_acc", "tag_frac", "pl_conf"))
         assert all(math.isfinite(e[k]) for k in ("loss", "loss_sup", "loss_cls", "loss_sgc", "loss_unsup"))
+
+
+@pytest.mark.parametrize("step, factor", [(0, math.exp(-5.0)), (3, math.exp(-5.0 * 0.4**2)), (5, 1.0), (9, 1.0)])
+def test_unlabeled_term_ramps_up_over_a_share_of_the_run(step, factor):
+    # rampup 0.5 of a 10-step run: loss_unsup weighs unsup_weight x exp(-5 (1 - step/5)^2), fully from step 5
+    m = _method(rampup=0.5, unsup_weight=2.0).train()
+    assert m.phases() == [("unsupervised weight ramp-up (sigmoid, to 2)", 0, 5)]
+    out = m.training_step(_batch(), step)
+    rest = out["loss_sup"] + out["loss_sgc"] + out["loss_cls"]
+    assert out["loss"].item() == pytest.approx((rest + 2.0 * factor * out["loss_unsup"]).item(), rel=1e-6)
+    assert _method().phases() == []  # the authors': full weight from the first step

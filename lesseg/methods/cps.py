@@ -30,7 +30,7 @@ from .common import (
     split_outputs,
 )
 from .mean_teacher import sigmoid_rampup
-from .mixing import box_mask_cps, mix_batch
+from .mixing import box_mask_cps, check_pair_mask, classmix_mask, mix_batch
 from .supervised import SupervisedConfig, sup_loss
 
 
@@ -39,6 +39,9 @@ class CPSConfig(SupervisedConfig, ViewStatsConfig):
     name: str = "cps"
     cps_weight: float = ranged(1.5, "[0, inf)")  # lambda (paper: VOC 1.5, 1.0 with CutMix; Cityscapes 6, 5 with CutMix)
     cutmix: bool = False  # cross term on CutMix-ed unlabeled images (pseudo-labels mixed with the box mask)
+    # with cutmix, the mask: cutmix (the paper's box) | classmix (the pixels of half the classes the two
+    # networks' mean prediction finds in the partner image: pasted objects stay whole; Olsson et al. 2021)
+    mixing: str = "cutmix"
     # sigmoid ramp-up of the cross term over this share of the run (ours; the paper has none); 0: full from step 0
     rampup: float = ranged(0.0, "[0, 1]")
     # each network's unlabeled predictions aligned to the labeled class frequencies before its pseudo-labels are
@@ -70,6 +73,7 @@ class CPS(Method):
 
     def __init__(self, cfg: CPSConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)
+        check_pair_mask(cfg.mixing)
         self.net1 = build_model(model_cfg, info.num_classes)
         # net2 is initialised under the next seed (the same on every process), in a forked RNG so that net1
         # and everything drawn later are as in a single-network run
@@ -110,9 +114,11 @@ class CPS(Method):
         mixing."""
         x = unl["image"]  # B,3,H,W
         b, _, h, w = x.shape
-        m = box_mask_cps(b, h, w, x.device)  # B,1,H,W
+        m = box_mask_cps(b, h, w, x.device) if self.cfg.mixing == "cutmix" else None  # B,1,H,W
         logits1, logits2 = self.aligned(self.net1(x)["logits"], self.net2(x)["logits"], lab, unl["valid"])
         p1, p2 = logits1.float().softmax(1), logits2.float().softmax(1)
+        if m is None:  # classmix, from the two networks' mean prediction
+            m = classmix_mask((p1 + p2).argmax(1).masked_fill(~unl["valid"], IGNORE))
         mixed = mix_batch({"image": x, "p1": p1, "p2": p2, "valid": unl["valid"]}, m)
         valid = mixed["valid"]
         y1, y2 = hard_labels(mixed["p1"], valid), hard_labels(mixed["p2"], valid)

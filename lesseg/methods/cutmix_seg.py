@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ranged
-from .base import METHODS
+from .base import METHODS, RunInfo
+from .common import IGNORE
 from .mean_teacher import MeanTeacher, MeanTeacherConfig
-from .mixing import box_mask_cps, mix_batch
+from .mixing import box_mask_cps, check_pair_mask, classmix_mask, mix_batch
 
 
 @dataclass
@@ -32,6 +33,10 @@ class CutMixSegConfig(MeanTeacherConfig):
     # loss weighting")
     consistency: str = "mse_conf"
     rampup_steps: int | None = ranged(0, "[0, inf)")
+    # the mask that mixes two unlabeled images: cutmix (the paper's: one box, CPS's generator) | classmix (Olsson
+    # et al., WACV 2021: the pixels of half the classes the teacher predicts in the partner image, so pasted
+    # objects stay whole)
+    mixing: str = "cutmix"
 
 
 @METHODS.register("cutmix_seg")
@@ -39,12 +44,20 @@ class CutMixSeg(MeanTeacher):
     Config = CutMixSegConfig
     strong_streams = ()
 
+    def __init__(self, cfg: CutMixSegConfig, model_cfg, info: RunInfo) -> None:
+        check_pair_mask(cfg.mixing)
+        super().__init__(cfg, model_cfg, info)
+
     def unlabeled_views(
         self, unl: dict[str, torch.Tensor], probs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mixed images, mixed teacher probabilities and mixed valid map (one box mask for all three)."""
+        """Mixed images, mixed teacher probabilities and mixed valid map (one mask for all three: a box, or
+        ClassMix's from the teacher's classes)."""
         x = unl["image"]  # B,3,H,W
         b, _, h, w = x.shape
-        m = box_mask_cps(b, h, w, x.device)  # B,1,H,W
+        if self.cfg.mixing == "classmix":
+            m = classmix_mask(probs.argmax(1).masked_fill(~unl["valid"], IGNORE))
+        else:
+            m = box_mask_cps(b, h, w, x.device)  # B,1,H,W
         mixed = mix_batch({"image": x, "prob": probs, "valid": unl["valid"]}, m)
         return mixed["image"], mixed["prob"], mixed["valid"]

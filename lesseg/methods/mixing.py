@@ -12,7 +12,16 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from .common import IGNORE
+
+PAIR_MASKS = ("cutmix", "classmix")  # the masks of the methods that mix two unlabeled images (CutMix-Seg, CPS)
+
+
+def check_pair_mask(name: str) -> None:
+    """A clear error for a ``method.mixing`` that is not one of ``PAIR_MASKS``."""
+    if name not in PAIR_MASKS:
+        raise ConfigError(f"method.mixing must be one of {', '.join(PAIR_MASKS)}, got {name!r}")
 
 
 def _box(y0: torch.Tensor, x0: torch.Tensor, bh: torch.Tensor, bw: torch.Tensor, h: int, w: int):

@@ -64,6 +64,7 @@ from .common import (
     pseudo_label_quality,
     split_outputs,
 )
+from .mean_teacher import sigmoid_rampup
 from .supervised import SupervisedConfig, sup_loss
 from .weak.cam import class_activation_maps
 
@@ -78,6 +79,9 @@ class PseudoSegConfig(SupervisedConfig, ViewStatsConfig):
     bg_class: int | None = ranged(0, "[0, inf)")  # the class without a CAM (background); None: all have one
     cutout_size: float = ranged(0.195, "[0, 1]")  # strong view's cutout side / crop side (100 / 513); 0: off
     weakly: bool = False  # unlabeled images come with tags: CAMs of those, and the classifier learns them
+    # sigmoid ramp-up of unsup_weight over this share of the run's iterations (ours; the authors' 0: full weight
+    # from the first step)
+    rampup: float = ranged(0.0, "[0, 1]")
     # the fused pseudo-labels aligned to the labeled class frequencies (common.PriorAlignment; ours): none |
     # mean | hard
     align: str = "none"
@@ -190,9 +194,14 @@ class PseudoSeg(Method):
         self.net = build_model(model_cfg, info.num_classes)
         self.align = make_alignment(cfg.align, info.num_classes)
         self.sgc = SGCBranch(self.net.encoder.feature_info.channels(), info.num_classes, cfg)
+        self.rampup_steps = round(cfg.rampup * info.max_iters)
 
     def trainable_nets(self) -> dict[str, nn.Module]:
         return {"net": self.net, "sgc": self.sgc}
+
+    def phases(self) -> list[tuple[str, int, int]]:
+        n = min(self.rampup_steps, self.info.max_iters)
+        return [(f"unsupervised weight ramp-up (sigmoid, to {self.cfg.unsup_weight:g})", 0, n)] if n else []
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], step: int) -> dict[str, Tensor]:
         c, num_classes = self.cfg, self.info.num_classes
@@ -237,7 +246,7 @@ class PseudoSeg(Method):
             self.align.update(y, pseudo, valid_u, lab.get("pasted"))
             pseudo = self.align(pseudo.clamp_min(1e-12).log()).softmax(1)
         loss_unsup = soft_ce(logits_s, pseudo, valid_s)
-        loss = loss_sup + loss_sgc + loss_cls + c.unsup_weight * loss_unsup
+        loss = loss_sup + loss_sgc + loss_cls + c.unsup_weight * sigmoid_rampup(step, self.rampup_steps) * loss_unsup
 
         with torch.no_grad():
             maps = {"pl": pseudo, "dec": logits_w, "sgc": sgc[n_l:]}  # the fused label and each source alone
