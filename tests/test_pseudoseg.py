@@ -246,4 +246,5 @@ def test_unlabeled_term_ramps_up_over_a_share_of_the_run(step, factor):
     out = m.training_step(_batch(), step)
     rest = out["loss_sup"] + out["loss_sgc"] + out["loss_cls"]
     assert out["loss"].item() == pytest.approx((rest + 2.0 * factor * out["loss_unsup"]).item(), rel=1e-6)
-    assert _method().phases() == []  # the authors': full weight from the first step
+    assert _method().phases() == [("unsupervised weight ramp-up (sigmoid, to 1)", 0, 1)]  # 10 % of the run
+    assert _method(rampup=0.0).phases() == []  # the authors': full weight from the first step
