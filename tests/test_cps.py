@@ -136,4 +136,6 @@ def test_unknown_mixing_is_a_config_error():
     from lesseg.errors import ConfigError
 
     with pytest.raises(ConfigError, match="mixing"):
-        build(mixing="box")
+        build(cutmix=True, mixing="box")
+    with pytest.raises(ConfigError, match="cutmix=true"):  # a mask without CutMix would be silently unused
+        build(mixing="classmix")

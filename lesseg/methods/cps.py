@@ -3,8 +3,8 @@
 Two networks of one architecture, initialised differently, each learn CE on labeled images and CE towards
 the other's one-hot prediction: ``L = L_sup1 + L_sup2 + lambda (CE(P1, argmax P2) + CE(P2, argmax P1))``.
 Without CutMix the cross term covers labeled and unlabeled images; with CutMix the pseudo-labels come from
-each network's predictions on the two source images, mixed with the box mask, and the cross term covers the
-mixed unlabeled images only. Pixels without content (crop padding: ``valid`` False on unlabeled images,
+each network's predictions on the two source images, mixed with the box mask (``mixing: classmix``: ClassMix's
+mask of whole predicted classes instead), and the cross term covers the mixed unlabeled images only. Pixels without content (crop padding: ``valid`` False on unlabeled images,
 label 255 on labeled ones, where padding cannot be told apart from VOC's ignore borders) are left out.
 """
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import ranged
+from ..errors import ConfigError
 from ..models import build_model
 from .base import METHODS, Method, RunInfo
 from .common import (
@@ -74,6 +75,8 @@ class CPS(Method):
     def __init__(self, cfg: CPSConfig, model_cfg, info: RunInfo) -> None:
         super().__init__(cfg, model_cfg, info)
         check_pair_mask(cfg.mixing)
+        if cfg.mixing != "cutmix" and not cfg.cutmix:
+            raise ConfigError(f"method.mixing={cfg.mixing} is the mask of CPS's CutMix: it needs method.cutmix=true")
         self.net1 = build_model(model_cfg, info.num_classes)
         # net2 is initialised under the next seed (the same on every process), in a forked RNG so that net1
         # and everything drawn later are as in a single-network run
