@@ -59,7 +59,15 @@ from ..errors import ConfigError
 from ..models import Segmentor, build_model, class_map
 from ..models.aux_decoders import ShuffleDecoder
 from .base import METHODS, Method, RunInfo
-from .common import IGNORE, ViewStatsConfig, ce_loss, forward_groups, pseudo_label_quality, split_outputs
+from .common import (
+    IGNORE,
+    ViewStatsConfig,
+    ce_loss,
+    forward_groups,
+    pseudo_label_quality,
+    rampup_phase,
+    split_outputs,
+)
 from .mean_teacher import sigmoid_rampup
 from .supervised import SupervisedConfig, sup_loss
 from .vat import adversarial_direction, full_precision
@@ -271,8 +279,8 @@ class CCT(Method):
         return {"net": self.net, "aux": self.aux}
 
     def phases(self) -> list[tuple[str, int, int]]:
-        n = min(self.rampup_steps, self.info.max_iters)
-        return [(f"unsupervised weight ramp-up (sigmoid, to {self.cfg.unsup_weight:g})", 0, n)] if n else []
+        label = f"unsupervised weight ramp-up (sigmoid, to {self.cfg.unsup_weight:g})"
+        return rampup_phase(label, self.rampup_steps, self.info.max_iters)
 
     def supervised_loss(self, out: dict[str, Tensor], mask: Tensor, step: int) -> Tensor:
         """``sup_loss`` (CE or OHEM, + the auxiliary head), or ABCE with ``eta_t`` over 40 % of the run."""

@@ -228,6 +228,12 @@ def ema_phase(decay: float, start: int, end: int) -> tuple[str, int, int]:
     return f"EMA teacher, decay {decay:.4g} (averaging over ~{ema_horizon(decay)} steps)", start, end
 
 
+def rampup_phase(label: str, steps: int, max_iters: int) -> list[tuple[str, int, int]]:
+    """A sigmoid ramp-up's entry of ``Method.phases`` (from step 0, at most the run); none for 0 steps."""
+    n = min(steps, max_iters)
+    return [(label, 0, n)] if n else []
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, step_since_start: int, d_max: float) -> None:
     """``theta_t <- d theta_t + (1-d) theta_s`` with warm-up ``d = min(1 - 1/(i+1), d_max)``.

@@ -28,6 +28,7 @@ from .common import (
     hard_labels,
     make_alignment,
     pseudo_label_quality,
+    rampup_phase,
     split_outputs,
 )
 from .mean_teacher import sigmoid_rampup
@@ -88,8 +89,8 @@ class CPS(Method):
         self.align2 = make_alignment(cfg.align, info.num_classes)
 
     def phases(self) -> list[tuple[str, int, int]]:
-        n = min(self.rampup_steps, self.info.max_iters)
-        return [(f"cross term's weight ramp-up (sigmoid, to {self.cfg.cps_weight:g})", 0, n)] if n else []
+        label = f"cross term's weight ramp-up (sigmoid, to {self.cfg.cps_weight:g})"
+        return rampup_phase(label, self.rampup_steps, self.info.max_iters)
 
     def trainable_nets(self) -> dict[str, nn.Module]:
         return {"net1": self.net1, "net2": self.net2}
@@ -121,7 +122,7 @@ class CPS(Method):
         logits1, logits2 = self.aligned(self.net1(x)["logits"], self.net2(x)["logits"], lab, unl["valid"])
         p1, p2 = logits1.float().softmax(1), logits2.float().softmax(1)
         if m is None:  # classmix, from the two networks' mean prediction
-            m = classmix_mask((p1 + p2).argmax(1).masked_fill(~unl["valid"], IGNORE))
+            m = classmix_mask(hard_labels(p1 + p2, unl["valid"]))
         mixed = mix_batch({"image": x, "p1": p1, "p2": p2, "valid": unl["valid"]}, m)
         valid = mixed["valid"]
         y1, y2 = hard_labels(mixed["p1"], valid), hard_labels(mixed["p2"], valid)

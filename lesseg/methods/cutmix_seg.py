@@ -17,7 +17,7 @@ import torch
 
 from ..config import ranged
 from .base import METHODS, RunInfo
-from .common import IGNORE
+from .common import hard_labels
 from .mean_teacher import MeanTeacher, MeanTeacherConfig
 from .mixing import box_mask_cps, check_pair_mask, classmix_mask, mix_batch
 
@@ -56,7 +56,7 @@ class CutMixSeg(MeanTeacher):
         x = unl["image"]  # B,3,H,W
         b, _, h, w = x.shape
         if self.cfg.mixing == "classmix":
-            m = classmix_mask(probs.argmax(1).masked_fill(~unl["valid"], IGNORE))
+            m = classmix_mask(hard_labels(probs, unl["valid"]))
         else:
             m = box_mask_cps(b, h, w, x.device)  # B,1,H,W
         mixed = mix_batch({"image": x, "prob": probs, "valid": unl["valid"]}, m)

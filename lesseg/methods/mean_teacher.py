@@ -32,6 +32,7 @@ from .common import (
     make_alignment,
     make_teacher,
     pseudo_label_quality,
+    rampup_phase,
     run_relative_decay,
     split_outputs,
 )  # fmt: skip
@@ -118,8 +119,7 @@ class MeanTeacher(Method):
         return self.teacher if self.cfg.eval_teacher else self.net
 
     def phases(self) -> list[tuple[str, int, int]]:
-        n = min(self.rampup_steps, self.info.max_iters)
-        ramp = [("consistency weight ramp-up (sigmoid)", 0, n)] if n else []
+        ramp = rampup_phase("consistency weight ramp-up (sigmoid)", self.rampup_steps, self.info.max_iters)
         return [*ramp, ema_phase(self.ema_decay, 0, self.info.max_iters)]
 
     def train(self, mode: bool = True) -> MeanTeacher:

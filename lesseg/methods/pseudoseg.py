@@ -63,6 +63,7 @@ from .common import (
     forward_groups,
     make_alignment,
     pseudo_label_quality,
+    rampup_phase,
     split_outputs,
 )
 from .mean_teacher import sigmoid_rampup
@@ -203,8 +204,8 @@ class PseudoSeg(Method):
         return {"net": self.net, "sgc": self.sgc}
 
     def phases(self) -> list[tuple[str, int, int]]:
-        n = min(self.rampup_steps, self.info.max_iters)
-        return [(f"unsupervised weight ramp-up (sigmoid, to {self.cfg.unsup_weight:g})", 0, n)] if n else []
+        label = f"unsupervised weight ramp-up (sigmoid, to {self.cfg.unsup_weight:g})"
+        return rampup_phase(label, self.rampup_steps, self.info.max_iters)
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], step: int) -> dict[str, Tensor]:
         c, num_classes = self.cfg, self.info.num_classes

@@ -66,7 +66,7 @@ from .cam import (
     tagged_images,
 )
 from .classifier import multilabel_loss
-from .common import IGNORE
+from .common import IGNORE, rampup_phase
 from .mean_teacher import sigmoid_rampup
 from .supervised import sup_loss
 from .weak.cam import foreground_counts
@@ -254,8 +254,8 @@ class PSL(Method):
         self.rampup_steps = round(cfg.psl_rampup * info.max_iters)
 
     def phases(self) -> list[tuple[str, int, int]]:
-        n = min(self.rampup_steps, self.info.max_iters)
-        return [(f"online masks' weight ramp-up (sigmoid, to {self.cfg.psl_weight:g})", 0, n)] if n else []
+        label = f"online masks' weight ramp-up (sigmoid, to {self.cfg.psl_weight:g})"
+        return rampup_phase(label, self.rampup_steps, self.info.max_iters)
 
     @classmethod
     def pipeline(cls, cfg: DictConfig) -> list[Stage]:
