@@ -257,6 +257,31 @@ def test_cutmix_seg_classmix_pastes_whole_classes_of_the_teacher_prediction():
         assert torch.equal(p[i][:, ~whole], probs[i][:, ~whole]) and torch.equal(v[i][~whole], valid[i][~whole])
 
 
+def test_cutmix_seg_box_is_the_authors_one_box_of_half_the_image():
+    """mixing=cutmix (the default): image i takes from its partner one rectangle covering half of the image
+    (the authors' --mask_prop_range=0.5, one box; not CPS's three XOR'ed boxes), with random aspect ratios,
+    and its probabilities and valid map with the same pixels."""
+    method = build(CutMixSeg)
+    torch.manual_seed(0)
+    b, size = 64, 40
+    g = torch.Generator().manual_seed(4)
+    probs = torch.rand(b, C, size, size, generator=g).softmax(1)
+    unl = {"image": torch.randn(b, 3, size, size, generator=g), "valid": torch.ones(b, size, size, dtype=torch.bool)}
+    x, p, _ = method.unlabeled_views(unl, probs)
+    taken = (x == unl["image"].roll(-1, 0)).all(1)  # B,H,W
+    assert torch.equal(x, torch.where(taken[:, None], unl["image"].roll(-1, 0), unl["image"]))
+    assert torch.equal(p, torch.where(taken[:, None], probs.roll(-1, 0), probs))
+    heights = []
+    for t in taken:
+        rows, cols = t.any(1).nonzero().flatten(), t.any(0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        assert rows[-1] - rows[0] + 1 == h and cols[-1] - cols[0] + 1 == w  # contiguous
+        assert int(t.sum()) == h * w  # a filled rectangle: one box, nothing XOR'ed away
+        assert abs(h * w / size**2 - 0.5) < 0.05  # half the image
+        heights.append(h)
+    assert torch.tensor(heights).float().std() > 2  # random aspect ratios
+
+
 def test_unknown_mixing_is_a_config_error():
     from lesseg.errors import ConfigError
 

@@ -1,7 +1,10 @@
 """CutMix-Seg (methods.md section 3; French et al., BMVC 2020): Mean Teacher with mixing as the perturbation.
 
 The teacher predicts the unlabeled batch on its weak view; its probabilities, the images and the valid maps
-are mixed with the CPS box mask (image i takes the boxes from image i+1); the student predicts the mixed
+are mixed with the authors' CutMix mask, one box of half the image's area with a random aspect ratio (their
+``--mask_prop_range=0.5`` with one box, the default of ``--boxmask_n_boxes``, in every CutMix experiment of
+theirs; CPS's configs later drew three XOR'ed boxes of 0.25-0.5 from the same generator, which lesseg used for
+CutMix-Seg until the nineteenth session), image i taking it from image i+1; the student predicts the mixed
 images and is pulled towards the mixed teacher output. Mixing teacher probabilities of the two sources is
 the same as running the teacher on each source, so one teacher forward suffices. The student sees the mixed
 weak views (the paper adds no photometric perturbation on top of the mixing). The consistency is the
@@ -33,10 +36,15 @@ class CutMixSegConfig(MeanTeacherConfig):
     # loss weighting")
     consistency: str = "mse_conf"
     rampup_steps: int | None = ranged(0, "[0, inf)")
-    # the mask that mixes two unlabeled images: cutmix (the paper's: one box, CPS's generator) | classmix (Olsson
-    # et al., WACV 2021: the pixels of half the classes the teacher predicts in the partner image, so pasted
-    # objects stay whole)
+    # the mask that mixes two unlabeled images: cutmix (the authors': one box of half the image, BOX_AREA) |
+    # classmix (Olsson et al., WACV 2021: the pixels of half the classes the teacher predicts in the partner
+    # image, so pasted objects stay whole)
     mixing: str = "cutmix"
+
+
+# the authors' CutMix box (Britefury/cutmix-semisup-seg run scripts: --mask_prop_range=0.5, one box): its area
+# is this share of the image, its aspect ratio random, inside the image
+BOX_AREA = 0.5
 
 
 @METHODS.register("cutmix_seg")
@@ -58,6 +66,6 @@ class CutMixSeg(MeanTeacher):
         if self.cfg.mixing == "classmix":
             m = classmix_mask(hard_labels(probs, unl["valid"]))
         else:
-            m = box_mask_cps(b, h, w, x.device)  # B,1,H,W
+            m = box_mask_cps(b, h, w, x.device, n_boxes=1, area_range=(BOX_AREA, BOX_AREA))  # B,1,H,W
         mixed = mix_batch({"image": x, "prob": probs, "valid": unl["valid"]}, m)
         return mixed["image"], mixed["prob"], mixed["valid"]

@@ -63,7 +63,8 @@ def box_mask_cps(
     area_range: tuple[float, float] = (0.25, 0.5),
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """CutMix-Seg / CPS box mask: ``n_boxes`` XOR-combined rectangles with random aspect ratios. -> B,1,H,W
+    """CutMix-Seg's authors' box mask generator, with CPS's settings by default: ``n_boxes`` XOR-combined
+    rectangles with random aspect ratios (CutMix-Seg itself: one box of area 0.5). -> B,1,H,W
 
     As the authors' ``BoxMaskGenerator`` (prop_by_area, random aspect ratio, within bounds, invert): a
     proportion p ~ U(area_range) per box, split into height/width proportions ``p^u`` and ``p^(1-u)``
