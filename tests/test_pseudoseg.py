@@ -248,3 +248,26 @@ def test_unlabeled_term_ramps_up_over_a_share_of_the_run(step, factor):
     assert out["loss"].item() == pytest.approx((rest + 2.0 * factor * out["loss_unsup"]).item(), rel=1e-6)
     assert _method().phases() == [("unsupervised weight ramp-up (sigmoid, to 1)", 0, 1)]  # 10 % of the run
     assert _method(rampup=0.0).phases() == []  # the authors': full weight from the first step
+
+
+def test_aligned_soft_targets_take_the_labeled_class_shares(monkeypatch):
+    """method.align=hard: the fused soft pseudo-labels are shifted so that their argmax has the labeled masks'
+    class shares (here every labeled pixel is class 2) before the soft CE; none leaves them as fused."""
+    targets = {}
+
+    def capture(logits, target, valid):
+        targets["t"], targets["valid"] = target, valid
+        return (logits * 0).sum()
+
+    monkeypatch.setattr(ps, "soft_ce", capture)
+    batch = _batch()
+    batch["labeled"]["mask"][:, 2:] = 2
+    shares = {}
+    for align in ("none", "hard"):
+        m = _method(align=align).train()
+        out = m.training_step(batch, 5)
+        assert torch.isfinite(out["loss"])
+        t, v = targets["t"], batch["unlabeled"]["valid"]
+        shares[align] = float((t.argmax(1) == 2)[v].float().mean())
+        assert torch.allclose(t.sum(1), torch.ones_like(t[:, 0]), atol=1e-5)  # still distributions
+    assert shares["hard"] > 0.95 and shares["hard"] > shares["none"] + 0.2
