@@ -251,8 +251,8 @@ def test_unlabeled_term_ramps_up_over_a_share_of_the_run(step, factor):
 
 
 def test_aligned_soft_targets_take_the_labeled_class_shares(monkeypatch):
-    """method.align=hard (the default): the fused soft pseudo-labels are shifted so that their argmax has the labeled masks'
-    class shares (here every labeled pixel is class 2) before the soft CE; none leaves them as fused."""
+    """method.align=hard (the default): the fused soft pseudo-labels are shifted so that their argmax has the
+    labeled masks' class shares (here every labeled pixel is class 2) before the soft CE; none leaves them as fused."""
     targets = {}
 
     def capture(logits, target, valid):
