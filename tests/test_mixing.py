@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from lesseg.methods.mixing import (
-    box_mask_cps,
     box_mask_one,
+    box_mask_xor,
     classmix_mask,
     cutout,
     mix,
@@ -34,18 +34,18 @@ def test_box_mask_one_is_one_rectangle_of_half_the_area():
     assert m[:, 0, 0, 0].any() and m[:, 0, -1, -1].any()  # positions reach the borders
 
 
-def test_box_mask_cps_coverage_and_xor():
+def test_box_mask_xor_coverage_and_parity():
     torch.manual_seed(0)
-    m = box_mask_cps(3000, 128, 128, "cpu")
+    m = box_mask_xor(3000, 128, 128, "cpu")
     assert m.shape == (3000, 1, 128, 128) and _is_binary(m)
     assert abs(m.mean().item() - 0.25) < 0.03
     assert m.mean(dim=(1, 2, 3)).std() > 0.03  # random per sample
 
 
-def test_box_mask_cps_overlaps_cancel():
+def test_box_mask_xor_overlaps_cancel():
     # Rebuild the boxes from the same random draws with a slow loop: pixels under exactly two boxes are 0.
     g = torch.Generator().manual_seed(0)
-    m = box_mask_cps(64, 32, 32, "cpu", generator=g)
+    m = box_mask_xor(64, 32, 32, "cpu", generator=g)
     g.manual_seed(0)
     u = torch.rand(4, 64, 3, generator=g)
     prop = 0.25 + u[0] * 0.25

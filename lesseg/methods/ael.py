@@ -53,7 +53,7 @@ from ..models import class_map
 from .base import METHODS, RunInfo
 from .common import IGNORE
 from .contrastive import one_hot
-from .mixing import box_mask_cps
+from .mixing import box_mask_xor
 from .u2pl import U2PL, TeacherPass, U2PLConfig, _nearest
 
 
@@ -147,7 +147,7 @@ def acm_boxes(pred: Tensor, classes: Tensor, min_area: float, presence_area: flo
             x0, y0, bw, bh = stats[big[int(torch.randint(len(big), ()))], :4].tolist()
             mask[i, 0, y0 : y0 + bh, x0 : x0 + bw] = 1.0
         else:
-            mask[i] = box_mask_cps(1, h, w, "cpu", n_boxes=1, area_range=(0.5, 0.5))[0]
+            mask[i] = box_mask_xor(1, h, w, "cpu", n_boxes=1, area_range=(0.5, 0.5))[0]
         src[i] = j
     return mask.to(pred.device), src.to(pred.device)
 

@@ -32,7 +32,7 @@ from .common import (
     split_outputs,
 )
 from .mean_teacher import sigmoid_rampup
-from .mixing import box_mask_cps, check_pair_mask, classmix_mask, mix_batch
+from .mixing import box_mask_xor, check_pair_mask, classmix_mask, mix_batch
 from .supervised import SupervisedConfig, sup_loss
 
 
@@ -118,7 +118,7 @@ class CPS(Method):
         mixing."""
         x = unl["image"]  # B,3,H,W
         b, _, h, w = x.shape
-        m = box_mask_cps(b, h, w, x.device) if self.cfg.mixing == "cutmix" else None  # B,1,H,W
+        m = box_mask_xor(b, h, w, x.device) if self.cfg.mixing == "cutmix" else None  # B,1,H,W
         logits1, logits2 = self.aligned(self.net1(x)["logits"], self.net2(x)["logits"], lab, unl["valid"])
         p1, p2 = logits1.float().softmax(1), logits2.float().softmax(1)
         if m is None:  # classmix, from the two networks' mean prediction

@@ -22,7 +22,7 @@ from ..config import ranged
 from .base import METHODS, RunInfo
 from .common import hard_labels
 from .mean_teacher import MeanTeacher, MeanTeacherConfig
-from .mixing import box_mask_cps, check_pair_mask, classmix_mask, mix_batch
+from .mixing import box_mask_xor, check_pair_mask, classmix_mask, mix_batch
 
 
 @dataclass
@@ -66,6 +66,6 @@ class CutMixSeg(MeanTeacher):
         if self.cfg.mixing == "classmix":
             m = classmix_mask(hard_labels(probs, unl["valid"]))
         else:
-            m = box_mask_cps(b, h, w, x.device, n_boxes=1, area_range=(BOX_AREA, BOX_AREA))  # B,1,H,W
+            m = box_mask_xor(b, h, w, x.device, n_boxes=1, area_range=(BOX_AREA, BOX_AREA))  # B,1,H,W
         mixed = mix_batch({"image": x, "prob": probs, "valid": unl["valid"]}, m)
         return mixed["image"], mixed["prob"], mixed["valid"]

@@ -54,7 +54,7 @@ def box_mask_one(
     return (rows[:, :, None] * cols[:, None, :]).unsqueeze(1)
 
 
-def box_mask_cps(
+def box_mask_xor(
     b: int,
     h: int,
     w: int,
