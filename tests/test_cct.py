@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from test_mean_teacher import TINY, C, make_batch, reaches
 
+from lesseg.errors import ConfigError
 from lesseg.methods.base import RunInfo
 from lesseg.methods.cct import (
     CCT,
@@ -189,12 +190,12 @@ def test_feature_stride_of_each_head_and_the_decoder_counts():
     counts = {k: full.aux.kinds.count(k) for k in KINDS}
     assert counts == {"vat": 2, "dropout": 6, "cutout": 6, "context_masking": 2, "object_masking": 2,
                       "feature_drop": 6, "feature_noise": 6}
-    assert len(full.aux.decoders) == 30 and len(full.aux.decoders[0].stages) == 2
+    # z: the ASPP output at the output stride (16) by default, four x2 stages; the fused features: two
+    assert len(full.aux.decoders) == 30 and len(full.aux.decoders[0].stages) == 4
+    assert len(CCT(CCTConfig(z="fused"), TINY, RunInfo(num_classes=C)).aux.decoders[0].stages) == 2
 
 
 def test_config_errors_name_the_key():
-    from lesseg.errors import ConfigError
-
     with pytest.raises(ConfigError, match="auxiliary decoder"):
         build(**{f"aux_{k}": 0 for k in KINDS})
     with pytest.raises(ConfigError, match="sup_loss"):
@@ -223,6 +224,31 @@ def test_consistency_trains_the_encoder_and_aux_decoders_but_not_the_main_classi
     grads = torch.autograd.grad(out["loss_unsup"], classifier, retain_graph=True, allow_unused=True)
     assert all(g is None or g.abs().sum() == 0 for g in grads)  # the main prediction is a detached target
     assert all(0 <= out[f"agree_{k}"].item() <= 1 for k in KINDS)
+
+
+def test_z_is_the_aspp_output_of_the_unlabeled_images_and_the_consistency_trains_no_fusion_layer():
+    m = build()  # z: context, the default
+    m.train()
+    batch = make_batch()
+    seen = []
+    m.aux.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    out = m.training_step(batch, step=5)
+    # the decoders got the ASPP output of the unlabeled half of the one forward, at the output stride
+    assert seen[0].shape == (2, m.net.head.out_channels, 2, 2)
+    assert torch.equal(seen[0], m.context.out[2:])
+    fuse = list(m.net.head.fuse.parameters()) + list(m.net.head.low_level_project.parameters())
+    grads = torch.autograd.grad(out["loss_unsup"], fuse, retain_graph=True, allow_unused=True)
+    assert all(g is None or g.abs().sum() == 0 for g in grads)  # the fusion is the main decoder's: untouched
+    aspp = list(m.net.head.aspp.parameters())
+    assert any(g is not None and g.abs().sum() > 0 for g in torch.autograd.grad(out["loss_unsup"], aspp,
+                                                                                 allow_unused=True))
+    fused = build(z="fused")  # the head's stride-4 fusion: the consistency trains it
+    fused.train()
+    out = fused.training_step(batch, step=5)
+    grads = torch.autograd.grad(out["loss_unsup"], list(fused.net.head.fuse.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ConfigError, match="method.z"):
+        build(z="encoder")
 
 
 def test_conf_mask_above_every_confidence_leaves_no_consistency_pixel():
