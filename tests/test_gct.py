@@ -180,6 +180,47 @@ def test_total_loss_weights_and_ramp():
     assert torch.allclose(out["loss"], want) and out["dc_ramp"].item() == pytest.approx(ramp)
 
 
+def test_aligned_predictions_of_the_unlabeled_images_take_the_labeled_class_shares(monkeypatch):
+    """method.align=hard: each network's unlabeled probabilities are shifted so that their argmax has the labeled
+    masks' class shares (here every labeled pixel is of the class both networks predict least) before the
+    dynamic-consistency targets are built; the labeled images' part is left as predicted; none (the default)
+    leaves everything as predicted."""
+    from lesseg.methods import gct
+
+    seen = {}
+    real = gct.dc_targets
+
+    def capture(p_l, p_r, *rest):
+        seen["p"] = (p_l, p_r)
+        return real(p_l, p_r, *rest)
+
+    monkeypatch.setattr(gct, "dc_targets", capture)
+    def run(**over):
+        m = _method(**over)
+        m.net_l.eval()  # no dropout: the live probabilities below are the ones the step saw
+        m.net_r.eval()
+        return m, m.training_step(batch, 0)
+
+    batch = make_batch()
+    valid = batch["unlabeled"]["valid"]
+    run()
+    rare = int(torch.stack([q[2:].argmax(1)[valid].bincount(minlength=3) for q in seen["p"]]).sum(0).argmin())
+    batch["labeled"]["mask"][:, 4:] = rare
+    shares = {}
+    for align in ("none", "hard", "default"):
+        m, out = run(**({} if align == "default" else {"align": align}))
+        assert torch.isfinite(out["loss"])
+        x = torch.cat([batch["labeled"]["image"], batch["unlabeled"]["image"]])
+        for q, net in zip(seen["p"], (m.net_l, m.net_r)):
+            with torch.no_grad():
+                live = net(x)["logits"].softmax(1)
+            assert torch.allclose(q[:2], live[:2], atol=1e-5)  # the labeled images: as predicted
+            assert torch.allclose(q.sum(1), torch.ones_like(q[:, 0]), atol=1e-5)  # still distributions
+        shares[align] = [float((q[2:].argmax(1) == rare)[valid].float().mean()) for q in seen["p"]]
+    assert min(shares["hard"]) > 0.95 and min(shares["hard"]) > max(shares["none"]) + 0.2
+    assert shares["default"] == shares["none"]  # the paper's GCT by default
+
+
 def test_identical_networks_have_no_dynamic_consistency():
     m = _method()
     m.net_r.load_state_dict(m.net_l.state_dict())
