@@ -195,6 +195,7 @@ def test_aligned_predictions_of_the_unlabeled_images_take_the_labeled_class_shar
         return real(p_l, p_r, *rest)
 
     monkeypatch.setattr(gct, "dc_targets", capture)
+
     def run(**over):
         m = _method(**over)
         m.net_l.eval()  # no dropout: the live probabilities below are the ones the step saw
