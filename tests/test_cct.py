@@ -230,12 +230,14 @@ def test_z_is_the_aspp_output_of_the_unlabeled_images_and_the_consistency_trains
     m = build()  # z: context, the default
     m.train()
     batch = make_batch()
-    seen = []
+    seen, aspp = [], []
     m.aux.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    m.net.head.aspp.register_forward_hook(lambda module, args, out: aspp.append(out))
     out = m.training_step(batch, step=5)
     # the decoders got the ASPP output of the unlabeled half of the one forward, at the output stride
-    assert seen[0].shape == (2, m.net.head.out_channels, 2, 2)
-    assert torch.equal(seen[0], m.context.out[2:])
+    assert len(aspp) == 1 and seen[0].shape == (2, m.net.head.out_channels, 2, 2)
+    assert torch.equal(seen[0], aspp[0][2:])
+    assert m.context.out is None  # handed over, not held until the next forward
     fuse = list(m.net.head.fuse.parameters()) + list(m.net.head.low_level_project.parameters())
     grads = torch.autograd.grad(out["loss_unsup"], fuse, retain_graph=True, allow_unused=True)
     assert all(g is None or g.abs().sum() == 0 for g in grads)  # the fusion is the main decoder's: untouched

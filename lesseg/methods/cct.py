@@ -195,7 +195,8 @@ def nearest(x: Tensor, size: Sequence[int]) -> Tensor:
 
 
 class Capture:
-    """The last output of a module, kept by a forward hook (``out``); with grad, as the forward made it."""
+    """The last output of a module, kept by a forward hook; with grad, as the forward made it. ``take`` hands it
+    over and lets it go (so no step's or evaluation's output is held until the next forward)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.out: Tensor | None = None
@@ -203,6 +204,10 @@ class Capture:
 
     def _keep(self, module: nn.Module, args: tuple, out: Tensor) -> None:
         self.out = out
+
+    def take(self) -> Tensor:
+        out, self.out = self.out, None
+        return out
 
 
 def feature_stride(net: Segmentor, capture: Capture | None = None) -> int:
@@ -213,7 +218,7 @@ def feature_stride(net: Segmentor, capture: Capture | None = None) -> int:
     with torch.no_grad():
         feat = net.eval()(torch.zeros(1, 3, size, size, device=next(net.parameters()).device))["feat"]
     net.train(was)
-    return size // (capture.out if capture is not None else feat).shape[-1]
+    return size // (capture.take() if capture is not None else feat).shape[-1]
 
 
 # ------------------------------------------------------------------------------------------------- networks
@@ -333,7 +338,7 @@ class CCT(Method):
             conf, pseudo = target.max(1)
             fg = foreground(pseudo, valid, c.background)
             keep = valid & (conf > c.conf_thresh) if c.conf_mask else valid
-        z = out_u["feat"] if self.context is None else self.context.out[n_l:]
+        z = out_u["feat"] if self.context is None else self.context.take()[n_l:]
         aux = self.aux(z, fg, valid)
         loss_unsup = aux_consistency(aux, target, keep)
         w_u = c.unsup_weight * sigmoid_rampup(step, self.rampup_steps)
