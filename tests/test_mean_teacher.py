@@ -81,7 +81,7 @@ def test_cutmix_seg_defaults_are_the_authors_weighting():
     m = build(CutMixSeg)
     assert (m.cfg.consistency, m.cfg.conf_thresh, m.rampup_steps) == ("mse_conf", 0.97, 0)
     assert not any("ramp-up" in p[0] for p in m.phases())
-    out = m.train().training_step(make_batch(strong=False), step=0)
+    out = m.train().training_step(make_batch(), step=0)
     assert 0.0 <= out["conf_rate"].item() <= 1.0 and torch.isfinite(out["loss_cons"])
 
 
@@ -238,7 +238,7 @@ def test_cutmix_seg_classmix_pastes_whole_classes_of_the_teacher_prediction():
     """mixing=classmix: image i takes from its partner exactly the pixels of some of the classes the teacher
     predicts there (whole classes, never a box through an object); images, probabilities and valid maps are
     mixed with that one mask."""
-    method = build(CutMixSeg, mixing="classmix")
+    method = build(CutMixSeg, mixing="classmix", student_view="weak")
     g = torch.Generator().manual_seed(3)
     b, size = 4, 12
     probs = torch.rand(b, C, size, size, generator=g).softmax(1)
@@ -260,16 +260,19 @@ def test_cutmix_seg_classmix_pastes_whole_classes_of_the_teacher_prediction():
 def test_cutmix_seg_box_is_the_authors_one_box_of_half_the_image():
     """mixing=cutmix (the default): image i takes from its partner one rectangle covering half of the image
     (the authors' --mask_prop_range=0.5, one box; not CPS's three XOR'ed boxes), with random aspect ratios,
-    and its probabilities and valid map with the same pixels."""
+    and its probabilities and valid map with the same pixels. The mixed images are the strong views (the
+    default student_view, the authors' --aug_strong_colour), the probabilities the teacher's on the weak ones."""
     method = build(CutMixSeg)
     torch.manual_seed(0)
     b, size = 64, 40
     g = torch.Generator().manual_seed(4)
     probs = torch.rand(b, C, size, size, generator=g).softmax(1)
     unl = {"image": torch.randn(b, 3, size, size, generator=g), "valid": torch.ones(b, size, size, dtype=torch.bool)}
+    unl["image_strong"] = torch.randn(b, 3, size, size, generator=g)
     x, p, _ = method.unlabeled_views(unl, probs)
-    taken = (x == unl["image"].roll(-1, 0)).all(1)  # B,H,W
-    assert torch.equal(x, torch.where(taken[:, None], unl["image"].roll(-1, 0), unl["image"]))
+    strong = unl["image_strong"]
+    taken = (x == strong.roll(-1, 0)).all(1)  # B,H,W
+    assert torch.equal(x, torch.where(taken[:, None], strong.roll(-1, 0), strong))  # no weak pixel in it
     assert torch.equal(p, torch.where(taken[:, None], probs.roll(-1, 0), probs))
     heights = []
     for t in taken:
@@ -287,3 +290,28 @@ def test_unknown_mixing_is_a_config_error():
 
     with pytest.raises(ConfigError, match="mixing"):
         build(CutMixSeg, mixing="box")
+    with pytest.raises(ConfigError, match="student_view"):
+        build(CutMixSeg, student_view="colour")
+
+
+@pytest.mark.parametrize("view", ["strong", "weak"])
+def test_cutmix_seg_student_view_decides_the_stream_and_the_mixed_images(view, tiny_cfg):
+    """student_view=strong: the trainer gives the unlabeled stream a strong view and the student's mixed images
+    are made of it; weak: no strong view is computed (none is asked for) and the weak images are mixed. The
+    teacher labels the weak views either way."""
+    from lesseg.engine.trainer import Trainer
+
+    streams = {"labeled": {"split": "train", "batch_size": 4},
+               "unlabeled": {"split": "train", "batch_size": 4, "labeled": False}}
+    cfg = tiny_cfg(["train.iters=1"], method={"name": "cutmix_seg", "student_view": view}, data={"streams": streams})
+    assert CutMixSeg.strong_streams_for(cfg.method) == (("unlabeled",) if view == "strong" else ())
+    trainer = Trainer(cfg)
+    assert trainer.streams["unlabeled"].dataset.strong == (view == "strong")
+    method = build(CutMixSeg, student_view=view)
+    unl = make_batch()["unlabeled"]
+    seen = {}
+    method.teacher.register_forward_pre_hook(lambda mod, args: seen.setdefault("teacher", args[0]))
+    x, _, _ = method.unlabeled_views(unl, method.teacher_probs(unl["image"]))
+    assert torch.equal(seen["teacher"], unl["image"])
+    src = unl["image_strong" if view == "strong" else "image"]
+    assert ((x == src) | (x == src.roll(-1, 0))).all()  # every pixel from the chosen view of some image

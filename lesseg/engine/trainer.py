@@ -85,7 +85,7 @@ class Trainer:
         self.out = Path(cfg.out)
 
         method_cls: type[Method] = METHODS.get(cfg.method.name)
-        self.streams = build_streams(cfg.data, method_cls.streams, method_cls.strong_streams,
+        self.streams = build_streams(cfg.data, method_cls.streams, method_cls.strong_streams_for(cfg.method),
                                      strong_views=method_cls.strong_views,
                                      check=cfg.data.check, progress=self.progress, world=self.world)
         self.val_set = build_eval_dataset(cfg.data, check=cfg.data.check, progress=self.progress)

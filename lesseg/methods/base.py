@@ -130,6 +130,12 @@ class Method(nn.Module):
     evaluation: ClassVar[str] = "segmentation"
 
     @classmethod
+    def strong_streams_for(cls, cfg: Any) -> tuple[str, ...]:
+        """The streams that need a strong view in a run of the method config ``cfg`` (``cfg.method``): by
+        default ``strong_streams``; a method whose strong view is an option narrows it here."""
+        return cls.strong_streams
+
+    @classmethod
     def pipeline(cls, cfg: Any) -> list[Stage]:
         """The stages of a run of ``cfg``; the last is the run's own training (in the run folder)."""
         return [Stage("train", config=lambda c, products: c)]
