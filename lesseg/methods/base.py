@@ -131,8 +131,8 @@ class Method(nn.Module):
 
     @classmethod
     def strong_streams_for(cls, cfg: Any) -> tuple[str, ...]:
-        """The streams that need a strong view in a run of the method config ``cfg`` (``cfg.method``): by
-        default ``strong_streams``; a method whose strong view is an option narrows it here."""
+        """The streams that need a strong view in a run whose ``method`` section is ``cfg``: by default
+        ``strong_streams``; a method whose strong view is an option narrows it here."""
         return cls.strong_streams
 
     @classmethod

@@ -52,6 +52,7 @@ class CutMixSegConfig(MeanTeacherConfig):
 
 
 STUDENT_VIEWS = ("strong", "weak")
+
 # the authors' CutMix box (Britefury/cutmix-semisup-seg run scripts: --mask_prop_range=0.5, one box): its area
 # is this share of the image, its aspect ratio random, inside the image
 BOX_AREA = 0.5
