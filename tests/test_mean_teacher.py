@@ -307,11 +307,13 @@ def test_cutmix_seg_student_view_decides_the_stream_and_the_mixed_images(view, t
     assert CutMixSeg.strong_streams_for(cfg.method) == (("unlabeled",) if view == "strong" else ())
     trainer = Trainer(cfg)
     assert trainer.streams["unlabeled"].dataset.strong == (view == "strong")
-    method = build(CutMixSeg, student_view=view)
-    unl = make_batch()["unlabeled"]
-    seen = {}
-    method.teacher.register_forward_pre_hook(lambda mod, args: seen.setdefault("teacher", args[0]))
+    method = build(CutMixSeg, student_view=view).train()
+    batch = make_batch()
+    unl = batch["unlabeled"]
+    seen = []
+    method.teacher.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    method.training_step(batch, step=0)
+    assert len(seen) == 1 and torch.equal(seen[0], unl["image"])  # the step's teacher labels the weak views
     x, _, _ = method.unlabeled_views(unl, method.teacher_probs(unl["image"]))
-    assert torch.equal(seen["teacher"], unl["image"])
     src = unl["image_strong" if view == "strong" else "image"]
     assert ((x == src) | (x == src.roll(-1, 0))).all()  # every pixel from the chosen view of some image
