@@ -183,8 +183,8 @@ def test_total_loss_weights_and_ramp():
 def test_aligned_predictions_of_the_unlabeled_images_take_the_labeled_class_shares(monkeypatch):
     """method.align=hard: each network's unlabeled probabilities are shifted so that their argmax has the labeled
     masks' class shares (here every labeled pixel is of the class both networks predict least) before the
-    dynamic-consistency targets are built; the labeled images' part is left as predicted; none (the default)
-    leaves everything as predicted."""
+    dynamic-consistency targets are built; the labeled images' part is left as predicted; none (the paper's)
+    leaves everything as predicted; hard is the default."""
     from lesseg.methods import gct
 
     seen = {}
@@ -204,7 +204,7 @@ def test_aligned_predictions_of_the_unlabeled_images_take_the_labeled_class_shar
 
     batch = make_batch()
     valid = batch["unlabeled"]["valid"]
-    run()
+    run(align="none")  # the class both networks predict least, as they predict it
     rare = int(torch.stack([q[2:].argmax(1)[valid].bincount(minlength=3) for q in seen["p"]]).sum(0).argmin())
     batch["labeled"]["mask"][:, 4:] = rare
     shares = {}
@@ -219,16 +219,21 @@ def test_aligned_predictions_of_the_unlabeled_images_take_the_labeled_class_shar
             assert torch.allclose(q.sum(1), torch.ones_like(q[:, 0]), atol=1e-5)  # still distributions
         shares[align] = [float((q[2:].argmax(1) == rare)[valid].float().mean()) for q in seen["p"]]
     assert min(shares["hard"]) > 0.95 and min(shares["hard"]) > max(shares["none"]) + 0.2
-    assert shares["default"] == shares["none"]  # the paper's GCT by default
+    assert shares["default"] == shares["hard"]  # aligned by default (the paper's: method.align=none)
 
 
 def test_identical_networks_have_no_dynamic_consistency():
-    m = _method()
-    m.net_r.load_state_dict(m.net_l.state_dict())
-    m.net_l.eval()  # no dropout: both networks predict alike
-    m.net_r.eval()
-    out = m.training_step(make_batch(), 0)
-    assert out["loss_dc"] == 0 and out["dc_switch"] == 0
+    """The paper's GCT (align none): two identical networks have nothing to teach each other. Aligned (the
+    default), they take no target from each other either, but each learns its own aligned prediction."""
+    batch = make_batch()
+    for align in ("none", "hard"):
+        m = _method(align=align)
+        m.net_r.load_state_dict(m.net_l.state_dict())
+        m.net_l.eval()  # no dropout: both networks predict alike
+        m.net_r.eval()
+        out = m.training_step(batch, 0)
+        assert out["dc_switch"] == 0
+        assert (out["loss_dc"] == 0) == (align == "none")
 
 
 def test_detector_learns_at_its_own_rate_without_weight_decay(tiny_cfg):
