@@ -25,19 +25,20 @@ Both networks' predictions go through the detector as one batch (one DDP forward
 Each task network normalises the labeled and the unlabeled images apart (``split_bn``; ours: the authors'
 mixed batches share their statistics, ``method.split_bn=false``).
 
-Departures from the authors' code: the task CE averages over valid pixels (theirs divides by every H x W
-pixel, ignored ones included); the detector is stepped by the trainer's single optimizer (with the papers'
-SGD: momentum 0.9 and the poly decay), not by a separate Adam (lr 1e-4, betas 0.9/0.99), in a group of its
-own at ``fd_lr_mult`` x the base LR (0.4: the paper's 1e-4 next to the task networks' 2.5e-4) without
-weight decay (their Adam had none). Only L_fd reaches the detector, so under SGD its step is
-``lr x fd_lr_mult x fd_weight``: the VOC configs' 2.5e-4 x 0.4 x 10 (the paper's weight) = 1e-3 keeps its
-loss finite and falling over 40 SGD steps on lesseg's test batches (the paper's 64-wide detector swings for
-the first ~20), whereas at the head LR (x 10) the same weight sends it to inf within 5 steps. A config with
-a larger base LR keeps the detector at the paper's 1e-4 through ``fd_lr_mult`` (Cityscapes: 0.01); under
-AdamW the loss scale hardly matters. The Gaussian blurs are normalised separable kernels of OpenCV's
-default sigma for the size with reflection padding (theirs: scipy's filter of a delta, equal but for the
-truncated tails), sized from the batch's shorter side (theirs from the crop size); a flaw map zeroed for a
-low maximum stays 0 after normalisation (theirs subtracts the minimum measured before zeroing, giving
+Departures from the authors' code: by default each network's unlabeled predictions are aligned to the labeled
+class shares before the dynamic-consistency targets are built from them (``align``; the paper's: none); the task
+CE averages over valid pixels (theirs divides by every H x W pixel, ignored ones included); the detector is
+stepped by the trainer's single optimizer (with the papers' SGD: momentum 0.9 and the poly decay), not by a
+separate Adam (lr 1e-4, betas 0.9/0.99), in a group of its own at ``fd_lr_mult`` x the base LR (0.4: the paper's
+1e-4 next to the task networks' 2.5e-4) without weight decay (their Adam had none). Only L_fd reaches the
+detector, so under SGD its step is ``lr x fd_lr_mult x fd_weight``: the VOC configs' 2.5e-4 x 0.4 x 10 (the
+paper's weight) = 1e-3 keeps its loss finite and falling over 40 SGD steps on lesseg's test batches (the paper's
+64-wide detector swings for the first ~20), whereas at the head LR (x 10) the same weight sends it to inf within
+5 steps. A config with a larger base LR keeps the detector at the paper's 1e-4 through ``fd_lr_mult``
+(Cityscapes: 0.01); under AdamW the loss scale hardly matters. The Gaussian blurs are normalised separable
+kernels of OpenCV's default sigma for the size with reflection padding (theirs: scipy's filter of a delta, equal
+but for the truncated tails), sized from the batch's shorter side (theirs from the crop size); a flaw map zeroed
+for a low maximum stays 0 after normalisation (theirs subtracts the minimum measured before zeroing, giving
 negative values).
 """
 
