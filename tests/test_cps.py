@@ -10,7 +10,7 @@ from test_mean_teacher import TINY, C, make_batch, reaches
 
 from lesseg.methods.base import METHODS, RunInfo
 from lesseg.methods.common import ce_loss
-from lesseg.methods.cps import CPS, CPSConfig, cps_loss, hard_labels, prediction_overlap
+from lesseg.methods.cps import CPS, CPSConfig, confident, cps_loss, hard_labels, prediction_overlap
 from lesseg.methods.supervised import Supervised, SupervisedConfig
 
 
@@ -44,6 +44,20 @@ def test_cps_loss_hand_values():
     valid[0, 1, 1] = False  # a padding pixel: out of both directions
     loss = cps_loss(LOGITS1, LOGITS2, hard_labels(LOGITS1, valid), hard_labels(LOGITS2, valid))
     assert loss.item() == pytest.approx(sum(CE1_TO_2[:3]) / 3 + sum(CE2_TO_1[:3]) / 3, rel=1e-6)
+
+
+def test_cps_loss_weights_each_directions_pixels_by_their_teachers_confidence():
+    valid = torch.ones(1, 2, 2, dtype=torch.bool)
+    y1, y2 = hard_labels(LOGITS1, valid), hard_labels(LOGITS2, valid)
+    # top probabilities, pixel by pixel: P1 sigmoid(1), sigmoid(2), sigmoid(3), sigmoid(1); P2 sigmoid(1),
+    # sigmoid(2), sigmoid(1), sigmoid(2); at 0.8 (between sigmoid(1) = 0.73 and sigmoid(2) = 0.88):
+    w1 = confident(LOGITS1.softmax(1), 0.8)  # net1's labels kept at pixels 1 and 2
+    w2 = confident(LOGITS2.softmax(1), 0.8)  # net2's at pixels 1 and 3
+    assert w1.tolist() == [[[0.0, 1.0], [1.0, 0.0]]] and w2.tolist() == [[[0.0, 1.0], [0.0, 1.0]]]
+    loss = cps_loss(LOGITS1, LOGITS2, y1, y2, w1, w2)
+    # the mean stays over the 4 valid pixels: a partner sure of little teaches little
+    assert loss.item() == pytest.approx((CE1_TO_2[1] + CE1_TO_2[3]) / 4 + (CE2_TO_1[1] + CE2_TO_1[2]) / 4, rel=1e-6)
+    assert confident(LOGITS1.softmax(1), 0.0) is None
 
 
 def test_no_gradient_through_the_pseudo_labels():
@@ -107,6 +121,29 @@ def test_cross_term_ramp_up_over_a_share_of_the_run(step, factor):
     assert build().phases() == []  # the paper's: no ramp-up
 
 
+@pytest.mark.parametrize("cutmix", [False, True])
+def test_threshold_keeps_the_confident_pseudo_labels_only(cutmix):
+    batch = make_batch(strong=False)
+    every = build(cutmix=cutmix).train().training_step(batch, step=0)
+    low = build(cutmix=cutmix, threshold=1e-6).train().training_step(batch, step=0)
+    assert low["loss_cps"].item() == pytest.approx(every["loss_cps"].item(), rel=1e-5)
+    assert low["confident"].item() == pytest.approx(1.0) and "confident" not in every
+    method = build(cutmix=cutmix, threshold=1.0).train()  # no softmax reaches 1 here: nothing taught
+    out = method.training_step(batch, step=0)
+    assert out["loss_cps"].item() == 0.0 and out["confident"].item() == 0.0
+    assert out["loss_sup"].item() == pytest.approx(every["loss_sup"].item(), rel=1e-5)
+    # a higher threshold keeps a subset of the pixels: the share and the term never grow (CE >= 0)
+    shares, losses = [], []
+    for threshold in (0.36, 0.42, 0.5):  # 3 classes: every top probability is >= 1/3
+        method = build(cutmix=cutmix, threshold=threshold).train()
+        out = method.training_step(batch, step=0)
+        shares.append(out["confident"].item())
+        losses.append(out["loss_cps"].item())
+        assert 0.0 < shares[-1] < 1.0, shares  # the tiny networks' probabilities lie on both sides of these
+        assert reaches(method, out["loss_cps"]) == {"net1": True, "net2": True}
+    assert shares == sorted(shares, reverse=True) and losses == sorted(losses, reverse=True)
+
+
 @pytest.mark.parametrize("mixing", ["cutmix", "classmix"])
 def test_mixed_step_with_either_mask(mixing):
     method = build(cutmix=True, mixing=mixing).train()
@@ -119,7 +156,8 @@ def test_classmix_pastes_whole_classes_of_the_two_networks_mean_prediction():
     method = build(cutmix=True, mixing="classmix", align="none").eval()  # eval: no dropout, fixed statistics
     batch = make_batch(b=4, strong=False)
     unl = batch["unlabeled"]
-    x_mix, y1, y2, valid, _ = method.mixed_pseudo_labels(unl, batch["labeled"])
+    x_mix, y1, y2, valid, _, w1, w2 = method.mixed_pseudo_labels(unl, batch["labeled"])
+    assert w1 is None and w2 is None  # no threshold: every pixel at weight 1
     with torch.no_grad():
         p1, p2 = (net(unl["image"])["logits"].softmax(1) for net in (method.net1, method.net2))
     classes = (p1 + p2).argmax(1).roll(-1, 0)  # the partner's

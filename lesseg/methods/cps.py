@@ -6,6 +6,8 @@ Without CutMix the cross term covers labeled and unlabeled images; with CutMix t
 each network's predictions on the two source images, mixed with the box mask (``mixing: classmix``: ClassMix's
 mask of whole predicted classes instead), and the cross term covers the mixed unlabeled images only. Pixels without content (crop padding: ``valid`` False on unlabeled images,
 label 255 on labeled ones, where padding cannot be told apart from VOC's ignore borders) are left out.
+``threshold`` (ours, 0 by default: the paper's) leaves out the pseudo-labels whose probability is under it, the
+cross term's mean staying over every valid pixel (FixMatch's weighting).
 """
 
 from __future__ import annotations
@@ -52,19 +54,39 @@ class CPSConfig(SupervisedConfig, ViewStatsConfig):
     # 1/16, two seeds: aligned at lambda 1.0, shapes 29.78 / fashion 16.25, against 26.26 / 13.46 unaligned at
     # the 1.5 the shapes configs had (docs/benchmarks.md, "CPS's cross term"). VOC and Cityscapes keep the paper's.
     align: str = "hard"
+    # pseudo-labels whose (aligned) probability is under this are left out of the cross term, whose mean stays
+    # over every valid pixel (FixMatch's weighting, so the term grows as the partner becomes sure); ours, the
+    # paper has none (0: every pixel, the paper's)
+    threshold: float = ranged(0.0, "[0, 1]")
 
 
 def cps_loss(
-    logits1: torch.Tensor, logits2: torch.Tensor, labels1: torch.Tensor, labels2: torch.Tensor
+    logits1: torch.Tensor, logits2: torch.Tensor, labels1: torch.Tensor, labels2: torch.Tensor,
+    weight1: torch.Tensor | None = None, weight2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``CE(P1, labels2) + CE(P2, labels1)``: each network learns the other's pseudo-labels (255 = skip)."""
-    return ce_loss(logits1, labels2) + ce_loss(logits2, labels1)
+    """``CE(P1, labels2) + CE(P2, labels1)``: each network learns the other's pseudo-labels (255 = skip);
+    ``weight1`` / ``weight2`` (B,H,W) weight the pixels of ``labels1`` / ``labels2`` (the mean stays over
+    their non-skipped pixels)."""
+    return ce_loss(logits1, labels2, weight2) + ce_loss(logits2, labels1, weight1)
+
+
+def confident(probs: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    """1 where the top probability is >= ``threshold``, else 0 (float B,H,W); None for threshold 0 (every
+    pixel). ``probs`` B,C,H,W."""
+    return None if threshold <= 0 else (probs.max(1).values >= threshold).float()
 
 
 def prediction_overlap(labels1: torch.Tensor, labels2: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Fraction of valid pixels where the two networks predict the same class (CPS Figure 7). 0-dim."""
     agree = ((labels1 == labels2) & valid).float().sum()
     return agree / valid.float().sum().clamp_min(1.0)
+
+
+def kept_share(w1: torch.Tensor, w2: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The share of the valid unlabeled pixels (``valid`` B,H,W: the last B of the weights' batch) whose
+    pseudo-labels the threshold keeps, over both networks. 0-dim"""
+    kept = (w1[-valid.shape[0]:] + w2[-valid.shape[0]:]) / 2 * valid.float()
+    return kept.sum() / valid.float().sum().clamp_min(1.0)
 
 
 @METHODS.register("cps")
@@ -115,7 +137,7 @@ class CPS(Method):
                             lab: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Mixed images and each network's pseudo-labels of the mixed images, from its (aligned) predictions
         on the source images mixed with the box mask; the mixed valid map; net1's pseudo-labels before
-        mixing."""
+        mixing; each network's pixel weights (``method.threshold``; None without)."""
         x = unl["image"]  # B,3,H,W
         b, _, h, w = x.shape
         m = box_mask_xor(b, h, w, x.device) if self.cfg.mixing == "cutmix" else None  # B,1,H,W
@@ -126,13 +148,14 @@ class CPS(Method):
         mixed = mix_batch({"image": x, "p1": p1, "p2": p2, "valid": unl["valid"]}, m)
         valid = mixed["valid"]
         y1, y2 = hard_labels(mixed["p1"], valid), hard_labels(mixed["p2"], valid)
-        return mixed["image"], y1, y2, valid, hard_labels(p1, unl["valid"])
+        w1, w2 = (confident(mixed[k], self.cfg.threshold) for k in ("p1", "p2"))
+        return mixed["image"], y1, y2, valid, hard_labels(p1, unl["valid"]), w1, w2
 
     def training_step(self, batch, step):
         lab, unl = batch["labeled"], batch["unlabeled"]
         n = lab["image"].shape[0]
         if self.cfg.cutmix:
-            x_u, y1_u, y2_u, valid_u, raw1 = self.mixed_pseudo_labels(unl, lab)
+            x_u, y1_u, y2_u, valid_u, raw1, w1, w2 = self.mixed_pseudo_labels(unl, lab)
         else:
             x_u, valid_u = unl["image"], unl["valid"]
         x = torch.cat([lab["image"], x_u])  # N+B,3,H,W: one forward per network and step
@@ -141,13 +164,15 @@ class CPS(Method):
         (out1_l, out1_u), (out2_l, out2_u) = split_outputs(out1, n), split_outputs(out2, n)
         loss_sup = sup_loss(out1_l, lab["mask"], self.cfg) + sup_loss(out2_l, lab["mask"], self.cfg)
         if self.cfg.cutmix:
-            loss_cps = cps_loss(out1_u["logits"], out2_u["logits"], y1_u, y2_u)
+            loss_cps = cps_loss(out1_u["logits"], out2_u["logits"], y1_u, y2_u, w1, w2)
         else:
             valid = torch.cat([lab["mask"] != IGNORE, valid_u])  # N+B,H,W
             a1, a2 = self.aligned(out1["logits"][n:].detach(), out2["logits"][n:].detach(), lab, valid_u)
-            y1 = hard_labels(torch.cat([out1["logits"][:n].detach().float(), a1]), valid)
-            y2 = hard_labels(torch.cat([out2["logits"][:n].detach().float(), a2]), valid)
-            loss_cps = cps_loss(out1["logits"], out2["logits"], y1, y2)
+            s1 = torch.cat([out1["logits"][:n].detach().float(), a1.float()]).softmax(1)
+            s2 = torch.cat([out2["logits"][:n].detach().float(), a2.float()]).softmax(1)
+            y1, y2 = hard_labels(s1, valid), hard_labels(s2, valid)
+            w1, w2 = confident(s1, self.cfg.threshold), confident(s2, self.cfg.threshold)
+            loss_cps = cps_loss(out1["logits"], out2["logits"], y1, y2, w1, w2)
             y1_u, y2_u = y1[n:], y2[n:]
             raw1 = y1_u
         loss = loss_sup + self.cfg.cps_weight * sigmoid_rampup(step, self.rampup_steps) * loss_cps
@@ -156,5 +181,6 @@ class CPS(Method):
             "loss_sup": loss_sup,
             "loss_cps": loss_cps,
             "overlap": prediction_overlap(y1_u, y2_u, valid_u),
+            **({} if w1 is None else {"confident": kept_share(w1, w2, valid_u)}),
             **pseudo_label_quality(raw1, unl, self.info.num_classes),  # net1's, the evaluated network
         }
