@@ -168,10 +168,11 @@ class CPS(Method):
         else:
             valid = torch.cat([lab["mask"] != IGNORE, valid_u])  # N+B,H,W
             a1, a2 = self.aligned(out1["logits"][n:].detach(), out2["logits"][n:].detach(), lab, valid_u)
-            s1 = torch.cat([out1["logits"][:n].detach().float(), a1.float()]).softmax(1)
-            s2 = torch.cat([out2["logits"][:n].detach().float(), a2.float()]).softmax(1)
-            y1, y2 = hard_labels(s1, valid), hard_labels(s2, valid)
-            w1, w2 = confident(s1, self.cfg.threshold), confident(s2, self.cfg.threshold)
+            l1 = torch.cat([out1["logits"][:n].detach().float(), a1.float()])
+            l2 = torch.cat([out2["logits"][:n].detach().float(), a2.float()])
+            y1, y2 = hard_labels(l1, valid), hard_labels(l2, valid)
+            t = self.cfg.threshold  # the softmax only when a threshold needs it (argmax is the logits')
+            w1, w2 = (confident(l.softmax(1), t) for l in (l1, l2)) if t > 0 else (None, None)
             loss_cps = cps_loss(out1["logits"], out2["logits"], y1, y2, w1, w2)
             y1_u, y2_u = y1[n:], y2[n:]
             raw1 = y1_u
