@@ -56,9 +56,9 @@ class CPSConfig(SupervisedConfig, ViewStatsConfig):
     align: str = "hard"
     # pseudo-labels whose (aligned) probability is under this are left out of the cross term, whose mean stays
     # over every valid pixel (FixMatch's weighting, so the term grows as the partner becomes sure); ours, the
-    # paper has none (0: every pixel, the paper's). 1/16 from ImageNet, seed 0, with split_bn: 0.95 narrows the
-    # 300-step deficit (shapes 31.29 against 29.78, two seeds) but costs at 1,500 steps (shapes 46.12 against
-    # 53.43; fashion 23.55 against 23.32): an option (docs/benchmarks.md, "CPS's threshold at 1,500 steps")
+    # paper has none (0: every pixel, the paper's). 1/16 from ImageNet, 0.95 with split_bn against the defaults:
+    # 300 steps, two seeds, shapes 31.29 against 29.78; 1,500 steps, seed 0, shapes 46.12 against 53.43, fashion
+    # 23.55 against 23.32: an option (docs/benchmarks.md, "CPS's threshold at 1,500 steps")
     threshold: float = ranged(0.0, "[0, 1]")
 
 
